@@ -1,0 +1,55 @@
+# cloudops: `make demo` and `make test` are the two commands a newcomer needs.
+# Both run `setup` first, which is idempotent: apt packages that are missing, then
+# a virtualenv from the system python3 (libvirt and guestfs bindings come from Debian).
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+INV := $(VENV)/bin/invoke
+export LIBGUESTFS_BACKEND ?= direct
+export LIBGUESTFS_BACKEND_SETTINGS ?= force_tcg
+
+APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients \
+	libvirt-daemon-driver-qemu python3-libvirt libguestfs-tools python3-guestfs \
+	linux-image-amd64 busybox-static dropbear-bin openssh-server openssh-client \
+	iproute2 dnsmasq-base python3-venv genisoimage syslinux syslinux-common extlinux \
+	e2fsprogs iptables kmod cpio procps util-linux debootstrap
+
+.PHONY: setup apt venv demo test test-unit test-lab bench clean lab-down
+
+setup: apt venv
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing apt packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	else echo "setup: apt packages present"; fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	GRAPHITE_NO_PREFIX=1 $(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+demo: setup
+	$(INV) demo
+
+test: setup
+	$(PY) -m pytest -ra
+
+test-unit: setup
+	$(PY) -m pytest -ra -m "not lab"
+
+bench: setup
+	$(PY) bench/fanout.py
+
+lab-down: venv
+	$(INV) lab.down
+
+clean: lab-down
+	rm -rf $(VENV) var

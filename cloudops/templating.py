@@ -1,0 +1,34 @@
+"""Render every file cloudops writes (libvirt XML, daemon configs, cron files) from templates/.
+
+One Jinja2 environment: ``StrictUndefined`` so a missing variable is an error, not an
+empty string; autoescaping for XML templates so a value can never inject markup.
+"""
+
+from functools import lru_cache
+
+import jinja2
+
+from . import paths
+from .errors import CloudopsError
+
+
+@lru_cache(maxsize=None)
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(paths.TEMPLATES)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=jinja2.select_autoescape(enabled_extensions=("xml", "xml.j2", "html")),
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render(name: str, **context) -> str:
+    """Render ``templates/<name>``; a missing variable raises CloudopsError naming it."""
+    try:
+        return environment().get_template(name).render(**context)
+    except jinja2.UndefinedError as exc:
+        raise CloudopsError(f"template {name}: {exc.message}") from None
+    except jinja2.TemplateNotFound:
+        raise CloudopsError(f"template {name} not found in {paths.TEMPLATES}") from None
