@@ -24,11 +24,11 @@ def environment() -> jinja2.Environment:
     )
 
 
-def render(name: str, **context) -> str:
-    """Render ``templates/<name>``; a missing variable raises CloudopsError naming it."""
+def render(template: str, /, **context) -> str:
+    """Render ``templates/<template>``; a missing variable raises CloudopsError naming it."""
     try:
-        return environment().get_template(name).render(**context)
+        return environment().get_template(template).render(**context)
     except jinja2.UndefinedError as exc:
-        raise CloudopsError(f"template {name}: {exc.message}") from None
+        raise CloudopsError(f"template {template}: {exc.message}") from None
     except jinja2.TemplateNotFound:
-        raise CloudopsError(f"template {name} not found in {paths.TEMPLATES}") from None
+        raise CloudopsError(f"template {template} not found in {paths.TEMPLATES}") from None
