@@ -27,3 +27,41 @@ def user_errors(func):
 def emit_json(data) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
+
+
+def progress(message: str) -> None:
+    """Stage-by-stage progress on stderr, so stdout stays clean for --json."""
+    print(f"… {message}", file=sys.stderr, flush=True)
+
+
+def inventory(c, path=None):
+    from cloudops import inventory as inv
+
+    return inv.load(inv.default_path(path, c.config.get("inventory")))
+
+
+def select_hosts(c, hosts=None, group=None, limit=None, inventory_path=None):
+    """The inventory hosts chosen by --hosts/--group/--limit (all when none is given)."""
+    return inventory(c, inventory_path).select(hosts=hosts, groups=group, limit=limit)
+
+
+def finish(result, as_json: bool, describe_value=None) -> None:
+    """Print a fleet result as a table or JSON; exit non-zero when any host failed."""
+    if as_json:
+        emit_json(result.to_dict())
+    else:
+        print(result.table(describe_value) if describe_value else result.table())
+    if result.exit_code:
+        failed = ", ".join(r.host for r in result.failed)
+        raise Exit(f"cloudops: failed on {len(result.failed)} host(s): {failed}", code=result.exit_code)
+
+
+SELECT_HELP = {
+    "hosts": "host names or glob patterns, comma-separated",
+    "group": "inventory group(s), comma-separated",
+    "limit": "further limit to these hosts/groups/patterns (!x excludes)",
+    "inventory": "inventory file (default: $CLOUDOPS_INVENTORY, config 'inventory', then the lab's)",
+    "json": "print JSON for scripts instead of a table",
+    "workers": "hosts worked on at once (default: config fleet.workers)",
+    "timeout": "seconds each host may take (default: config fleet.timeout)",
+}

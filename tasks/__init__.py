@@ -1,0 +1,33 @@
+"""The root task namespace: one collection per noun (`invoke lab.up`, `invoke host.facts`, ...)."""
+
+from invoke import Collection, task
+
+from tasks import fleet, host, lab
+from tasks._cli import user_errors
+
+ns = Collection()
+for module in (lab, fleet, host):
+    ns.add_collection(Collection.from_module(module))
+
+# Defaults live here; override them in invoke.yaml / fabric.yaml, ~/.invoke.yaml or INVOKE_* variables.
+ns.configure({
+    "inventory": None,
+    "lab": {"prefix": "co"},
+    "fleet": {"workers": 16, "timeout": 60},
+})
+
+
+@task(help={"hosts": "lab hosts for the demo"})
+@user_errors
+def demo(c, hosts=2):
+    """The main job on the local lab: bring it up and show every host's facts."""
+    from cloudops import lab as lab_lib
+
+    prefix = c.lab.prefix
+    if not lab_lib.status(prefix)["up"]:
+        c.run(f"invoke lab.up --hosts {int(hosts)}")
+    c.run("invoke host.facts")
+    print("\nThe lab stays up for you to explore (`ssh hv1`, `invoke fleet.run hostname`); `invoke lab.down` ends it.")
+
+
+ns.add_task(demo)
