@@ -464,3 +464,17 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
+
+
+def start_sshd(prefix: str, name: str) -> None:
+    """Undo ``stop_sshd``: start the host's sshd again in its namespaces."""
+    lab = load(prefix)
+    host = lab.host(name) if lab else None
+    if host is None:
+        raise CloudopsError(f"lab {prefix!r} is not up")
+    pidfile = Path(host.dir) / "sshd.pid"
+    pidfile.unlink(missing_ok=True)
+    _sh(*enter(host), "/usr/sbin/sshd", "-f", str(Path(host.dir) / "sshd_config"))
+    _wait_for(lambda: _port_open(host.address), 10, f"sshd on {host.name}")
+    host.pids["sshd"] = _read_pid(pidfile)
+    _save(lab)

@@ -1,0 +1,46 @@
+"""Shared fixtures: the test lab (prefix "cot", its own subnet) is brought up once per session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_PREFIX = "cot"
+
+os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "tests/lab/" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(pytest.mark.lab)
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """A 3-host lab of full hypervisor hosts (sshd + libvirtd), taken down at the end of the session."""
+    from cloudops import lab as lab_lib
+
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root")
+    the_lab = lab_lib.up(3, prefix=TEST_PREFIX)
+    yield the_lab
+    lab_lib.down(TEST_PREFIX)
+
+
+@pytest.fixture(scope="session")
+def lab_inventory(lab):
+    from cloudops import inventory
+
+    return inventory.load(lab.inventory_path)
+
+
+def invoke(*args, check=False, env=None):
+    """Run the real `invoke` CLI from the repository root; returns the CompletedProcess."""
+    cmd = [str(Path(sys.executable).parent / "invoke"), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check,
+                          env={**os.environ, **(env or {})}, timeout=600)
