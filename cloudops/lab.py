@@ -25,6 +25,7 @@ import socket
 import subprocess
 import time
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,6 +127,11 @@ def _port_open(address: str, port: int = 22) -> bool:
         return False
 
 
+def default_subnet(prefix: str) -> str:
+    """A /24 per lab prefix, so labs of different prefixes can run side by side."""
+    return DEFAULT_SUBNETS.get(prefix) or f"10.{200 + zlib.crc32(prefix.encode()) % 50}.0.0/24"
+
+
 def lab_dir(prefix: str) -> Path:
     return paths.lab_dir() / prefix
 
@@ -201,7 +207,7 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
         progress("cleaning up a lab that was not taken down")
         down(prefix)
 
-    net = ipaddress.ip_network(subnet or DEFAULT_SUBNETS.get(prefix, "10.253.0.0/24"))
+    net = ipaddress.ip_network(subnet or default_subnet(prefix))
     if hosts + 10 > net.num_addresses:
         raise CloudopsError(f"subnet {net} is too small for {hosts} hosts")
     base = lab_dir(prefix)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_PREFIX = "cot"
+# Parallel test runs (several developers on one machine) each set their own prefix.
+TEST_PREFIX = os.environ.get("CLOUDOPS_TEST_LAB", "cot")
 
 os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
 os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
