@@ -1,0 +1,169 @@
+"""NoCloud seed: the ISO (label, files, mode), cloud-init's view of user-data, and the tiny image's parser."""
+
+import shutil
+import stat
+import subprocess
+
+import pytest
+import yaml
+
+from cloudops import passwords, seed
+from cloudops.errors import CloudopsError
+from cloudops.guestconfig import normalize_ssh_keys, validate_hostname
+from cloudops.templating import render
+
+KEY1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN4pNdNv8QP28E7WAe+OW2ENjWJFUtNXuZ8PpdQpHb3w alice@example"
+KEY2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKS3m0xYd0AzLk2rgGLPSjsALpq4yyEyV5JXpDo8bKk1 bob's key #2"
+HASH = passwords.hash_password("s3cret")
+
+needs_iso_tools = pytest.mark.skipif(
+    not (shutil.which("genisoimage") and shutil.which("isoinfo")), reason="genisoimage/isoinfo missing"
+)
+needs_busybox = pytest.mark.skipif(not shutil.which("busybox"), reason="busybox missing")
+
+
+def iso_file(iso, name):
+    return subprocess.run(["isoinfo", "-R", "-i", str(iso), "-x", f"/{name}"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+
+
+@needs_iso_tools
+def test_make_seed_iso(tmp_path):
+    path = seed.make_seed(tmp_path / "seed.iso", "web-1", [KEY1], HASH)
+    assert path == tmp_path / "seed.iso"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    info = subprocess.run(["isoinfo", "-d", "-i", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "Volume id: cidata" in info
+    assert "Rock Ridge" in info and "Joliet" in info
+    meta = yaml.safe_load(iso_file(path, "meta-data"))
+    assert meta["local-hostname"] == "web-1" and meta["instance-id"].startswith("iid-web-1-")
+    user_text = iso_file(path, "user-data")
+    assert user_text.startswith("#cloud-config\n")
+    net = yaml.safe_load(iso_file(path, "network-config"))
+    assert net["version"] == 2 and net["ethernets"]["all-en"]["dhcp4"] is True
+    assert list(tmp_path.iterdir()) == [path], "no staging leftovers"
+
+
+def test_user_data_is_what_cloud_init_expects():
+    files = seed.seed_files("web-1", [KEY1, KEY2, KEY1], HASH)
+    data = yaml.safe_load(files["user-data"])
+    assert data["hostname"] == "web-1"
+    assert data["ssh_authorized_keys"] == [KEY1, KEY2], "deduplicated, order kept"
+    assert data["disable_root"] is False
+    root = [u for u in data["users"] if isinstance(u, dict) and u["name"] == "root"][0]
+    assert root["hashed_passwd"] == HASH and root["lock_passwd"] is False
+    assert data["users"][0] == "default"
+    assert data["chpasswd"]["users"] == [{"name": "root", "password": HASH, "type": "hash"}]
+
+
+def test_no_password_section_without_hash():
+    data = yaml.safe_load(seed.seed_files("web-1", [KEY1])["user-data"])
+    assert "users" not in data and "chpasswd" not in data
+
+
+def test_instance_id_follows_content():
+    a = yaml.safe_load(seed.seed_files("a", [KEY1])["meta-data"])["instance-id"]
+    b = yaml.safe_load(seed.seed_files("a", [KEY2])["meta-data"])["instance-id"]
+    assert a != b
+    assert a == yaml.safe_load(seed.seed_files("a", [KEY1])["meta-data"])["instance-id"]
+
+
+def test_custom_network_config():
+    config = {"version": 2, "ethernets": {"eth0": {"addresses": ["10.0.0.5/24"]}}}
+    assert yaml.safe_load(seed.seed_files("a", network_config=config)["network-config"]) == config
+    with pytest.raises(CloudopsError, match="network-config"):
+        seed.seed_files("a", network_config={"ethernets": {}})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hostname": "bad_name"}, "bad hostname"),
+        ({"hostname": "-lead"}, "bad hostname"),
+        ({"hostname": "a" * 64}, "bad hostname"),
+        ({"hostname": "ok", "ssh_keys": ["not a key"]}, "bad SSH public key"),
+        ({"hostname": "ok", "ssh_keys": ["ssh-ed25519 !!!notbase64"]}, "not valid base64"),
+        ({"hostname": "ok", "ssh_keys": ['ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN4pNdNv8QP28E7WAe+OW2ENjWJFUtNXuZ8PpdQpHb3w a"b']},
+         "comment"),
+        ({"hostname": "ok", "password_hash": "plaintext"}, "not a crypt hash"),
+    ],
+)
+def test_bad_values_refused(tmp_path, kwargs, message):
+    with pytest.raises(CloudopsError, match=message):
+        seed.make_seed(tmp_path / "s.iso", **kwargs)
+    assert not (tmp_path / "s.iso").exists()
+
+
+@pytest.mark.parametrize("name", ["a", "web-01", "a.b.example", "x" * 63])
+def test_good_hostnames(name):
+    assert validate_hostname(name) == name
+
+
+def test_rsa_key_with_wrong_type_refused():
+    blob = KEY1.split()[1]
+    with pytest.raises(CloudopsError, match="not 'ssh-rsa'"):
+        normalize_ssh_keys([f"ssh-rsa {blob}"])
+
+
+def _guest_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "root").mkdir()
+    (root / "etc/passwd").write_text(render("image/tiny/etc/passwd.j2"))
+    (root / "etc/shadow").write_text(render("image/tiny/etc/shadow.j2", days=19000))
+    (root / "etc/hosts").write_text(render("image/tiny/etc/hosts.j2", hostname="tiny"))
+    (root / "etc/hostname").write_text("tiny\n")
+    return root
+
+
+def _apply(tmp_path, files, root):
+    seed_dir = tmp_path / "seed"
+    seed_dir.mkdir(exist_ok=True)
+    for name, text in files.items():
+        (seed_dir / name).write_text(text)
+    script = tmp_path / "seed-apply"
+    script.write_text(render("image/tiny/seed-apply.j2"))
+    return subprocess.run(["busybox", "sh", str(script), str(seed_dir), str(root)],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+@needs_busybox
+def test_tiny_guest_parser_applies_seed(tmp_path):
+    root = _guest_root(tmp_path)
+    files = seed.seed_files("vm-7", [KEY1, KEY2], HASH)
+    proc = _apply(tmp_path, files, root)
+    assert proc.returncode == 0, proc.stderr
+    assert (root / "etc/hostname").read_text() == "vm-7\n"
+    assert "127.0.1.1 vm-7" in (root / "etc/hosts").read_text()
+    keys = (root / "root/.ssh/authorized_keys").read_text().splitlines()
+    assert keys == [KEY1, KEY2]
+    assert stat.S_IMODE((root / "root/.ssh/authorized_keys").stat().st_mode) == 0o600
+    assert stat.S_IMODE((root / "root/.ssh").stat().st_mode) == 0o700
+    shadow = (root / "etc/shadow").read_text().splitlines()
+    assert shadow[0].split(":")[1] == HASH
+    assert passwords.verify("s3cret", shadow[0].split(":")[1])
+    assert shadow[1].startswith("nobody:*:")
+    # Applying again (every boot with the seed attached) changes nothing.
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert _apply(tmp_path, files, root).returncode == 0
+    assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@needs_busybox
+def test_tiny_guest_parser_meta_data_hostname_only(tmp_path):
+    root = _guest_root(tmp_path)
+    proc = _apply(tmp_path, {"meta-data": "instance-id: x\nlocal-hostname: from-meta\n"}, root)
+    assert proc.returncode == 0, proc.stderr
+    assert (root / "etc/hostname").read_text() == "from-meta\n"
+    assert not (root / "root/.ssh").exists()
+    assert (root / "etc/shadow").read_text().startswith("root:*:")
+
+
+@needs_busybox
+def test_tiny_guest_parser_refuses_bad_values(tmp_path):
+    root = _guest_root(tmp_path)
+    user_data = '#cloud-config\nhostname: "bad;name"\nusers:\n  - name: root\n    hashed_passwd: "plain text"\n'
+    proc = _apply(tmp_path, {"user-data": user_data, "meta-data": ""}, root)
+    assert proc.returncode == 1
+    assert (root / "etc/hostname").read_text() == "tiny\n"
+    assert (root / "etc/shadow").read_text().startswith("root:*:")
