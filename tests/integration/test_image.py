@@ -1,0 +1,224 @@
+"""The tiny image end to end: build (once per session), boot under QEMU/TCG with a NoCloud seed,
+customize offline with libguestfs and boot without a seed, bad input.
+
+Every QEMU started here runs with user-mode networking (local to the QEMU process,
+SSH forwarded on 127.0.0.1 only) and is killed by pid in the fixture teardown.
+Timings are written to var/test-timings/image.json and printed at the end of the session.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudops import passwords, paths
+from cloudops.errors import CloudopsError
+
+pytestmark = pytest.mark.slow
+
+QEMU = shutil.which("qemu-system-x86_64")
+BOOT_TIMEOUT = 180
+SSH_OPTS = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10",
+            "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"]  # fmt: skip
+
+
+def _have_guestfs():
+    try:
+        import guestfs  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+if not (QEMU and shutil.which("qemu-img") and shutil.which("ssh") and _have_guestfs()):
+    pytest.skip("needs qemu-system-x86_64, qemu-img, ssh and python3-guestfs", allow_module_level=True)
+
+
+@pytest.fixture(scope="session")
+def timings():
+    data = {}
+    yield data
+    out = paths.var_dir() / "test-timings" / "image.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    print("\nimage timings (s):", json.dumps(data, sort_keys=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_image(timings):
+    """The tiny image, built once per session (CLOUDOPS_TEST_REBUILD=1 forces a fresh build)."""
+    from cloudops.imagebuild import build_image
+
+    started = time.monotonic()
+    path = build_image("tiny", force=os.environ.get("CLOUDOPS_TEST_REBUILD") == "1")
+    timings["build_or_cache_s"] = round(time.monotonic() - started, 1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ssh_key(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sshkey")
+    key = d / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cloudops-test", "-f", str(key)],
+                   check=True)  # fmt: skip
+    return key
+
+
+def overlay(base: Path, path: Path) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(path)],
+                   check=True)  # fmt: skip
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Guest:
+    """One QEMU/TCG process: start, wait for the ready line, SSH in with a pinned host key, stop."""
+
+    def __init__(self, workdir: Path, disk: Path, key: Path, seed: Path | None = None):
+        self.dir, self.disk, self.key, self.seed = workdir, disk, key, seed
+        self.log = workdir / "serial.log"
+        self.monitor = workdir / "monitor.sock"
+        self.proc = None
+        self.port = None
+        self.started = None
+
+    def start(self):
+        self.port = free_port()
+        cmd = [QEMU, "-accel", "tcg", "-m", "128", "-nographic", "-no-reboot",
+               "-drive", f"file={self.disk},if=virtio",
+               "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+               "-serial", f"file:{self.log}",
+               "-monitor", f"unix:{self.monitor},server=on,wait=off"]  # fmt: skip
+        if self.seed:
+            cmd += ["-cdrom", str(self.seed)]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=open(self.dir / "qemu.out", "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        return self
+
+    def serial(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_ready(self, timeout=BOOT_TIMEOUT) -> float:
+        """Seconds from QEMU start until SSH answers a command; fails with the serial log."""
+        deadline = self.started + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"QEMU exited ({self.proc.returncode}): {(self.dir / 'qemu.out').read_text()}"
+                            f"\nserial:\n{self.serial()}")  # fmt: skip
+            if "cloudops-tiny: ready" in self.serial():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no ready line within {timeout} s; serial:\n{self.serial()}")
+        hostkey = [ln.split()[2:4] for ln in self.serial().splitlines() if ln.startswith("cloudops-tiny: hostkey ")]
+        assert hostkey and hostkey[0][0] == "ssh-ed25519", self.serial()
+        (self.dir / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {' '.join(hostkey[0])}\n")
+        while time.monotonic() < deadline:
+            if self.ssh("true", check=False).returncode == 0:
+                return time.monotonic() - self.started
+            time.sleep(0.2)
+        pytest.fail(f"SSH did not answer within {timeout} s; serial:\n{self.serial()}")
+
+    def ssh(self, command: str, check=True) -> subprocess.CompletedProcess:
+        cmd = ["ssh", *SSH_OPTS, "-o", f"UserKnownHostsFile={self.dir / 'known_hosts'}", "-i", str(self.key),
+               "-p", str(self.port), "root@127.0.0.1", command]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if check and proc.returncode != 0:
+            pytest.fail(f"ssh {command!r} failed ({proc.returncode}): {proc.stderr}")
+        return proc
+
+    def power_button(self):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.monitor))
+            s.sendall(b"system_powerdown\n")
+            time.sleep(0.5)
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def guests():
+    """Factory of Guest objects; every QEMU started is killed by pid at teardown."""
+    started = []
+
+    def make(*args, **kwargs):
+        guest = Guest(*args, **kwargs)
+        started.append(guest)
+        return guest
+
+    yield make
+    for guest in started:
+        guest.kill()
+
+
+def shadow_hash(guest: Guest) -> str:
+    line = [ln for ln in guest.ssh("cat /etc/shadow").stdout.splitlines() if ln.startswith("root:")][0]
+    return line.split(":")[1]
+
+
+# --- build ----------------------------------------------------------------------------
+
+
+def test_build_is_cached_and_clean(tiny_image):
+    from cloudops.imagebuild import build_image
+
+    started = time.monotonic()
+    assert build_image("tiny") == tiny_image
+    assert time.monotonic() - started < 5, "a cached build must return at once"
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "--force-share", str(tiny_image)],
+                                     capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    assert info["format"] == "qcow2"
+    assert tiny_image.name.startswith("tiny-") and tiny_image.parent.name == "build"
+    leftovers = [p.name for p in tiny_image.parent.iterdir() if ".tmp-" in p.name or p.name.startswith(".stage-")]
+    assert not leftovers
+
+
+def test_unknown_recipe_is_one_line_error():
+    from cloudops.imagebuild import build_image
+
+    with pytest.raises(CloudopsError, match="no recipe 'nope'"):
+        build_image("nope")
+
+
+# --- boot with a NoCloud seed --------------------------------------------------------------
+
+
+def test_boot_with_seed(tiny_image, ssh_key, guests, tmp_path, timings):
+    from cloudops.seed import make_seed
+
+    password = "correct horse battery"
+    seed = make_seed(tmp_path / "seed.iso", "seeded-vm", [ssh_key.with_suffix(".pub").read_text()],
+                     passwords.hash_password(password))  # fmt: skip
+    base_before = tiny_image.stat().st_mtime_ns
+    guest = guests(tmp_path, overlay(tiny_image, tmp_path / "disk.qcow2"), ssh_key, seed).start()
+    timings["boot_to_ssh_seed_s"] = round(guest.wait_ready(), 1)
+    timings["guest_uptime_at_ready_s"] = float(guest.serial().split("uptime=")[1].split()[0])
+
+    assert guest.ssh("hostname").stdout.strip() == "seeded-vm"
+    assert passwords.verify(password, shadow_hash(guest))
+    assert not passwords.verify("wrong", shadow_hash(guest))
+    uptime = float(guest.ssh("cat /proc/uptime").stdout.split()[0])
+    assert 0 < uptime < BOOT_TIMEOUT
+    assert "cloudops-tiny: seed applied from /dev/sr0" in guest.serial()
+    assert password not in guest.serial()
+
+    # The power button (what libvirt's virDomainShutdown presses) powers the guest off.
+    guest.power_button()
+    guest.proc.wait(timeout=60)
+    assert "cloudops-tiny: shutting down" in guest.serial()
+    assert tiny_image.stat().st_mtime_ns == base_before, "the base image must stay untouched"
