@@ -20,6 +20,9 @@ def user_errors(func):
             raise Exit(f"cloudops: {exc}", code=exc.exit_code) from None
         except KeyboardInterrupt:
             raise Exit("cloudops: interrupted", code=130) from None
+        except BrokenPipeError:  # output piped into `head` and the like
+            sys.stderr.close()
+            raise Exit(code=0) from None
 
     return wrapper
 
@@ -34,7 +37,7 @@ def progress(message: str) -> None:
     print(f"… {message}", file=sys.stderr, flush=True)
 
 
-def inventory(c, path=None):
+def load_inventory(c, path=None):
     from cloudops import inventory as inv
 
     return inv.load(inv.default_path(path, c.config.get("inventory")))
@@ -42,7 +45,7 @@ def inventory(c, path=None):
 
 def select_hosts(c, hosts=None, group=None, limit=None, inventory_path=None):
     """The inventory hosts chosen by --hosts/--group/--limit (all when none is given)."""
-    return inventory(c, inventory_path).select(hosts=hosts, groups=group, limit=limit)
+    return load_inventory(c, inventory_path).select(hosts=hosts, groups=group, limit=limit)
 
 
 def finish(result, as_json: bool, describe_value=None) -> None:

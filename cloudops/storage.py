@@ -1,0 +1,51 @@
+"""libvirt storage on a host: the cloudops pool for VM disks, qcow2 overlays on images, volume removal."""
+
+import libvirt
+
+from .errors import CloudopsError
+from .templating import render
+
+POOL_NAME = "cloudops"
+
+
+def ensure_pool(conn: libvirt.virConnect, path: str, name: str = POOL_NAME) -> tuple[libvirt.virStoragePool, bool]:
+    """The dir pool at ``path``: defined, built, active and autostarted. Returns (pool, changed)."""
+    changed = False
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError:
+        pool = conn.storagePoolDefineXML(render("libvirt/pool.xml.j2", name=name, path=path), 0)
+        pool.build(0)
+        changed = True
+    if not pool.isActive():
+        pool.create(0)
+        changed = True
+    if not pool.autostart():
+        pool.setAutostart(1)
+        changed = True
+    return pool, changed
+
+
+def create_overlay(pool: libvirt.virStoragePool, name: str, backing_path: str, backing_format: str,
+                   capacity: int) -> libvirt.virStorageVol:
+    """A qcow2 volume backed by an image (copy-on-write); fails if the name exists."""
+    try:
+        pool.storageVolLookupByName(name)
+    except libvirt.libvirtError:
+        pass
+    else:
+        raise CloudopsError(f"volume {name} already exists in pool {pool.name()}")
+    xml = render("libvirt/overlay.xml.j2", name=name, capacity=capacity,
+                 backing_path=backing_path, backing_format=backing_format)
+    return pool.createXML(xml, 0)
+
+
+def delete_volume(pool: libvirt.virStoragePool, name: str) -> bool:
+    """Delete a volume if present; True when something was deleted."""
+    try:
+        pool.refresh(0)
+        vol = pool.storageVolLookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    vol.delete(0)
+    return True

@@ -1,0 +1,176 @@
+"""Virtual machines: start, stop, delete, list, inspect and reach them."""
+
+import getpass
+import os
+import sys
+
+from invoke import Exit, task
+
+from cloudops import fleet, guest, output, vms
+from cloudops.errors import CloudopsError
+from tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, select_hosts, user_errors
+
+PASSWORD_ENV = "CLOUDOPS_ROOT_PASSWORD"
+
+
+def _password(password, password_file, password_stdin):
+    """The root password from a file, stdin or $CLOUDOPS_ROOT_PASSWORD (a command-line value is visible in ps)."""
+    if password:
+        print("cloudops: warning: --password is visible in the process list; prefer --password-file, "
+              f"--password-stdin or ${PASSWORD_ENV}", file=sys.stderr)
+        return password
+    if password_file:
+        try:
+            with open(password_file) as f:
+                return f.readline().rstrip("\n")
+        except OSError as exc:
+            raise CloudopsError(f"cannot read password file {password_file}: {exc.strerror}") from None
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("root password: ")
+    return os.environ.get(PASSWORD_ENV) or None
+
+
+def _keys(ssh_key):
+    if not ssh_key:
+        return ()
+    from cloudops.guestconfig import read_ssh_key_files
+
+    return tuple(read_ssh_key_files([p for p in ssh_key.split(",") if p]))
+
+
+@task(help={
+    "name": "VM name (a-z 0-9 -, up to 40)", "image": "image name or id (see image.list)",
+    "memory": "MiB (default: config vm.memory)", "vcpus": "vCPUs (default: config vm.vcpus)",
+    "host": "put it on this host (default: the scheduler chooses)", "network": "network name (default: cloudops)",
+    "password": "root password (visible in ps: prefer the next two)", "password_file": "read the root password from a file",
+    "password_stdin": "read the root password from stdin", "ssh_key": "public key file(s) for root, comma-separated",
+    "hostname": "guest hostname (default: the VM name)", "customize": "seed (NoCloud CD-ROM) or guestfs",
+    "group": "anti-affinity group: never two VMs of a group on one host", "no_wait": "do not wait for SSH",
+    "timeout": "seconds to wait for the IP and SSH", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+@user_errors
+def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None, password=None, password_file=None,
+          password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
+          inventory=None, json=False):
+    """Start a VM from an image; prints its name, host and IP once SSH answers."""
+    spec = vms.VMSpec(
+        name=name, image=image or c.vm.image, memory=_int(memory or c.vm.memory, "memory"),
+        vcpus=_int(vcpus or c.vm.vcpus, "vcpus"), host=host, network=network,
+        root_password=_password(password, password_file, password_stdin), ssh_keys=_keys(ssh_key),
+        hostname=hostname, customize=customize or c.vm.customize, group=group, wait=not no_wait,
+        timeout=float(timeout or c.vm.timeout))
+    vm = vms.start_vm(spec, load_inventory(c, inventory), progress=progress)
+    if json:
+        emit_json(vm.to_dict())
+    else:
+        print(f"{vm.name} {vm.host} {vm.ip}")
+
+
+def _int(value, what):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise CloudopsError(f"{what} must be a whole number, got {value!r}") from None
+
+
+@task(help={"name": "VM name", "timeout": "seconds to wait for ACPI shutdown before destroying",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def stop(c, name, timeout=60, inventory=None, json=False):
+    """Stop a VM: ACPI shutdown, destroyed after --timeout; says so when it was already stopped."""
+    hosts = _hypervisors(c, inventory)
+    vm, changed = vms.stop_vm(name, hosts, timeout=float(timeout), progress=progress)
+    if json:
+        emit_json({**vm.to_dict(), "changed": changed})
+    else:
+        print(f"{vm.name} on {vm.host}: {'stopped' if changed else 'already stopped, nothing to do'}")
+
+
+@task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def delete(c, name, inventory=None, json=False):
+    """Delete a VM: destroy, undefine, remove its disks, reservation and address."""
+    inv = load_inventory(c, inventory)
+    vm = vms.delete_vm(name, inv, progress=progress)
+    if json:
+        emit_json(vm.to_dict())
+    else:
+        print(f"deleted {vm.name} from {vm.host}")
+
+
+@task(name="list", help=SELECT_HELP)
+@user_errors
+def list_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, timeout=None, json=False):
+    """List VMs on every selected host, in parallel: name, host, state, memory, vCPUs, IP."""
+    selected = [h for h in select_hosts(c, hosts, group, limit, inventory) if "bare" not in h.tags]
+    result = fleet.run(selected, vms.list_on_host, workers=int(workers or c.fleet.workers),
+                       timeout=float(timeout or c.fleet.timeout))
+    rows = [vm.to_dict() for r in result if r.value for vm in r.value]
+    if json:
+        emit_json({"vms": rows, "hosts": {r.host: r.status if not r.error else r.error for r in result}})
+    else:
+        print(output.table(rows, ["name", "host", "state", "memory", "vcpus", "ip", "image"]) if rows else "no VMs")
+        for r in result.failed:
+            print(f"{r.host}: {r.error}", file=sys.stderr)
+    if result.failed:
+        raise Exit(code=1)
+
+
+@task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def info(c, name, inventory=None, json=False):
+    """Everything known about one VM."""
+    host = vms.locate(name, _hypervisors(c, inventory))
+    vm = next(v for v in vms.list_on_host(host) if v.name == name)
+    if json:
+        emit_json(vm.to_dict())
+    else:
+        for key, value in vm.to_dict().items():
+            print(f"{key:<10} {value}")
+
+
+@task(help={"name": "VM name", "command": "command to run (default: an interactive shell)",
+            "inventory": SELECT_HELP["inventory"]})
+@user_errors
+def ssh(c, name, command=None, inventory=None):
+    """SSH into a VM through its hypervisor (verified host keys, the cloud key)."""
+    result = _run_in_vm(c, name, command, inventory, pty=command is None)
+    raise Exit(code=result.exited)
+
+
+@task(help={"name": "VM name", "command": "command to run", "inventory": SELECT_HELP["inventory"]})
+@user_errors
+def run(c, name, command, inventory=None):
+    """Run a command in a VM through its hypervisor; exits with the command's status."""
+    result = _run_in_vm(c, name, command, inventory)
+    raise Exit(code=result.exited)
+
+
+@task(help={"name": "VM name", "inventory": SELECT_HELP["inventory"], "log": "print the console log instead"})
+@user_errors
+def console(c, name, log=False, inventory=None):
+    """Attach to a VM's serial console (virsh console via its hypervisor), or print its log."""
+    from cloudops.ssh import connect
+
+    host = vms.locate(name, _hypervisors(c, inventory))
+    with connect(host) as hv:
+        if log or not sys.stdin.isatty():
+            print(guest.read_console(hv, name), end="")
+            return
+        hv.run(f"virsh -c qemu:///system console {name}", pty=True, warn=True)
+
+
+def _run_in_vm(c, name, command, inventory, pty=False):
+    from cloudops.ssh import connect
+
+    host = vms.locate(name, _hypervisors(c, inventory))
+    vm = next(v for v in vms.list_on_host(host) if v.name == name)
+    if not vm.ip:
+        raise CloudopsError(f"VM {name} has no known address")
+    with connect(host) as hv, guest.connect_vm(hv, vm.ip) as conn:
+        if command is None:
+            return conn.run("sh -l", pty=True, warn=True)
+        return conn.run(command, warn=True, in_stream=False)
+
+
+def _hypervisors(c, inventory):
+    return [h for h in load_inventory(c, inventory).hosts.values() if "bare" not in h.tags]
