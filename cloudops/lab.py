@@ -277,7 +277,8 @@ def _write_client_files(lab: Lab) -> None:
     (base / "known_hosts").write_text("\n".join(known) + "\n")
     (base / "hosts").write_text("\n".join(hosts_file) + "\n")
     (base / "ssh_config").write_text(render(
-        "lab/ssh_config.j2", prefix=lab.prefix, hosts=lab.hosts, key=str(key), known_hosts=str(base / "known_hosts")))
+        "lab/ssh_config.j2", prefix=lab.prefix, hosts=lab.hosts, key=str(key), known_hosts=str(base / "known_hosts"),
+        names=lab.prefix == DEFAULT_PREFIX))
     (base / "inventory.yaml").write_text(render(
         "lab/inventory.yaml.j2", prefix=lab.prefix, hosts=lab.hosts, bare=lab.bare, key=str(key),
         known_hosts=str(base / "known_hosts"), pool_path=POOL_PATH, shared_path=str(base / "shared"),
