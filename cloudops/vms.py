@@ -98,11 +98,11 @@ def validate(spec: VMSpec) -> VMSpec:
     return spec
 
 
-def network_spec(name: str | None, host) -> "networks.NetworkSpec":
-    """The network called ``name`` (default: the first the inventory defines, else the built-in "cloudops")."""
-    specs = networks.specs_from(host.vars)
+def network_spec(name: str | None, host, extra=()) -> "networks.NetworkSpec":
+    """The network called ``name``: a stack's (``extra``), the inventory's, or the built-in "cloudops" (default)."""
+    specs = [*extra, *networks.specs_from(host.vars)]
     if name is None:
-        return specs[0]
+        return specs[len(extra)]
     for spec in specs + [networks.DEFAULT_NETWORK]:
         if spec.name == name:
             return spec
@@ -192,7 +192,7 @@ class _Undo:
                 func(*args)
 
 
-def start_vm(spec: VMSpec, inventory, progress=lambda m: None) -> VM:
+def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()) -> VM:
     """Start a VM from an image; returns it with its host and IP once SSH answers."""
     validate(spec)
     image = images.resolve(spec.image)
@@ -200,7 +200,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None) -> VM:
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else [h for h in all_hosts if "bare" not in h.tags]
-    net = network_spec(spec.network, candidates[0])
+    net = network_spec(spec.network, candidates[0], extra_networks)
     password_hash = passwords.hash_password(spec.root_password) if spec.root_password else None
     keys = (*spec.ssh_keys, guest.cloud_public_key())
     timings = {}
@@ -375,7 +375,7 @@ def stop_vm(name: str, hosts: list, timeout: float = 60, progress=lambda m: None
         return describe(dom, host.name), True
 
 
-def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m: None) -> VM:
+def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m: None, extra_networks=()) -> VM:
     """Destroy and undefine a VM, remove its disks, its reservation and its address."""
     validate_name(name)
     hosts = hosts or [h for h in inventory.hosts.values() if "bare" not in h.tags]
@@ -391,7 +391,7 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
             for path in disks:
                 _delete_path(conn, path)
             if vm.network and vm.mac and vm.ip:
-                net = network_spec(vm.network, host)
+                net = network_spec(vm.network, host, extra_networks)
                 with contextlib.suppress(CloudopsError, libvirt.libvirtError):
                     networks.remove_reservation(conn, vm.network, vm.mac, vm.ip, name)
                 ipam.release(net, name)
