@@ -5,7 +5,10 @@ directory). Every read-modify-write holds an exclusive ``fcntl.flock`` on
 ``<network>.lock`` and replaces the state file atomically (temp file, fsync,
 rename), so concurrent processes never hand out one address twice and a crash
 never leaves half a file. Addresses come from ``NetworkSpec.static_pool()`` (the
-subnet minus gateway, DHCP range and static reservations), lowest free first. A MAC
+subnet minus gateway, DHCP range and static reservations), lowest free first; a
+released address rests for ``QUARANTINE`` seconds (dnsmasq may still hold a lease
+for the old MAC, and would give the new VM some other address) unless nothing
+else is free or it goes back to the same MAC. A MAC
 is derived from sha256("<network>/<vm>") under QEMU's 52:54:00 prefix and stored;
 on a collision the next derivation ("<network>/<vm>/1", ...) is taken.
 """
@@ -17,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ from .networks import NetworkSpec
 VM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 MAC_PREFIX = "52:54:00"
 FORMAT = 1
+QUARANTINE = 3600  # libvirt's default DHCP lease time
 
 
 @dataclass(frozen=True)
@@ -128,22 +133,38 @@ def allocate(spec: NetworkSpec, vm_name: str, state_dir=None) -> Allocation:
             return Allocation(**taken[vm_name])
         used_ips = {entry["ip"] for entry in taken.values()}
         used_macs = {entry["mac"] for entry in taken.values()} | {r.mac for r in spec.reservations}
-        ip = next((str(a) for a in spec.static_pool() if str(a) not in used_ips), None)
-        if ip is None:
-            raise CloudopsError(f"network {spec.name}: no free address left for {vm_name} "
-                                f"({len(taken)} allocated; pool of {len(spec.static_pool())} in {spec.cidr})")
         attempt = 0
         while (mac := derived_mac(spec.name, vm_name, attempt)) in used_macs:
             attempt += 1
+        free = [str(a) for a in spec.static_pool() if str(a) not in used_ips]
+        if not free:
+            raise CloudopsError(f"network {spec.name}: no free address left for {vm_name} "
+                                f"({len(taken)} allocated; pool of {len(spec.static_pool())} in {spec.cidr})")
+        ip = _pick(free, state.setdefault("released", {}), mac)
+        state["released"].pop(ip, None)
         taken[vm_name] = {"ip": ip, "mac": mac}
         return Allocation(ip, mac)
+
+
+def _pick(free: list[str], released: dict, mac: str, now: float | None = None) -> str:
+    """Lowest free address whose last lease cannot be alive; else the one released longest ago."""
+    now = time.time() if now is None else now
+    for ip in free:
+        last = released.get(ip)
+        if last is None or last["mac"] == mac or now - last["at"] >= QUARANTINE:
+            return ip
+    return min(free, key=lambda ip: released[ip]["at"])
 
 
 def release(spec: NetworkSpec, vm_name: str, state_dir=None) -> bool:
     """Forget the VM's allocation; False when it had none."""
     _check_vm(vm_name)
     with _locked(spec, state_dir) as state:
-        return state["allocations"].pop(vm_name, None) is not None
+        entry = state["allocations"].pop(vm_name, None)
+        if entry is None:
+            return False
+        state.setdefault("released", {})[entry["ip"]] = {"mac": entry["mac"], "at": round(time.time(), 3)}
+        return True
 
 
 def lookup(spec: NetworkSpec, vm_name: str, state_dir=None) -> Allocation | None:

@@ -105,3 +105,23 @@ def test_concurrent_processes_never_share_an_address(tmp_path):
     assert {str(ipaddress.IPv4Address("10.20.0.2") + i) for i in range(count)} == set(ips)
     stored = ipam.allocations(NET, state_dir=tmp_path)
     assert {vm: a.to_dict() for vm, a in stored.items()} == got
+
+
+def test_a_released_address_rests_so_a_stale_dhcp_lease_cannot_steal_it(tmp_path):
+    from cloudops.networks import NetworkSpec
+
+    spec = NetworkSpec(name="rest", mode="nat", cidr="192.168.77.0/24")
+    first = ipam.allocate(spec, "a", state_dir=tmp_path)
+    assert ipam.release(spec, "a", state_dir=tmp_path)
+    second = ipam.allocate(spec, "b", state_dir=tmp_path)
+    assert second.ip != first.ip, "a just-released address may still be leased to the old MAC"
+    # the same VM (same MAC) coming back may have its old address at once
+    ipam.release(spec, "b", state_dir=tmp_path)
+    again = ipam.allocate(spec, "a", state_dir=tmp_path)
+    assert again == first
+
+
+def test_quarantined_addresses_are_used_when_nothing_else_is_free():
+    assert ipam._pick(["10.0.0.5", "10.0.0.6"], {"10.0.0.5": {"mac": "x", "at": 100.0},
+                                                 "10.0.0.6": {"mac": "y", "at": 50.0}}, "z", now=200.0) == "10.0.0.6"
+    assert ipam._pick(["10.0.0.5"], {"10.0.0.5": {"mac": "x", "at": 100.0}}, "z", now=100.0 + ipam.QUARANTINE) == "10.0.0.5"
