@@ -8,6 +8,7 @@ Timings are written to var/test-timings/image.json and printed at the end of the
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.slow
 
 QEMU = shutil.which("qemu-system-x86_64")
 BOOT_TIMEOUT = 180
+# The serial log holds firmware output and terminal escapes too: search, do not anchor.
+HOSTKEY_RE = re.compile(r"cloudops-tiny: hostkey (ssh-ed25519) ([A-Za-z0-9+/=]+)")
 SSH_OPTS = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10",
             "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"]  # fmt: skip
 
@@ -122,9 +125,9 @@ class Guest:
             time.sleep(0.2)
         else:
             pytest.fail(f"no ready line within {timeout} s; serial:\n{self.serial()}")
-        hostkey = [ln.split()[2:4] for ln in self.serial().splitlines() if ln.startswith("cloudops-tiny: hostkey ")]
-        assert hostkey and hostkey[0][0] == "ssh-ed25519", self.serial()
-        (self.dir / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {' '.join(hostkey[0])}\n")
+        hostkey = HOSTKEY_RE.search(self.serial())
+        assert hostkey, self.serial()
+        (self.dir / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {hostkey.group(1)} {hostkey.group(2)}\n")
         while time.monotonic() < deadline:
             if self.ssh("true", check=False).returncode == 0:
                 return time.monotonic() - self.started
@@ -222,3 +225,52 @@ def test_boot_with_seed(tiny_image, ssh_key, guests, tmp_path, timings):
     guest.proc.wait(timeout=60)
     assert "cloudops-tiny: shutting down" in guest.serial()
     assert tiny_image.stat().st_mtime_ns == base_before, "the base image must stay untouched"
+
+
+# --- offline customization, then boot without a seed ---------------------------------------
+
+
+def test_customize_two_disks_then_boot_without_seed(tiny_image, ssh_key, guests, tmp_path, timings):
+    from cloudops.customize import customize_image
+
+    password = "tr0ub4dor&3"
+    disks = [overlay(tiny_image, tmp_path / f"disk{i}.qcow2") for i in (1, 2)]
+    args = dict(root_password=password, ssh_keys=[ssh_key.with_suffix(".pub").read_text()], hostname="custom-vm",
+                files={"/etc/motd": "managed by cloudops\n"})  # fmt: skip
+    started = time.monotonic()
+    report = customize_image(disks, **args)
+    timings["customize_2_disks_one_launch_s"] = round(time.monotonic() - started, 1)
+    for disk in disks:
+        changed = report[str(disk)]["changed"]
+        assert "hostname custom-vm" in changed and "root password" in changed and "/etc/motd" in changed
+        assert "/root/.ssh/authorized_keys: 1 key(s) added" in changed
+
+    # The same call again has nothing to do.
+    again = customize_image(disks, **args)
+    assert all(not result["changed"] for result in again.values()), again
+
+    vms = []
+    for n, disk in enumerate(disks, 1):
+        workdir = tmp_path / f"vm{n}"
+        workdir.mkdir()
+        vms.append(guests(workdir, disk, ssh_key).start())  # no seed attached
+    for n, vm in enumerate(vms, 1):
+        timings[f"boot_to_ssh_customized_{n}_s"] = round(vm.wait_ready(), 1)
+        assert vm.ssh("hostname").stdout.strip() == "custom-vm"
+        assert passwords.verify(password, shadow_hash(vm))
+        assert vm.ssh("cat /etc/motd").stdout == "managed by cloudops\n"
+        modes = vm.ssh("stat -c '%a %U' /root/.ssh /root/.ssh/authorized_keys").stdout.split("\n")
+        assert modes[:2] == ["700 root", "600 root"]
+        assert "seed applied" not in vm.serial()
+
+
+def test_customize_refuses_batch_when_one_disk_has_no_os(tiny_image, tmp_path):
+    from cloudops.customize import customize_image
+
+    good = overlay(tiny_image, tmp_path / "good.qcow2")
+    blank = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
+    with pytest.raises(CloudopsError, match="blank.qcow2: no operating system or root filesystem found"):
+        customize_image([good, blank], hostname="never-written")
+    # Nothing was written to the good disk: its content still equals the base image.
+    assert subprocess.run(["qemu-img", "compare", "-q", str(good), str(tiny_image)]).returncode == 0
