@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 import re
 import xml.etree.ElementTree as ET
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields
 
 import libvirt
@@ -402,8 +402,7 @@ def ensure_network(conn, spec: NetworkSpec, check: bool = False) -> tuple[bool, 
         with _libvirt(f"defining network {spec.name}"):
             net = conn.networkDefineXML(network_xml(spec))
         done.append("defined")
-    elif not net.isPersistent() or _differences(net, spec):
-        diffs = ["transient"] if not net.isPersistent() else _differences(net, spec)
+    elif diffs := (["transient"] if not net.isPersistent() else _differences(net, spec)):
         _check_no_overlap(conn, spec)
         done.append(f"{'would redefine' if check else 'redefined'} ({', '.join(diffs)})")
         if not check:
@@ -420,8 +419,7 @@ def ensure_network(conn, spec: NetworkSpec, check: bool = False) -> tuple[bool, 
                 done.append("restarted")
     if not net.isActive():
         if not check:
-            with _libvirt(f"starting network {spec.name}"):
-                net.create()
+            _start_or_roll_back(net, spec.name, defined_now=done == ["defined"])
         if "restarted" not in done:
             done.append("would start" if check else "started")
     if net.isPersistent() and bool(net.autostart()) != spec.autostart:  # (a transient one: after redefine)
@@ -436,6 +434,18 @@ def ensure_network(conn, spec: NetworkSpec, check: bool = False) -> tuple[bool, 
     if not done:
         return False, f"network {spec.name} already active" + (", autostart on" if spec.autostart else "")
     return True, f"network {spec.name}: {', '.join(done)}"
+
+
+def _start_or_roll_back(net, name: str, defined_now: bool) -> None:
+    """Start ``net``; if it cannot start and this call defined it, undefine it again so nothing is left behind."""
+    try:
+        with _libvirt(f"starting network {name}"):
+            net.create()
+    except CloudopsError:
+        if defined_now:
+            with suppress(libvirt.libvirtError):
+                net.undefine()
+        raise
 
 
 def _differences(net, spec: NetworkSpec) -> list[str]:
