@@ -30,9 +30,12 @@ ns.configure({{"inventory": None, "fleet": {{"workers": 16, "timeout": 60}}}})
 @pytest.fixture(scope="module")
 def net_cli(tmp_path_factory):
     """Run `invoke net.*`: through tasks/__init__.py once it has the collection, until then through a shim."""
-    from tasks import ns
-
-    if "net" in ns.collections:
+    try:
+        from tasks import ns
+        registered = "net" in ns.collections
+    except Exception:  # tasks/__init__.py mid-edit elsewhere: the shim still tests this collection
+        registered = False
+    if registered:
         return invoke
     shim_dir = tmp_path_factory.mktemp("shim")
     (shim_dir / "cn_net_tasks.py").write_text(SHIM.format(root=str(ROOT)))
