@@ -151,7 +151,8 @@ def _quick_root(g, dev: str, partitions: list[str], targets: list[str]) -> str |
     """The first partition of ``dev`` (or ``dev`` itself) whose filesystem holds /etc/passwd
     and /bin, and no separate fstab mountpoint above any of ``targets``; else None.
 
-    This costs about 1 s per disk under TCG, where list_filesystems takes ~10 s and
+    The root found is left mounted read-only at / (the plan reads it next). This costs
+    well under a second per disk under TCG, where list_filesystems takes ~10 s and
     inspect_os ~19 s (they scan LVM, md, btrfs, ...), so it is tried first.
     """
     candidates = [p for p in partitions if _part_to_dev(g, p) == dev] or [dev]
@@ -160,40 +161,31 @@ def _quick_root(g, dev: str, partitions: list[str], targets: list[str]) -> str |
             g.mount_ro(part, "/")
         except RuntimeError:
             continue
-        try:
-            if not (g.is_file("/etc/passwd", followsymlinks=True) and g.is_dir("/bin", followsymlinks=True)):
-                continue
+        if g.is_file("/etc/passwd", followsymlinks=True) and g.is_dir("/bin", followsymlinks=True):
             for mountpoint in _fstab_mountpoints(g):
                 if any(t == mountpoint or t.startswith(mountpoint.rstrip("/") + "/") for t in targets):
+                    g.umount_all()
                     return None  # a multi-filesystem guest: let inspection find its mounts
             return part
-        finally:
-            g.umount_all()
+        g.umount_all()
     return None
 
 
-def find_roots(g, paths: list[Path], targets: list[str]) -> dict[Path, tuple[str, list]]:
-    """{disk path: (root mountable, [(mountpoint, mountable)])}; CloudopsError if a disk has none.
+def _inspect_roots(g, pending: list[tuple[Path, str]], targets: list[str]) -> dict[Path, tuple[str, list]]:
+    """libguestfs inspection for the disks the quick probe could not settle:
+    {disk path: (root mountable, [(mountpoint, mountable)])}; CloudopsError if a disk has none.
 
-    ``targets`` are the guest paths that will be written: a guest whose fstab puts one of
-    them on a separate filesystem is handed to libguestfs inspection to get its mounts.
+    ``targets`` are the guest paths that will be written: one below a mountpoint that
+    inspection places on another disk is refused.
     """
-    devices, partitions = g.list_devices(), g.list_partitions()
-    result, unresolved = {}, []
-    for path, dev in zip(paths, devices):
-        root = _quick_root(g, dev, partitions, targets)
-        if root:
-            result[path] = (root, [("/", root)])
-        else:
-            unresolved.append((path, dev))
-    if not unresolved:
-        return result
+    devices = g.list_devices()
     found: dict[str, list[str]] = {dev: [] for dev in devices}
     for root in g.inspect_os():
         dev = _disk_of(g, root, devices)
         if dev is not None:
             found[dev].append(root)
-    for path, dev in unresolved:
+    result = {}
+    for path, dev in pending:
         roots = found[dev]
         if not roots:
             raise CloudopsError(f"{path}: no operating system or root filesystem found")
@@ -218,9 +210,9 @@ def find_roots(g, paths: list[Path], targets: list[str]) -> dict[Path, tuple[str
     return result
 
 
-def _mount(g, mounts) -> None:
+def _mount(g, mounts, readonly=False) -> None:
     for mountpoint, mountable in mounts:
-        g.mount(mountable, mountpoint)
+        (g.mount_ro if readonly else g.mount)(mountable, mountpoint)
 
 
 _CHUNK = 1 << 20  # pread answers in one protocol message (read_file goes through a slow file transfer)
@@ -380,38 +372,51 @@ def customize_image(disks, root_password=None, ssh_keys=(), hostname=None, files
         raise CloudopsError("nothing to customize: give a hostname, SSH keys, a root password or files")
 
     started = time.monotonic()
-    report = {}
+    targets = ["/etc", "/root", *contents]
+
+    def plan_disk(plan: DiskPlan) -> DiskPlan:  # reads only: the guest is mounted read-only
+        try:
+            if hostname is not None:
+                _plan_hostname(g, plan, hostname)
+            if keys:
+                _plan_keys(g, plan, keys)
+            if root_password is not None:
+                _plan_password(g, plan, root_password)
+            for target, data in contents.items():
+                _ensure_file(g, plan, target, data, target)
+        finally:
+            g.umount_all()
+        return plan
+
+    report, plans = {}, {}
     with appliance([(p, fmt, False) for p, fmt in zip(paths, formats)], say) as g:
-        roots = find_roots(g, paths, ["/etc", "/root", *contents])
-        plans = []
-        for n, path in enumerate(paths, 1):
-            root, mounts = roots[path]
+        devices, partitions = g.list_devices(), g.list_partitions()
+        pending = []
+        for n, (path, dev) in enumerate(zip(paths, devices), 1):
+            root = _quick_root(g, dev, partitions, targets)
+            if root is None:
+                pending.append((path, dev))
+                continue
             say(f"disk {n}/{len(paths)} {path.name}: root {root}, planning")
-            plan = DiskPlan(path, root, mounts)
-            _mount(g, mounts)
-            try:
-                if hostname is not None:
-                    _plan_hostname(g, plan, hostname)
-                if keys:
-                    _plan_keys(g, plan, keys)
-                if root_password is not None:
-                    _plan_password(g, plan, root_password)
-                for target, data in contents.items():
-                    _ensure_file(g, plan, target, data, target)
-            finally:
-                g.umount_all()
-            plans.append(plan)
-        for n, plan in enumerate(plans, 1):
+            plans[path] = plan_disk(DiskPlan(path, root, [("/", root)]))
+        if pending:
+            say(f"inspecting {len(pending)} disk(s) the quick probe could not settle")
+            for path, (root, mounts) in _inspect_roots(g, pending, targets).items():
+                say(f"{path.name}: root {root}, planning")
+                _mount(g, mounts, readonly=True)
+                plans[path] = plan_disk(DiskPlan(path, root, mounts))
+        # Every disk is planned: only now is anything written.
+        for n, path in enumerate(paths, 1):
+            plan = plans[path]
             if not plan.ops:
-                say(f"disk {n}/{len(plans)} {plan.path.name}: no changes")
+                say(f"disk {n}/{len(paths)} {path.name}: no changes")
             else:
-                say(f"disk {n}/{len(plans)} {plan.path.name}: applying {len(plan.ops)} change(s)")
+                say(f"disk {n}/{len(paths)} {path.name}: applying {len(plan.ops)} change(s)")
                 _mount(g, plan.mounts)
                 for op in plan.ops:
                     _apply(g, op)
-                g.sync()
-                g.umount_all()
-            report[str(plan.path)] = {
+                g.umount_all()  # unmounting flushes the filesystem; shutdown syncs the disks
+            report[str(path)] = {
                 "root": plan.root,
                 "changed": [op.what for op in plan.ops],
                 "unchanged": plan.unchanged,
