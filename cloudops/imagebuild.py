@@ -357,6 +357,15 @@ def stage_debootstrap(recipe: Recipe, kernel: str, stage: Path) -> dict:
     _write(root / "etc/hosts", render("image/tiny/etc/hosts.j2", **ctx))
     _write(root / "etc/fstab", render("image/debian/fstab.j2", **ctx))
     _write(root / "etc/network/interfaces.d/cloudops", render("image/debian/interfaces.j2"))
+    # Per-instance identity must not be baked into an image that is cloned: SSH host keys
+    # are made at first boot (ssh-keygen -A before sshd), the machine-id by systemd.
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    _write(root / "etc/systemd/system/ssh.service.d/cloudops-hostkeys.conf", render("image/debian/ssh-hostkeys.conf.j2"))
+    (root / "etc/machine-id").write_text("")
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        deb.unlink()
     (root / "boot/extlinux").mkdir(exist_ok=True)
     _write(
         root / "boot/extlinux/extlinux.conf",
