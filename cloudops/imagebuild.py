@@ -31,6 +31,7 @@ import yaml
 from . import paths
 from .appliance import appliance
 from .errors import CloudopsError
+from .kernel import pvh_kernel
 from .templating import render
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -346,8 +347,13 @@ def stage_debootstrap(recipe: Recipe, kernel: str, stage: Path) -> dict:
            recipe.suite, str(root), recipe.mirror]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        last = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["no output"]
-        raise CloudopsError(f"debootstrap failed: {last[0]}")
+        # The staging directory (and debootstrap's own log in it) is removed on failure:
+        # name the failing step from the log first.
+        log = root / "debootstrap/debootstrap.log"
+        text = log.read_text(errors="replace") if log.exists() else proc.stdout + proc.stderr
+        errors = [ln for ln in text.splitlines() if ln.startswith(("E:", "dpkg: error", "Errors were"))]
+        last = errors[:1] or text.strip().splitlines()[-1:] or ["no output"]
+        raise CloudopsError(f"debootstrap failed: {last[0].strip()}")
     kernels = sorted((p.name[len("vmlinuz-"):] for p in (root / "boot").glob("vmlinuz-*")), key=_version_key)
     if not kernels:
         raise CloudopsError("debootstrap installed no kernel (is linux-image-amd64 in the recipe?)")
@@ -433,6 +439,34 @@ def _write_disk(disk: Path, recipe: Recipe, plan: dict, tarball: Path, progress)
         g.umount_all()
 
 
+def _cached(out: Path, recipe: Recipe) -> bool:
+    return out.exists() and (recipe.builder != "tiny" or (boot_dir(out) / "kernel").exists())
+
+
+def boot_dir(image: Path) -> Path:
+    """Beside a built image: its kernel, initrd and command line, for direct kernel boot.
+
+    ``kernel`` is the uncompressed PVH-bootable vmlinux when the kernel has one (seconds
+    faster under TCG: no decompression), else the bzImage itself.
+    """
+    return image.with_name(image.name + ".boot")
+
+
+def _keep_boot_files(root: Path, recipe: Recipe, target: Path) -> None:
+    kernel, initrd = root / "boot/vmlinuz", root / "boot/initrd.img"
+    if not (kernel.exists() and initrd.exists()):
+        return  # e.g. debootstrap images: they boot through their bootloader
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    bzimage = kernel.read_bytes()
+    (tmp / "kernel").write_bytes(pvh_kernel(bzimage) or bzimage)
+    shutil.copyfile(initrd, tmp / "initrd.img")
+    (tmp / "cmdline").write_text(" ".join(recipe.cmdline.split()) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
 def build_image(recipe_name: str = "tiny", force: bool = False, progress=None) -> Path:
     """Build (or find in the cache) the image of ``recipe_name``; return its path.
 
@@ -443,13 +477,13 @@ def build_image(recipe_name: str = "tiny", force: bool = False, progress=None) -
     recipe = load_recipe(recipe_name)
     kernel = find_kernel(recipe.kernel) if recipe.builder == "tiny" else "debootstrap"
     out = build_dir() / f"{recipe.name}-{cache_key(recipe, kernel)}.qcow2"
-    if out.exists() and not force:
+    if _cached(out, recipe) and not force:
         say(f"cached: {out}")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{recipe.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent build of the same recipe finishes first
-        if out.exists() and not force:
+        if _cached(out, recipe) and not force:
             say(f"cached (built by another process): {out}")
             return out
         started = time.monotonic()
@@ -466,6 +500,7 @@ def build_image(recipe_name: str = "tiny", force: bool = False, progress=None) -
                     check=True, capture_output=True,
                 )  # fmt: skip
                 _write_disk(tmp, recipe, plan, tarball, say)
+                _keep_boot_files(plan["root"], recipe, boot_dir(out))
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
