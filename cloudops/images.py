@@ -38,10 +38,28 @@ class Image:
     virtual_size: int
     size: int
     added: float
+    # Direct kernel boot, when the image came with its kernel and initrd (recipe builds do):
+    # {"cmdline": ..., "kernel": sha256, "initrd": sha256}; None boots through the image's bootloader.
+    boot: dict | None = None
 
     @property
     def filename(self) -> str:
         return f"{self.id}.{self.format}"
+
+    def files(self) -> dict[str, tuple[str, str]]:
+        """What a host needs of this image: local file name -> (remote file name, sha256)."""
+        files = {self.filename: (self.filename, self.id)}
+        for part in ("kernel", "initrd"):
+            if self.boot:
+                files[f"{self.id}.{part}"] = (f"{self.id}.{part}", self.boot[part])
+        return files
+
+    def remote_boot(self, host) -> dict | None:
+        """Kernel, initrd and command line on ``host``, for the domain template (None: bootloader)."""
+        if not self.boot:
+            return None
+        base = f"{pool_path(host)}/images/{self.id}"
+        return {"kernel": f"{base}.kernel", "initrd": f"{base}.initrd", "cmdline": self.boot["cmdline"]}
 
     @property
     def local_path(self) -> Path:
@@ -147,8 +165,29 @@ def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
 
 # ---------------------------------------------------------------- add and remove
 
-def add_image(path, name: str | None = None, sha256: str | None = None, progress=lambda m: None) -> tuple[Image, bool]:
-    """Add a local image file to the store. Returns (image, changed); the same content twice changes nothing."""
+def _store_boot_files(path: Path, image_id: str) -> dict | None:
+    """Copy ``<image>.boot/{kernel,initrd.img,cmdline}`` (written by image builds) into the store."""
+    source = path.with_name(path.name + ".boot")
+    if not all((source / f).is_file() for f in ("kernel", "initrd.img", "cmdline")):
+        return None
+    store_dir().mkdir(parents=True, exist_ok=True)
+    boot = {"cmdline": " ".join((source / "cmdline").read_text().split())}
+    for part, src in (("kernel", "kernel"), ("initrd", "initrd.img")):
+        target = store_dir() / f"{image_id}.{part}"
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        shutil.copyfile(source / src, tmp)
+        tmp.rename(target)
+        boot[part] = sha256_file(target)
+    return boot
+
+
+def add_image(path, name: str | None = None, sha256: str | None = None, replace: bool = False,
+              progress=lambda m: None) -> tuple[Image, bool]:
+    """Add a local image file to the store. Returns (image, changed); the same content twice changes nothing.
+
+    A name belongs to one image; ``replace`` moves it to the new content and renames the
+    old image ``<name>-<id[:8]>`` (still usable by id by the VMs made from it).
+    """
     path = Path(path)
     name = validate_name(name or path.name.split(".")[0])
     info = inspect(path)
@@ -159,10 +198,14 @@ def add_image(path, name: str | None = None, sha256: str | None = None, progress
     with _catalog(write=True) as data:
         holder = next((v for v in data.values() if v["name"] == name), None)
         if holder and holder["id"] != digest:
-            raise CloudopsError(f"image name {name!r} is taken by {holder['id'][:12]}; choose another name or remove it")
-        if digest in data and data[digest]["name"] == name and Image(**data[digest]).local_path.exists():
+            if not replace:
+                raise CloudopsError(f"image name {name!r} is taken by {holder['id'][:12]}; "
+                                    "choose another name, remove it, or replace it")
+            holder["name"] = f"{name}-{holder['id'][:8]}"
+        if digest in data and data[digest]["name"] == name and Image(**data[digest]).local_path.exists() \
+                and (data[digest].get("boot") or not path.with_name(path.name + ".boot").exists()):
             return Image(**data[digest]), False
-        image = Image(id=digest, name=name, added=time.time(), **info)
+        image = Image(id=digest, name=name, added=time.time(), boot=_store_boot_files(path, digest), **info)
         store_dir().mkdir(parents=True, exist_ok=True)
         if not image.local_path.exists():
             tmp = image.local_path.with_name(f".{image.filename}.{secrets.token_hex(4)}")
@@ -185,43 +228,49 @@ def remove_image(ref: str, hosts: list, in_use: dict[str, list[str]]) -> fleet.F
         raise CloudopsError(f"image {image.name!r} is used by VM(s) {', '.join(sorted(users))}; delete them first")
 
     def one(host):
-        path = image.remote_path(host)
+        directory = f"{pool_path(host)}/images"
+        paths_ = " ".join(shlex.quote(f"{directory}/{remote}") for remote, _sum in image.files().values())
         with connect(host) as conn:
-            res = conn.run(f"test -e {shlex.quote(path)} && rm -f {shlex.quote(path)} && echo removed || true",
-                           hide=True, in_stream=False)
+            res = conn.run(f"ls {paths_} >/dev/null 2>&1 && echo removed; rm -f {paths_}", hide=True, in_stream=False)
         return fleet.Changed("removed") if "removed" in res.stdout else "not present"
 
     result = fleet.run(hosts, one)
     if not result.failed:
         with _catalog(write=True) as data:
             data.pop(image.id, None)
-        image.local_path.unlink(missing_ok=True)
+        for local in image.files():
+            (store_dir() / local).unlink(missing_ok=True)
     return result
 
 
 # ---------------------------------------------------------------- distribution
 
 def ensure_on_host(image: Image, host, conn=None) -> bool:
-    """Copy the image to ``host`` unless present. Atomic: temp name, verify sha256 there, rename. True if copied."""
+    """Copy the image (and its boot files) to ``host`` where missing. Atomic: temp name, verify sha256 there,
+    rename; an interrupted copy is never used. True when anything was copied."""
     if conn is None:
         with connect(host) as c:
             return ensure_on_host(image, host, c)
-    final = image.remote_path(host)
-    directory = os.path.dirname(final)
-    if conn.run(f"test -f {shlex.quote(final)}", warn=True, hide=True, in_stream=False).ok:
+    directory = f"{pool_path(host)}/images"
+    wanted = image.files()
+    present = conn.run(f"cd {shlex.quote(directory)} 2>/dev/null && ls", warn=True, hide=True, in_stream=False).stdout.split()
+    missing = {local: spec for local, spec in wanted.items() if spec[0] not in present}
+    if not missing:
         return False
-    if not image.local_path.exists():
-        raise CloudopsError(f"image {image.name} is missing from the local store ({image.local_path}); add it again")
-    tmp = f"{directory}/.{image.filename}.partial-{secrets.token_hex(4)}"
     conn.run(f"mkdir -p {shlex.quote(directory)}", hide=True, in_stream=False)
-    try:
-        conn.put(str(image.local_path), tmp)
-        remote_sum = conn.run(f"sha256sum {shlex.quote(tmp)}", hide=True, in_stream=False).stdout.split()[0]
-        if remote_sum != image.id:
-            raise CloudopsError(f"{host.name}: copy of {image.name} failed verification (sha256 {remote_sum[:12]})")
-        conn.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(final)}", hide=True, in_stream=False)
-    finally:
-        conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
+    for local, (remote, digest) in missing.items():
+        source = store_dir() / local
+        if not source.exists():
+            raise CloudopsError(f"image {image.name} is missing {local} in the local store; add it again")
+        final, tmp = f"{directory}/{remote}", f"{directory}/.{remote}.partial-{secrets.token_hex(4)}"
+        try:
+            conn.put(str(source), tmp)
+            remote_sum = conn.run(f"sha256sum {shlex.quote(tmp)}", hide=True, in_stream=False).stdout.split()[0]
+            if remote_sum != digest:
+                raise CloudopsError(f"{host.name}: copy of {remote} failed verification (sha256 {remote_sum[:12]})")
+            conn.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(final)}", hide=True, in_stream=False)
+        finally:
+            conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
     return True
 
 

@@ -270,7 +270,8 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings)
             name=spec.name, uuid=str(uuid.uuid4()), virt_type=placement.virt_type(conn), memory=spec.memory,
             vcpus=spec.vcpus, image_id=image.id, network=net.name, ip=allocation.ip, mac=allocation.mac,
             customize=spec.customize, group=spec.group, created=int(time.time()),
-            disk_path=f"{pool_dir}/{disk_name}", seed_path=seed_path, console_log=guest.console_log_path(spec.name))
+            disk_path=f"{pool_dir}/{disk_name}", seed_path=seed_path, console_log=guest.console_log_path(spec.name),
+            boot=image.remote_boot(host))
         xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=METADATA_NS)
         dom = conn.defineXML(xml)
         undo.push(_undefine, dom)

@@ -27,7 +27,7 @@ def tiny_image():
     from cloudops import imagebuild
 
     path = imagebuild.build_image("tiny")
-    image, _changed = images.add_image(path, name="tiny")
+    image, _changed = images.add_image(path, name="tiny", replace=True)
     return image
 
 
