@@ -2,11 +2,11 @@
 
 from invoke import Collection, task
 
-from tasks import fleet, host, lab
+from tasks import cloud, fleet, graphite, host, lab, net, vm
 from tasks._cli import user_errors
 
 ns = Collection()
-for module in (lab, fleet, host):
+for module in (lab, fleet, host, net, vm, cloud, graphite):
     ns.add_collection(Collection.from_module(module))
 
 # Defaults live here; override them in invoke.yaml / fabric.yaml, ~/.invoke.yaml or INVOKE_* variables.
@@ -14,6 +14,8 @@ ns.configure({
     "inventory": None,
     "lab": {"prefix": "co"},
     "fleet": {"workers": 16, "timeout": 60},
+    "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180},
+    "graphite": {"directory": None, "line_port": 2003, "pickle_port": 2004, "query_port": 7002},
 })
 
 
