@@ -49,14 +49,18 @@ class Image:
     def files(self) -> dict[str, tuple[str, str]]:
         """What a host needs of this image: local file name -> (remote file name, sha256)."""
         files = {self.filename: (self.filename, self.id)}
-        for part in ("kernel", "initrd"):
-            if self.boot:
+        if self.direct_boot:
+            for part in ("kernel", "initrd"):
                 files[f"{self.id}.{part}"] = (f"{self.id}.{part}", self.boot[part])
         return files
 
+    @property
+    def direct_boot(self) -> bool:
+        return bool(self.boot) and {"kernel", "initrd", "cmdline"} <= set(self.boot)
+
     def remote_boot(self, host) -> dict | None:
         """Kernel, initrd and command line on ``host``, for the domain template (None: bootloader)."""
-        if not self.boot:
+        if not self.direct_boot:
             return None
         base = f"{pool_path(host)}/images/{self.id}"
         return {"kernel": f"{base}.kernel", "initrd": f"{base}.initrd", "cmdline": self.boot["cmdline"]}

@@ -2,11 +2,11 @@
 
 from invoke import Collection, task
 
-from tasks import cloud, fleet, graphite, host, lab, net, vm
+from tasks import cloud, fleet, graphite, host, image, lab, net, vm
 from tasks._cli import user_errors
 
 ns = Collection()
-for module in (lab, fleet, host, net, vm, cloud, graphite):
+for module in (lab, fleet, host, image, net, vm, cloud, graphite):
     ns.add_collection(Collection.from_module(module))
 
 # Defaults live here; override them in invoke.yaml / fabric.yaml, ~/.invoke.yaml or INVOKE_* variables.

@@ -56,20 +56,27 @@ def _files(specs) -> dict:
     help={
         "recipe": "recipe name in cloudops/recipes (default: image.recipe from the configuration, else tiny)",
         "force": "rebuild even if a cached image with the same inputs exists",
+        "add": "also add it to the image store under the recipe's name (replacing an older build)",
         "json": "print the result as JSON",
     }
 )
 @user_errors
-def build(c, recipe=None, force=False, json=False):
-    """Build a bootable qcow2 image from a recipe (cached by content hash; prints its path)."""
+def build(c, recipe=None, force=False, add=False, json=False):
+    """Build a bootable qcow2 image from a recipe (cached by content hash; prints its path, or its id with --add)."""
     from cloudops.imagebuild import build_image
 
     name = recipe or (c.config.get("image") or {}).get("recipe") or "tiny"
     path = build_image(name, force=force, progress=_progress)
+    result = {"recipe": name, "path": str(path), "size": path.stat().st_size}
+    if add:
+        from cloudops import images
+
+        image, changed = images.add_image(path, name=name, replace=True)
+        result.update(id=image.id, added=changed)
     if json:
-        emit_json({"recipe": name, "path": str(path), "size": path.stat().st_size})
+        emit_json(result)
     else:
-        print(path)
+        print(result.get("id") or path)
 
 
 @task(
@@ -104,3 +111,71 @@ def customize(c, disk, root_password_file=None, password_stdin=False, password=N
     for path, result in report.items():
         changed = ", ".join(result["changed"]) or "no changes"
         print(f"{path}: {changed}")
+
+
+# ---------------------------------------------------------------- the image store
+
+@task(help={"path": "qcow2 or raw disk image file", "name": "name in the store (default: the file name)",
+            "sha256": "expected checksum: refuse the file if it differs",
+            "replace": "move the name to this image if another image has it",
+            "distribute": "also copy it now to the selected hosts (default: on first use)",
+            "hosts": "hosts to copy to (with --distribute)", "group": "group(s) to copy to (with --distribute)",
+            "inventory": "inventory file", "json": "print JSON"})
+@user_errors
+def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=None, group=None, inventory=None,
+        json=False):
+    """Add a disk image to the content-addressed store; prints its id (no change when already there)."""
+    from cloudops import images
+    from tasks._cli import finish, progress, select_hosts
+
+    image, changed = images.add_image(path, name=name, sha256=sha256, replace=replace, progress=progress)
+    if distribute:
+        targets = [h for h in select_hosts(c, hosts, group, None, inventory) if "bare" not in h.tags]
+        finish(images.distribute(image, targets), json)
+    if json:
+        emit_json({**image.__dict__, "changed": changed})
+    else:
+        print(image.id if changed else f"{image.id} (already in the store, nothing to do)")
+
+
+@task(name="list", help={"hosts": "hosts to ask which images they hold (default: all hypervisors)",
+                         "group": "group(s) to ask", "inventory": "inventory file", "json": "print JSON",
+                         "local": "only the local store, do not ask any host"})
+@user_errors
+def list_(c, hosts=None, group=None, inventory=None, json=False, local=False):
+    """Images in the store: name, id, format, virtual size, and the hosts that hold them."""
+    from cloudops import images, output
+    from tasks._cli import select_hosts
+
+    held = {}
+    if not local:
+        targets = [h for h in select_hosts(c, hosts, group, None, inventory) if "bare" not in h.tags]
+        held = images.holders(targets)
+    rows = [{"name": i.name, "id": i.id[:12], "format": i.format, "virtual_size": f"{i.virtual_size >> 20} MiB",
+             "direct_boot": i.direct_boot, "hosts": ",".join(held.get(i.id, [])) or "-", "full_id": i.id}
+            for i in images.list_images()]
+    if json:
+        emit_json(rows)
+    elif rows:
+        print(output.table(rows, ["name", "id", "format", "virtual_size", "direct_boot", "hosts"]))
+    else:
+        print("no images (add one with `invoke image.add FILE` or `invoke image.build --add`)")
+
+
+@task(help={"image": "image name or id", "inventory": "inventory file", "json": "print JSON"})
+@user_errors
+def rm(c, image, inventory=None, json=False):
+    """Remove an image from every host and the store; refused while a VM uses it."""
+    from cloudops import fleet, images, vms
+    from tasks._cli import finish, load_inventory
+
+    hosts = [h for h in load_inventory(c, inventory).hosts.values() if "bare" not in h.tags]
+    listing = fleet.run(hosts, vms.list_on_host)
+    if listing.failed:
+        down = ", ".join(f"{r.host} ({r.error})" for r in listing.failed)
+        raise CloudopsError(f"cannot check which VMs use the image, hosts unreachable: {down}")
+    in_use = {}
+    for r in listing:
+        for vm in r.value:
+            in_use.setdefault(vm.image, []).append(f"{vm.name}@{vm.host}")
+    finish(images.remove_image(image, hosts, in_use), json)
