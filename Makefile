@@ -6,6 +6,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 INV := $(VENV)/bin/invoke
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBGUESTFS_BACKEND ?= direct
 export LIBGUESTFS_BACKEND_SETTINGS ?= force_tcg
 
@@ -47,6 +48,10 @@ test-unit: setup
 
 bench: setup
 	$(PY) bench/fanout.py
+	$(PY) bench/provision.py
+	$(PY) bench/customize.py
+	$(PY) bench/planner.py
+	$(PY) bench/metrics_ship.py
 
 lab-down: venv
 	$(INV) lab.down

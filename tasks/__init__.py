@@ -22,14 +22,47 @@ ns.configure({
 @task(help={"hosts": "lab hosts for the demo"})
 @user_errors
 def demo(c, hosts=2):
-    """The main job on the local lab: bring it up and show every host's facts."""
-    from cloudops import lab as lab_lib
+    """The main job on the local lab: hosts, their facts, an image, a VM with a password and a key, a command in it."""
+    import os
+    import secrets
+    import subprocess
 
-    prefix = c.lab.prefix
-    if not lab_lib.status(prefix)["up"]:
-        c.run(f"invoke lab.up --hosts {int(hosts)}")
-    c.run("invoke host.facts")
-    print("\nThe lab stays up for you to explore (`ssh hv1`, `invoke fleet.run hostname`); `invoke lab.down` ends it.")
+    from cloudops import lab as lab_lib
+    from cloudops import paths, vms
+    from cloudops.errors import CloudopsError
+
+    def step(title, command):
+        print(f"\n== {title}\n$ {command}", flush=True)
+        c.run(command, pty=False)
+
+    if not lab_lib.status(c.lab.prefix)["up"]:
+        step("a lab of hypervisor hosts", f"invoke lab.up --hosts {int(hosts)}")
+    step("facts of every host", "invoke host.facts")
+    step("the tiny image (built once, cached by recipe hash)", "invoke image.build --add")
+    demo_dir = paths.var_dir() / "demo"
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    key, password_file = demo_dir / "id_ed25519", demo_dir / "root-password"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    if not password_file.exists():
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(12) + "\n")
+    try:
+        host = vms.locate("demo1", [h for h in _lab_hosts(c)])
+        print(f"\n== demo1 already runs on {host.name}")
+    except CloudopsError:
+        step("a VM with a root password (from a 0600 file) and an SSH key",
+             f"invoke vm.start --name demo1 --password-file {password_file} --ssh-key {key}.pub")
+    step("a command in the VM, through its hypervisor", "invoke vm.run demo1 'uname -a'")
+    print(f"\nThe lab stays up for you: `invoke vm.list`, `invoke vm.ssh demo1`, `ssh hv1`; "
+          f"root's password is in {password_file}. `invoke vm.delete demo1` and `invoke lab.down` end it.")
+
+
+def _lab_hosts(c):
+    from cloudops import inventory
+
+    return list(inventory.load(inventory.default_path(None, c.config.get("inventory"))).hosts.values())
 
 
 ns.add_task(demo)
