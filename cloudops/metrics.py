@@ -15,10 +15,14 @@ Naming lives in ``metrics_naming``, libvirt reading in ``metrics_collect``, rate
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import shlex
+import socket
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import libvirt
@@ -52,6 +56,7 @@ def ship_cycle(
     prefix: str,
     now: float | None = None,
     state_dir: Path | None = None,
+    started: float | None = None,
 ) -> dict:
     """Collect every host, replay the spool, ship this cycle; return the summary dict.
 
@@ -59,9 +64,10 @@ def ship_cycle(
     already collected with ``collect_host`` (a parallel fan-out), or the exception raised
     while opening the connection (that host is then reported failed). ``now`` (wall clock
     seconds) is the timestamp of every datapoint of the cycle and, when given, also the
-    sample time for rates (deterministic tests); by default the current time.
+    sample time for rates (deterministic tests); by default the current time. ``started``
+    (``time.monotonic()``) is when the cycle began, if collection happened before this call.
     """
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     naming.validate_prefix(prefix)
     timestamp = int(time.time() if now is None else now)
     state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
@@ -91,6 +97,9 @@ def _collect(items, now) -> tuple[dict[str, dict], dict[str, HostSample]]:
     hosts: dict[str, dict] = {}
     samples: dict[str, HostSample] = {}
     for host, conn in items:
+        if isinstance(conn, CloudopsError):  # already one line naming the host
+            hosts[host] = {"ok": False, "error": str(conn)}
+            continue
         if isinstance(conn, BaseException):
             hosts[host] = {"ok": False, "error": f"{host}: no connection: {conn}"}
             continue
@@ -240,11 +249,15 @@ def cron_entry(
     max_runtime: int = 300,
     root: Path | None = None,
     var: Path | None = None,
+    local: bool = False,
 ) -> str:
-    """An /etc/cron.d file running ``invoke metrics.ship`` every ``interval_minutes`` minutes.
+    """An /etc/cron.d file running ``invoke metrics.ship --once --json`` every ``interval_minutes`` minutes.
 
     ``flock -n`` skips a cycle while the previous one still holds the lock, so cycles
-    never overlap; ``timeout`` ends a stuck cycle after ``max_runtime`` seconds.
+    never overlap; ``timeout`` ends a stuck cycle after ``max_runtime`` seconds. With
+    ``local`` the cycle collects only the machine it runs on (``--local``: a hypervisor's
+    own cron), else the inventory's hosts. ``var`` becomes the job's ``CLOUDOPS_VAR``:
+    state, spool, lock and log live there.
     """
     parse_address(carbon_address)
     naming.validate_prefix(prefix)
@@ -263,7 +276,7 @@ def cron_entry(
         "mkdir", "-p", shlex.quote(str(metrics)), "&&",
         "flock", "-n", shlex.quote(str(metrics / "ship.lock")),
         "timeout", "--kill-after=10", str(max_runtime),
-        shlex.quote(str(invoke)), "metrics.ship",
+        shlex.quote(str(invoke)), "metrics.ship", "--once", "--json", *(["--local"] if local else []),
         f"--carbon={shlex.quote(carbon_address)}", f"--prefix={shlex.quote(prefix)}",
         ">>", shlex.quote(str(metrics / "ship.log")), "2>&1",
     ])
@@ -278,3 +291,179 @@ def cron_entry(
         interval_minutes=interval_minutes,
         var=var,
     )
+
+
+# -- the fleet: every host collected in parallel, then one cycle ---------------------------
+
+
+class CycleBusy(CloudopsError):
+    """Another metrics cycle holds this state directory's lock: this cycle is skipped."""
+
+
+def local_host(name: str | None = None, uri: str = "qemu:///system"):
+    """This machine as a host to collect (a hypervisor's own cron job): named by its short hostname."""
+    from .inventory import Host
+
+    return Host(name=name or socket.gethostname().split(".")[0], address="localhost", libvirt_uri=uri)
+
+
+def collect_fleet(hosts, workers: int = 16, timeout: float = 60.0, open_host=None) -> dict[str, object]:
+    """Each host's HostSample (one bulk call per host, all hosts at once), or its CloudopsError.
+
+    ``hosts`` are inventory hosts; ``open_host`` (default ``virt.open_host``, cached
+    connections) is a context manager giving a libvirt connection. A host that is down,
+    fails its stats call or passes ``timeout`` maps to an error naming it.
+    """
+    from . import fleet, virt
+
+    opener = open_host or virt.open_host
+
+    def one(host):
+        with opener(host) as conn:
+            return collect_host(conn, host.name)
+
+    out: dict[str, object] = {}
+    for result in fleet.run(list(hosts), one, workers=workers, timeout=timeout):
+        if result.status == fleet.FAILED:
+            error = result.error or "failed"
+            out[result.host] = CloudopsError(error if error.startswith(f"{result.host}:") else f"{result.host}: {error}")
+        else:
+            out[result.host] = result.value
+    return out
+
+
+def ship_fleet(
+    hosts,
+    carbon: CarbonClient,
+    spool: Spool,
+    prefix: str,
+    *,
+    workers: int = 16,
+    timeout: float = 60.0,
+    state_dir: Path | None = None,
+    now: float | None = None,
+    open_host=None,
+) -> dict:
+    """One whole cycle: collect ``hosts`` in parallel, then ``ship_cycle``; returns its summary.
+
+    A non-blocking lock on the state directory keeps two cycles (a cron job and a manual
+    ``--interval`` loop, say) from running at once: the second raises CycleBusy.
+    """
+    naming.validate_prefix(prefix)
+    state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+    started = time.monotonic()
+    with cycle_lock(state_dir):
+        samples = collect_fleet(hosts, workers=workers, timeout=timeout, open_host=open_host)
+        return ship_cycle(samples, carbon, spool, prefix, now=now, state_dir=state_dir, started=started)
+
+
+@contextmanager
+def cycle_lock(state_dir: Path):
+    """Hold ``<state_dir>/.cycle.lock`` (flock, non-blocking) for one cycle; CycleBusy if taken."""
+    state_dir = Path(state_dir)
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(state_dir / ".cycle.lock", "a")
+    except OSError as exc:
+        raise CloudopsError(f"metrics state directory {state_dir}: {exc.strerror or exc}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CycleBusy(f"another metrics cycle is running (lock {state_dir / '.cycle.lock'}); this one is skipped") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def run_every(interval: float, cycle, *, cycles: int | None = None, clock=time.monotonic, sleep=time.sleep) -> int:
+    """Call ``cycle()`` every ``interval`` seconds, never two at once; return how many ran.
+
+    Ticks are on a fixed grid from the first call. A cycle that runs past the next tick
+    makes that tick be skipped (not run late and then twice): cycles never overlap and
+    never bunch up. ``cycles`` bounds the count (None: until interrupted).
+    """
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+        raise CloudopsError(f"metrics interval must be > 0 seconds, got {interval!r}")
+    next_at = clock()
+    done = 0
+    while cycles is None or done < cycles:
+        cycle()
+        done += 1
+        if cycles is not None and done >= cycles:
+            break
+        next_at += interval
+        now = clock()
+        if now > next_at:
+            next_at += math.ceil((now - next_at) / interval) * interval
+        sleep(max(0.0, next_at - now))
+    return done
+
+
+def check_carbon_address(address: str) -> tuple[str, int]:
+    """Parse ``host:port`` and make sure the host name resolves; CloudopsError otherwise.
+
+    A carbon that is down is not an error here (its datapoints are spooled); a name that
+    does not resolve is a configuration mistake and is refused before anything is collected.
+    """
+    host, port = parse_address(address)
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise CloudopsError(f"carbon address {address!r}: host {host!r} does not resolve ({exc.strerror})") from None
+    return host, port
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+
+def record_migration(
+    vm: str,
+    duration: float,
+    downtime_ms: float,
+    bytes: int,
+    *,
+    carbon: CarbonClient | str | None = None,
+    spool: Spool | None = None,
+    prefix: str = "cloudops",
+    timestamp: float | None = None,
+) -> dict:
+    """Ship one live migration's figures now; what carbon does not take waits in the spool.
+
+    ``carbon`` is a CarbonClient, an address ``host:port``, or None: then the figures go
+    straight to the spool (default ``default_spool_dir()``) and the next ``metrics.ship``
+    cycle using that spool sends them. Carbon being down never raises (a finished
+    migration must not fail on monitoring); figures that are not numbers >= 0 do.
+    Returns {"datapoints", "sent", "spooled", "dropped", "carbon"}.
+    """
+    points = migration_datapoints(vm, duration, downtime_ms, bytes, prefix=prefix, timestamp=timestamp)
+    spool = spool if spool is not None else Spool(default_spool_dir())
+    sent, error = 0, "not configured; spooled for the next cycle"
+    if carbon is not None:
+        client = CarbonClient(carbon, attempts=2) if isinstance(carbon, str) else carbon
+        try:
+            sent, error = client.send(points), "ok"
+        except CarbonUnreachable as exc:
+            sent, error = exc.sent, str(exc)
+        finally:
+            if isinstance(carbon, str):
+                client.close()
+    rest = points[sent:]
+    dropped = spool.append(rest)
+    return {"datapoints": len(points), "sent": sent, "spooled": len(rest), "dropped": dropped, "carbon": error}
+
+
+def migration_job_figures(job_stats: Mapping[str, object]) -> tuple[float, float, int]:
+    """(duration s, downtime ms, bytes) from libvirt's completed-job statistics of a migration.
+
+    ``job_stats`` is ``dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)`` on the source
+    (``virsh domjobinfo --completed``): time_elapsed and downtime in ms, data_processed
+    (memory and disk) in bytes. A missing figure counts as 0.
+    """
+    elapsed_ms = float(job_stats.get("time_elapsed", 0) or 0)
+    downtime_ms = float(job_stats.get("downtime", 0) or 0)
+    data = job_stats.get("data_processed")
+    if data is None:
+        data = int(job_stats.get("memory_processed", 0) or 0) + int(job_stats.get("disk_processed", 0) or 0)
+    return elapsed_ms / 1000.0, downtime_ms, int(data)
