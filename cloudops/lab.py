@@ -38,7 +38,6 @@ MAX_HOSTS = 32
 DEFAULT_PREFIX = "co"
 DEFAULT_SUBNETS = {"co": "10.251.0.0/24", "cot": "10.252.0.0/24"}
 POOL_PATH = "/var/lib/cloudops"
-SSH_CONFIG_MARK = "# cloudops lab {prefix}"
 
 
 @dataclass
@@ -184,7 +183,8 @@ def status(prefix: str = DEFAULT_PREFIX) -> dict:
     namespaces = set(_namespaces(prefix))
     hosts = []
     for host in lab.hosts:
-        daemons = {name: _alive(pid) for name, pid in host.pids.items()}
+        # a daemon restarted inside the host (libvirtd by `invoke deploy`) writes its new pid to its pid file
+        daemons = {name: _alive(_read_pid(Path(host.dir) / f"{name}.pid") or pid) for name, pid in host.pids.items()}
         hosts.append({
             "name": host.name, "address": host.address, "bare": host.bare,
             "namespace": host.namespace in namespaces, **daemons,
@@ -237,7 +237,7 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
         if not bare:
             progress("probing QEMU on every host (cached for the next lab)")
             _warm_qemu_capabilities(lab)
-        _install_ssh_include(lab)
+        _install_ssh_block(lab)
         if prefix == DEFAULT_PREFIX:
             _link_default_inventory(lab)
     except BaseException:
@@ -355,30 +355,31 @@ def _warm_qemu_capabilities(lab: Lab) -> None:
         shutil.copytree(fresh, _caps_cache(), dirs_exist_ok=True)
 
 
-def _install_ssh_include(lab: Lab) -> None:
-    """Let plain `ssh hv1` and libvirt's qemu+ssh find the lab: an Include at the top of ~/.ssh/config."""
+def _install_ssh_block(lab: Lab) -> None:
+    """Let plain `ssh hv1`, `fab -H hv1` and libvirt's qemu+ssh find the lab: its Host blocks, between
+    markers, at the top of ~/.ssh/config (inline, not an Include: paramiko, under Fabric, has no Include)."""
     config = Path.home() / ".ssh" / "config"
     config.parent.mkdir(mode=0o700, exist_ok=True)
-    text = config.read_text() if config.exists() else ""
-    text = _without_include(text, lab.prefix)
-    block = f"{SSH_CONFIG_MARK.format(prefix=lab.prefix)}\nInclude {lab.ssh_config_path}\n"
-    config.write_text(block + text)
+    text = _without_block(config.read_text() if config.exists() else "", lab.prefix)
+    begin, end = _marks(lab.prefix)
+    config.write_text(f"{begin}\n{lab.ssh_config_path.read_text().rstrip()}\n{end}\n" + text)
     os.chmod(config, 0o600)
 
 
-def _without_include(text: str, prefix: str) -> str:
-    mark = SSH_CONFIG_MARK.format(prefix=prefix)
-    lines = text.splitlines(keepends=True)
-    out, skip = [], False
-    for line in lines:
-        if line.rstrip("\n") == mark:
-            skip = True
-            continue
-        if skip and line.startswith("Include "):
-            skip = False
-            continue
-        skip = False
-        out.append(line)
+def _marks(prefix: str) -> tuple[str, str]:
+    return f"# cloudops lab {prefix} begin (written by lab.up, removed by lab.down)", f"# cloudops lab {prefix} end"
+
+
+def _without_block(text: str, prefix: str) -> str:
+    begin, end = _marks(prefix)
+    out, inside = [], False
+    for line in text.splitlines(keepends=True):
+        if line.rstrip("\n") == begin:
+            inside = True
+        elif inside and line.rstrip("\n") == end:
+            inside = False
+        elif not inside:
+            out.append(line)
     return "".join(out)
 
 
@@ -405,7 +406,7 @@ def down(prefix: str = DEFAULT_PREFIX, progress=lambda msg: None) -> dict:
         _sh("ip", "link", "del", link, check=False)
     config = Path.home() / ".ssh" / "config"
     if config.exists():
-        config.write_text(_without_include(config.read_text(), prefix))
+        config.write_text(_without_block(config.read_text(), prefix))
     default_inventory = paths.ROOT / "inventory" / "lab.yaml"
     if prefix == DEFAULT_PREFIX and default_inventory.is_symlink():
         default_inventory.unlink()

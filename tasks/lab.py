@@ -17,7 +17,7 @@ def up(c, hosts=2, bare=False, prefix=None, json=False):
         return
     for host in the_lab.hosts:
         print(f"{host.name}  {host.address}  {'bare (sshd)' if host.bare else 'sshd + libvirtd'}")
-    print(f"inventory: {the_lab.inventory_path}\nssh_config: {the_lab.ssh_config_path} (included in ~/.ssh/config)")
+    print(f"inventory: {the_lab.inventory_path}\nssh_config: {the_lab.ssh_config_path} (also at the top of ~/.ssh/config)")
 
 
 @task(help={"prefix": "lab name prefix", "json": "print JSON"})

@@ -154,4 +154,21 @@ def test_teardown_leaves_nothing_and_a_killed_lab_comes_back():
         assert str(lab_lib.lab_dir(prefix)) not in mounts.read()
     from pathlib import Path
     config = Path.home() / ".ssh" / "config"
-    assert f"cloudops lab {prefix}" not in (config.read_text() if config.exists() else "")
+    assert f"cloudops lab {prefix} " not in (config.read_text() if config.exists() else "")
+
+
+def test_plain_ssh_fab_and_qemu_ssh_reach_lab_hosts(lab):
+    """lab.up's block in ~/.ssh/config serves OpenSSH, Fabric (paramiko) and libvirt's ssh transport."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    host = lab.hosts[1]
+    ssh = subprocess.run(["ssh", host.address, "hostname"], capture_output=True, text=True, timeout=60)
+    assert ssh.returncode == 0 and ssh.stdout.strip() == host.name, ssh.stderr
+    fab = subprocess.run([str(Path(sys.executable).parent / "fab"), "-H", host.address, "--", "hostname"],
+                         capture_output=True, text=True, timeout=60)
+    assert fab.returncode == 0 and fab.stdout.strip() == host.name, fab.stderr
+    virsh = subprocess.run(["virsh", "-c", f"qemu+ssh://{host.address}/system", "hostname"],
+                           capture_output=True, text=True, timeout=60)
+    assert virsh.returncode == 0 and virsh.stdout.strip() == host.name, virsh.stderr
