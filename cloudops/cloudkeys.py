@@ -1,0 +1,146 @@
+"""The cloud's SSH trust between hypervisors: one migration keypair, and every host's verified host keys.
+
+The migration key is generated once on this machine (``var/cloud/migration_key``)
+and installed on every host, so each host's libvirtd can reach every other over
+``qemu+ssh`` (peer-to-peer migration). Host keys are collected with ``ssh-keyscan``
+from this machine and kept only when they match the trusted known_hosts of the
+inventory (the keys cloudops itself verifies every connection against): a key
+that differs is an error, a key that cannot be verified is left out, never
+accepted blindly.
+"""
+
+import shutil
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+from . import paths, ssh
+from .errors import CloudopsError
+
+KEY_TYPES = "ed25519,ecdsa,rsa"
+KEY_PRESENT = "migration key present"
+
+
+def migration_key_path() -> Path:
+    return paths.var_dir() / "cloud" / "migration_key"
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: str
+    public: str  # one line "ssh-ed25519 AAAA... comment"
+
+
+def read_migration_key(path: Path | None = None) -> KeyPair | None:
+    path = path or migration_key_path()
+    if not path.exists():
+        return None
+    pub = path.with_name(path.name + ".pub")
+    if not pub.exists():
+        raise CloudopsError(f"migration key {path} has no public half {pub}: remove it or restore the .pub file")
+    return KeyPair(path.read_text(), pub.read_text().strip())
+
+
+def ensure_migration_key(cloud: str, rotate: bool = False, path: Path | None = None) -> tuple[KeyPair, str]:
+    """The cloud's keypair, generated when missing (or replaced with ``rotate``); returns (keypair, message)."""
+    path = path or migration_key_path()
+    message = KEY_PRESENT
+    if rotate and path.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for suffix in ("", ".pub"):
+            old = path.with_name(path.name + suffix)
+            if old.exists():
+                shutil.move(old, old.with_name(f"{old.name}.{stamp}"))
+        message = f"migration key rotated (old key kept as {path.name}.{stamp})"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cloudops-migration@{cloud}",
+                               "-f", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CloudopsError(f"ssh-keygen failed: {proc.stderr.strip() or proc.returncode}")
+        if not rotate:
+            message = f"migration key generated at {path}"
+    return read_migration_key(path), message
+
+
+# ---------------------------------------------------------------- host keys
+
+@dataclass
+class HostKeys:
+    """One host's verified public keys as known_hosts lines, and how they were verified."""
+
+    name: str
+    lines: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+def known_hosts_pattern(address: str, port: int) -> str:
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+def parse_keyscan(text: str) -> list[tuple[str, str]]:
+    """ssh-keyscan output -> [(keytype, base64)]; comments and blank lines skipped."""
+    keys = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and not line.startswith("#"):
+            keys.append((parts[1], parts[2]))
+    return keys
+
+
+def trusted_keys(host) -> dict[str, str]:
+    """keytype -> base64 of the keys the inventory's known_hosts (or the user's) holds for ``host``."""
+    known = paramiko.HostKeys()
+    for path in ssh.known_hosts_files(host):
+        if Path(path).is_file():
+            known.load(path)
+    found = {}
+    for pattern in (known_hosts_pattern(host.address, host.port), host.name):
+        for keytype, key in (known.lookup(pattern) or {}).items():
+            found.setdefault(keytype, key.get_base64())
+    return found
+
+
+def verify(host, scanned: list[tuple[str, str]] | None) -> HostKeys:
+    """Keep the scanned keys that the trusted known_hosts confirms; a mismatch is an error."""
+    trusted = trusted_keys(host)
+    if not trusted:
+        raise CloudopsError(f"{host.name}: no trusted host key in {', '.join(ssh.known_hosts_files(host))}: "
+                            f"add it (verified out of band); cloudops never accepts unknown keys")
+    names = ",".join(dict.fromkeys([host.name, known_hosts_pattern(host.address, host.port)]))
+    if scanned is None:  # the host did not answer: the trusted keys are verified by definition
+        return HostKeys(host.name, [f"{names} {t} {k}" for t, k in sorted(trusted.items())],
+                        "not answering ssh-keyscan; using the trusted known_hosts entries")
+    verified, unverified = [], []
+    for keytype, key in scanned:
+        if keytype not in trusted:
+            unverified.append(keytype)
+        elif trusted[keytype] != key:
+            raise CloudopsError(f"{host.name}: {keytype} host key differs from the trusted known_hosts: "
+                                "possible impostor, or a replaced host whose new key is not yet trusted")
+        else:
+            verified.append(f"{names} {keytype} {key}")
+    if not verified:
+        raise CloudopsError(f"{host.name}: none of the keys it presents ({', '.join(unverified) or 'none'}) "
+                            "is in the trusted known_hosts")
+    note = f"left out unverified {', '.join(unverified)}" if unverified else "verified"
+    return HostKeys(host.name, sorted(verified), note)
+
+
+def keyscan(host, timeout: int = 5) -> list[tuple[str, str]] | None:
+    """The keys ``host`` presents, seen from this machine; None when it does not answer."""
+    proc = subprocess.run(["ssh-keyscan", "-T", str(timeout), "-p", str(host.port), "-t", KEY_TYPES, host.address],
+                          capture_output=True, text=True)
+    keys = parse_keyscan(proc.stdout)
+    return keys or None
+
+
+def collect_host_keys(hosts: list, workers: int = 8) -> dict[str, HostKeys]:
+    """Every host's verified keys (scanned in parallel); raises on the first key that contradicts known_hosts."""
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(hosts)))) as pool:
+        scans = dict(zip([h.name for h in hosts], pool.map(keyscan, hosts)))
+    return {host.name: verify(host, scans[host.name]) for host in hosts}
