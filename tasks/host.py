@@ -16,3 +16,40 @@ def facts_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, 
                        workers=int(workers or c.fleet.workers), timeout=timeout)
     finish(result, json, facts.summary)
 
+
+
+@task(help={"host": "inventory host name", "state": "on (no new VMs go there) or off",
+            "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+@user_errors
+def maintenance(c, host, state, inventory=None, json=False):
+    """Put a host in maintenance (placement gives it no new VMs) or take it out: host.maintenance HV on|off."""
+    from cloudops import maintenance as maintenance_lib
+    from cloudops.errors import CloudopsError
+    from tasks._cli import emit_json, load_inventory
+
+    if state not in ("on", "off"):
+        raise CloudopsError(f"maintenance state must be 'on' or 'off', got {state!r}")
+    if not host or any(ch in host for ch in ",*?["):
+        raise CloudopsError(f"host.maintenance takes one host name, got {host!r}")
+    name = load_inventory(c, inventory).select(hosts=host)[0].name  # an unknown host is an error here
+    changed = maintenance_lib.set_maintenance(name, state == "on")
+    if json:
+        emit_json({"host": name, "maintenance": state == "on", "changed": changed,
+                   "in_maintenance": sorted(maintenance_lib.hosts_in_maintenance())})
+        return
+    what = "in maintenance: no new VMs are placed there" if state == "on" else "out of maintenance"
+    print(f"{name}: {what}" + ("" if changed else " (already, nothing to do)"))
+
+
+@task(name="exec", help={"command": "shell command to run on every selected host", **SELECT_HELP})
+@user_errors
+def exec_(c, command, hosts=None, group=None, limit=None, inventory=None, workers=None, timeout=None, json=False):
+    """Run a shell command on the selected hosts in parallel; exit 1 when it failed anywhere."""
+    selected = select_hosts(c, hosts, group, limit, inventory)
+    result = fleet.run_command(selected, command, workers=int(workers or c.fleet.workers),
+                               timeout=float(timeout or c.fleet.timeout))
+    if json:
+        for r in result:
+            if r.value is not None:
+                r.value = vars(r.value)
+    finish(result, json)
