@@ -209,12 +209,14 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     with _name_lock(spec.name):
         progress(f"checking that the name {spec.name} is free on {len(all_hosts)} hosts")
         _ensure_name_free(spec.name, [h for h in all_hosts if "bare" not in h.tags])
+        timings["name_check"] = round(time.monotonic() - t0, 3)
         progress("placing the VM")
         host = placement.choose(spec, candidates)
+        timings["placement"] = round(time.monotonic() - t0, 3)
         progress(f"building {spec.name} on {host.name}")
         undo = _Undo()
         try:
-            vm = _build(spec, image, host, net, password_hash, keys, undo, progress, timings)
+            vm = _build(spec, image, host, net, password_hash, keys, undo, progress, timings, t0)
         except BaseException:
             progress("start failed; removing what was made")
             undo.run()
@@ -236,21 +238,24 @@ def _ensure_name_free(name: str, hosts: list) -> None:
     raise CloudopsError(f"VM {name!r} already exists on {holder.name}")
 
 
-def _build(spec, image, host, net, password_hash, keys, undo, progress, timings) -> VM:
-    mark = time.monotonic()
+def _build(spec, image, host, net, password_hash, keys, undo, progress, timings, t0) -> VM:
+    def checkpoint(name):  # timings: seconds since the start began, at the end of each phase
+        timings[name] = round(time.monotonic() - t0, 3)
+
     pool_dir = f"{images.pool_path(host)}/disks"
     with connect(host) as hv, virt.open_host(host) as conn:
         if images.ensure_on_host(image, host, hv):
             progress(f"copied image {image.name} to {host.name}")
         networks.ensure_network(conn, net)
         pool, _ = storage.ensure_pool(conn, pool_dir)
-        timings["prepare_host"] = round(time.monotonic() - mark, 3)
+        checkpoint("host_ready")
 
         allocation = ipam.allocate(net, spec.name)
         undo.push(ipam.release, net, spec.name)
         networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, spec.name)
         undo.push(networks.remove_reservation, conn, net.name, allocation.mac, allocation.ip, spec.name)
 
+        checkpoint("address")
         disk_name = f"{spec.name}.qcow2"
         seed_path = None
         hostname = spec.hostname or spec.name
@@ -266,6 +271,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings)
             undo.push(storage.delete_volume, pool, f"{spec.name}-seed.iso")
             pool.refresh(0)
 
+        checkpoint("disks")
         vm_vars = dict(
             name=spec.name, uuid=str(uuid.uuid4()), virt_type=placement.virt_type(conn), memory=spec.memory,
             vcpus=spec.vcpus, image_id=image.id, network=net.name, ip=allocation.ip, mac=allocation.mac,
@@ -275,14 +281,14 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings)
         xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=METADATA_NS)
         dom = conn.defineXML(xml)
         undo.push(_undefine, dom)
-        mark = time.monotonic()
         dom.create()
         undo.push(_destroy, dom)
-        timings["define_and_start"] = round(time.monotonic() - mark, 3)
+        checkpoint("started")
         progress(f"{spec.name} started on {host.name}; waiting for its address {allocation.ip}")
         vm = describe(dom, host.name)
         if spec.wait:
-            wait_ready(dom, conn, hv, net.name, allocation, spec.name, spec.timeout, timings)
+            wait_ready(dom, conn, hv, net.name, allocation, spec.name, spec.timeout)
+            checkpoint("ssh")
     return vm
 
 
@@ -311,11 +317,10 @@ def _upload_seed(hv, remote_path, hostname, keys, password_hash, name):
         hv.run(f"chmod 600 {shlex.quote(remote_path)}", hide=True, in_stream=False)
 
 
-def wait_ready(dom, conn, hv, net_name, allocation, name, timeout, timings) -> str:
+def wait_ready(dom, conn, hv, net_name, allocation, name, timeout) -> str:
     """Wait for the VM's IP (DHCP lease, then guest agent, then ARP), its host key, and SSH."""
     start = time.monotonic()
     ip = guest.wait_until(lambda: _address(dom, conn, net_name, allocation.mac), timeout, f"an IP address for {name}")
-    timings["ip"] = round(time.monotonic() - start, 3)
     if ip != allocation.ip:
         raise CloudopsError(f"{name} got {ip}, not its reserved address {allocation.ip}")
     remaining = max(5.0, timeout - (time.monotonic() - start))
@@ -324,7 +329,6 @@ def wait_ready(dom, conn, hv, net_name, allocation, name, timeout, timings) -> s
     guest.record_host_keys(name, ip, keys)
     remaining = max(5.0, timeout - (time.monotonic() - start))
     guest.wait_until(lambda: guest.ssh_banner(hv, ip), remaining, f"SSH on {name} ({ip})")
-    timings["ssh"] = round(time.monotonic() - start, 3)
     return ip
 
 
