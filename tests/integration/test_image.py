@@ -27,6 +27,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 BOOT_TIMEOUT = 180
 # The serial log holds firmware output and terminal escapes too: search, do not anchor.
 HOSTKEY_RE = re.compile(r"cloudops-tiny: hostkey (ssh-ed25519) ([A-Za-z0-9+/=]+)")
+CLOUD_INIT_HOSTKEY_RE = re.compile(r"BEGIN SSH HOST KEY KEYS-----.*?^(ssh-ed25519) ([A-Za-z0-9+/=]+)", re.S | re.M)
 SSH_OPTS = ["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10",
             "-o", "StrictHostKeyChecking=yes", "-o", "LogLevel=ERROR"]  # fmt: skip
 
@@ -88,8 +89,10 @@ def free_port() -> int:
 class Guest:
     """One QEMU/TCG process: start, wait for the ready line, SSH in with a pinned host key, stop."""
 
-    def __init__(self, workdir: Path, disk: Path, key: Path, seed: Path | None = None):
+    def __init__(self, workdir: Path, disk: Path, key: Path, seed: Path | None = None, memory=128,
+                 ready="cloudops-tiny: ready"):  # fmt: skip
         self.dir, self.disk, self.key, self.seed = workdir, disk, key, seed
+        self.memory, self.ready = memory, ready
         self.log = workdir / "serial.log"
         self.monitor = workdir / "monitor.sock"
         self.proc = None
@@ -98,7 +101,7 @@ class Guest:
 
     def start(self):
         self.port = free_port()
-        cmd = [QEMU, "-accel", "tcg", "-m", "128", "-nographic", "-no-reboot",
+        cmd = [QEMU, "-accel", "tcg", "-m", str(self.memory), "-nographic", "-no-reboot",
                "-drive", f"file={self.disk},if=virtio",
                "-nic", f"user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{self.port}-:22",
                "-serial", f"file:{self.log}",
@@ -120,12 +123,12 @@ class Guest:
             if self.proc.poll() is not None:
                 pytest.fail(f"QEMU exited ({self.proc.returncode}): {(self.dir / 'qemu.out').read_text()}"
                             f"\nserial:\n{self.serial()}")  # fmt: skip
-            if "cloudops-tiny: ready" in self.serial():
+            if self.ready in self.serial():
                 break
             time.sleep(0.2)
         else:
             pytest.fail(f"no ready line within {timeout} s; serial:\n{self.serial()}")
-        hostkey = HOSTKEY_RE.search(self.serial())
+        hostkey = HOSTKEY_RE.search(self.serial()) or CLOUD_INIT_HOSTKEY_RE.search(self.serial())
         assert hostkey, self.serial()
         (self.dir / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {hostkey.group(1)} {hostkey.group(2)}\n")
         while time.monotonic() < deadline:
@@ -274,3 +277,25 @@ def test_customize_refuses_batch_when_one_disk_has_no_os(tiny_image, tmp_path):
         customize_image([good, blank], hostname="never-written")
     # Nothing was written to the good disk: its content still equals the base image.
     assert subprocess.run(["qemu-img", "compare", "-q", str(good), str(tiny_image)]).returncode == 0
+
+
+# --- the debian recipe (debootstrap): opt-in ---------------------------------------------------
+
+
+@pytest.mark.skipif(os.environ.get("CLOUDOPS_TEST_DEBIAN") != "1",
+                    reason="set CLOUDOPS_TEST_DEBIAN=1: needs root, a Debian mirror and ~15 min")  # fmt: skip
+def test_debian_image_boots_with_seed(ssh_key, guests, tmp_path, timings):
+    from cloudops.imagebuild import build_image
+    from cloudops.seed import make_seed
+
+    started = time.monotonic()
+    image = build_image("debian")
+    timings["debian_build_or_cache_s"] = round(time.monotonic() - started, 1)
+    password = "debian-pass"
+    seed = make_seed(tmp_path / "seed.iso", "deb-vm", [ssh_key.with_suffix(".pub").read_text()],
+                     passwords.hash_password(password))  # fmt: skip
+    guest = guests(tmp_path, overlay(image, tmp_path / "disk.qcow2"), ssh_key, seed, memory=512,
+                   ready="-----END SSH HOST KEY KEYS-----").start()  # fmt: skip
+    timings["debian_boot_to_ssh_s"] = round(guest.wait_ready(timeout=900), 1)
+    assert guest.ssh("hostname").stdout.strip() == "deb-vm"
+    assert passwords.verify(password, shadow_hash(guest))
