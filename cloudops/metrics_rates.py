@@ -69,12 +69,22 @@ def vm_counters(stats: dict) -> dict[str, int]:
             counters[f"vcpu.{m[1]}.{m[2]}"] = int(value)
         elif m := _BLOCK.match(key):
             name = stats.get(f"block.{m[1]}.name", f"disk{m[1]}")
-            if f"block.{m[1]}.backingIndex" in stats:
+            if _is_backing_layer(stats, int(m[1])):
                 continue  # a backing image's figures, not the guest's disk
             counters[f"disk.{name}.{m[2]}"] = int(value)
         elif m := _NET.match(key):
             counters[f"net.net{m[1]}.{m[2]}"] = int(value)
     return counters
+
+
+def _is_backing_layer(stats: dict, index: int) -> bool:
+    """True for a backing image's entry (only listed with the BACKING flag, after its disk's top layer).
+
+    With -blockdev, libvirt also gives the *top* layer a ``backingIndex``, so that key alone
+    does not mark a backing image: an entry is one when an earlier entry has the same disk name.
+    """
+    name = stats.get(f"block.{index}.name")
+    return name is not None and any(stats.get(f"block.{i}.name") == name for i in range(index))
 
 
 def figures(

@@ -213,3 +213,15 @@ def test_collect_host_shape_with_the_libvirt_test_driver():
     values = as_dict(figures)
     assert values["p.vm.test.host.testhost"] == 1
     assert values["p.hv.testhost.vms.running"] == 1
+
+
+def test_the_top_layer_counts_even_with_a_backing_index_and_backing_layers_do_not():
+    from cloudops.metrics_rates import vm_counters
+
+    stats = {
+        "block.count": 2,
+        "block.0.name": "vda", "block.0.backingIndex": 2, "block.0.rd.bytes": 100, "block.0.rd.reqs": 1,
+        "block.1.name": "vda", "block.1.backingIndex": 1, "block.1.rd.bytes": 999, "block.1.rd.reqs": 9,
+    }
+    counters = vm_counters(stats)
+    assert counters["disk.vda.rd.bytes"] == 100 and counters["disk.vda.rd.reqs"] == 1
