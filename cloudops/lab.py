@@ -16,6 +16,7 @@ the lab's namespaces), deletes namespaces, veths and the bridge, and removes the
 files. ``up`` over a lab that was never taken down cleans the leftovers first.
 """
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -358,12 +359,24 @@ def _warm_qemu_capabilities(lab: Lab) -> None:
 def _install_ssh_block(lab: Lab) -> None:
     """Let plain `ssh hv1`, `fab -H hv1` and libvirt's qemu+ssh find the lab: its Host blocks, between
     markers, at the top of ~/.ssh/config (inline, not an Include: paramiko, under Fabric, has no Include)."""
+    begin, end = _marks(lab.prefix)
+    block = f"{begin}\n{lab.ssh_config_path.read_text().rstrip()}\n{end}\n"
+    _edit_ssh_config(lambda text: block + _without_block(text, lab.prefix))
+
+
+def _edit_ssh_config(change) -> None:
+    """Read-modify-write ~/.ssh/config under a lock: labs of other prefixes may be going up or down at once."""
     config = Path.home() / ".ssh" / "config"
     config.parent.mkdir(mode=0o700, exist_ok=True)
-    text = _without_block(config.read_text() if config.exists() else "", lab.prefix)
-    begin, end = _marks(lab.prefix)
-    config.write_text(f"{begin}\n{lab.ssh_config_path.read_text().rstrip()}\n{end}\n" + text)
-    os.chmod(config, 0o600)
+    with open(config.parent / ".cloudops-lab.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        text = config.read_text() if config.exists() else ""
+        new = change(text)
+        if new != text:
+            tmp = config.with_name(f".config.cloudops-{os.getpid()}")
+            tmp.write_text(new)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, config)
 
 
 def _marks(prefix: str) -> tuple[str, str]:
@@ -404,9 +417,7 @@ def down(prefix: str = DEFAULT_PREFIX, progress=lambda msg: None) -> dict:
     links = _links(prefix)
     for link in links:
         _sh("ip", "link", "del", link, check=False)
-    config = Path.home() / ".ssh" / "config"
-    if config.exists():
-        config.write_text(_without_block(config.read_text(), prefix))
+    _edit_ssh_config(lambda text: _without_block(text, prefix))
     default_inventory = paths.ROOT / "inventory" / "lab.yaml"
     if prefix == DEFAULT_PREFIX and default_inventory.is_symlink():
         default_inventory.unlink()
