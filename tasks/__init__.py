@@ -2,11 +2,11 @@
 
 from invoke import Collection, task
 
-from tasks import cloud, fleet, graphite, host, image, lab, net, vm
+from tasks import cloud, fleet, graphite, host, image, lab, metrics, net, vm
 from tasks._cli import user_errors
 
 ns = Collection()
-for module in (lab, fleet, host, image, net, vm, cloud, graphite):
+for module in (lab, fleet, host, image, net, vm, cloud, graphite, metrics):
     ns.add_collection(Collection.from_module(module))
 
 # Defaults live here; override them in invoke.yaml / fabric.yaml, ~/.invoke.yaml or INVOKE_* variables.
@@ -15,7 +15,10 @@ ns.configure({
     "lab": {"prefix": "co"},
     "fleet": {"workers": 16, "timeout": 60},
     "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180},
+    "image": {"recipe": "tiny"},
     "graphite": {"directory": None, "line_port": 2003, "pickle_port": 2004, "query_port": 7002},
+    "metrics": {"carbon": "127.0.0.1:2004", "prefix": "cloudops", "protocol": "pickle", "interval": 60,
+                "cron_minutes": 1, "spool_max_bytes": 64 << 20},
 })
 
 
@@ -55,8 +58,27 @@ def demo(c, hosts=2):
         step("a VM with a root password (from a 0600 file) and an SSH key",
              f"invoke vm.start --name demo1 --password-file {password_file} --ssh-key {key}.pub")
     step("a command in the VM, through its hypervisor", "invoke vm.run demo1 'uname -a'")
+    step("a local Graphite (carbon-cache on 127.0.0.1)", "invoke graphite.up")
+    step("two shipping cycles (rates need a previous sample)",
+         "invoke metrics.ship --once --json && sleep 3 && invoke metrics.ship --once --json")
+    _print_cpu_series(c, "demo1")
     print(f"\nThe lab stays up for you: `invoke vm.list`, `invoke vm.ssh demo1`, `ssh hv1`; "
           f"root's password is in {password_file}. `invoke vm.delete demo1` and `invoke lab.down` end it.")
+
+
+def _print_cpu_series(c, vm):
+    import time
+
+    from cloudops import graphite
+
+    path = f"{c.metrics.prefix}.vm.{vm}.cpu.util_percent"
+    storage = graphite.whisper_dir(c.graphite.directory or graphite.default_dir())
+    points = graphite.read_series(storage, path, time.time() - 3600, time.time() + 60)
+    print(f"\n== {path} from whisper")
+    for ts, value in points:
+        print(f"{time.strftime('%H:%M:%S', time.localtime(ts))}  {value:6.2f} %")
+    if not points:
+        print("(no datapoint yet)")
 
 
 def _lab_hosts(c):
