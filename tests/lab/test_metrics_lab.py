@@ -23,23 +23,13 @@ from cloudops import graphite, images, metrics, metrics_cron, networks, vms, vir
 from cloudops.carbon import CarbonClient
 from cloudops.spool import Spool
 from cloudops.ssh import connect
-from tests.conftest import ROOT, TEST_PREFIX, invoke
+from tests.conftest import TEST_PREFIX, invoke
 from tests.lab.test_vms import tiny_image  # noqa: F401  (session fixture)
 
 PREFIX = f"test.{TEST_PREFIX}"
 VM_NAMES = {"hv1": f"tm{TEST_PREFIX}a", "hv2": f"tm{TEST_PREFIX}b"}
 MEMORY_MIB = 96
 READ_DEADLINE = 90.0
-
-SHIM = """import sys
-sys.path.insert(0, {root!r})
-from invoke import Collection
-from tasks import metrics
-ns = Collection()
-ns.add_collection(Collection.from_module(metrics))
-ns.configure({{"inventory": None, "fleet": {{"workers": 16, "timeout": 60}}}})
-"""
-
 
 class RecordingCarbon(CarbonClient):
     """A CarbonClient that remembers every datapoint carbon accepted (sent and replayed alike)."""
@@ -59,43 +49,9 @@ class RecordingCarbon(CarbonClient):
 
 
 @pytest.fixture(scope="module")
-def lab():
-    """The session's 3-host lab, or this prefix's lab when it is already up (left up: its owner takes it down)."""
-    import os
-
-    from cloudops import lab as lab_lib
-
-    if os.geteuid() != 0:
-        pytest.skip("the lab needs root")
-    if lab_lib.status(TEST_PREFIX)["up"]:
-        yield lab_lib.load(TEST_PREFIX)
-        return
-    the_lab = lab_lib.up(3, prefix=TEST_PREFIX)
-    yield the_lab
-    lab_lib.down(TEST_PREFIX)
-
-
-@pytest.fixture(scope="module")
-def lab_inventory(lab):
-    from cloudops import inventory
-
-    return inventory.load(lab.inventory_path)
-
-
-@pytest.fixture(scope="module")
-def metrics_cli(tmp_path_factory):
-    """`invoke metrics.*` through tasks/__init__.py once it has the collection, until then through a shim."""
-    try:
-        from tasks import ns
-        registered = "metrics" in ns.collections
-    except Exception:
-        registered = False
-    if registered:
-        return invoke, []
-    shim_dir = tmp_path_factory.mktemp("shim")
-    (shim_dir / "cme_metrics_tasks.py").write_text(SHIM.format(root=str(ROOT)))
-    core = ["--search-root", str(shim_dir), "-c", "cme_metrics_tasks"]
-    return (lambda *args, env=None: invoke(*core, *args, env=env)), core
+def metrics_cli():
+    """The real `invoke metrics.*` CLI: (run, extra core arguments)."""
+    return invoke, []
 
 
 @pytest.fixture(scope="module")
@@ -336,9 +292,6 @@ def test_cron_entry_installed_on_every_host_once_and_its_command_runs(lab, lab_i
             env = dict(ln.split("=", 1) for ln in text.splitlines() if ln and not ln.startswith("#") and "=" in ln.split()[0])
             job = next(ln for ln in text.splitlines() if ln.startswith("* "))
             command = job.split(None, 6)[6]
-            invoke_path = str(ROOT / ".venv" / "bin" / "invoke")
-            if core:  # tasks/__init__.py does not register metrics yet: same command through the shim
-                command = command.replace(f"{invoke_path} metrics.ship", f"{invoke_path} {' '.join(core)} metrics.ship")
             # what cron would run, with cron's environment: the host collects itself; carbon (on this
             # machine's loopback) is not reachable from the host's namespace, so the cycle is spooled there
             hv.run(f"rm -rf {shlex.quote(env['CLOUDOPS_VAR'])}/metrics", hide=True, in_stream=False)
