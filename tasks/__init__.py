@@ -3,11 +3,13 @@
 from invoke import Collection, task
 
 from tasks import cloud, fleet, graphite, host, image, lab, metrics, net, vm
+from tasks import deploy as deploy_module  # the module; `deploy` is its root-level task
 from tasks._cli import user_errors
 
 ns = Collection()
 for module in (lab, fleet, host, image, net, vm, cloud, graphite, metrics):
     ns.add_collection(Collection.from_module(module))
+ns.add_task(deploy_module.deploy)
 
 # Defaults live here; override them in invoke.yaml / fabric.yaml, ~/.invoke.yaml or INVOKE_* variables.
 ns.configure({
@@ -16,6 +18,7 @@ ns.configure({
     "fleet": {"workers": 16, "timeout": 60},
     "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180},
     "image": {"recipe": "tiny"},
+    "deploy": {"timeout": 600},
     "graphite": {"directory": None, "line_port": 2003, "pickle_port": 2004, "query_port": 7002},
     "metrics": {"carbon": "127.0.0.1:2004", "prefix": "cloudops", "protocol": "pickle", "interval": 60,
                 "cron_minutes": 1, "spool_max_bytes": 64 << 20},
