@@ -141,8 +141,8 @@ def _state_file(prefix: str) -> Path:
 
 
 def _validate(prefix: str, count: int) -> None:
-    if not prefix.isalnum() or not prefix.islower() or len(prefix) > 5:
-        raise CloudopsError(f"lab prefix {prefix!r} must be 1-5 lower-case letters or digits")
+    if not prefix.isalnum() or not prefix.islower() or len(prefix) > 6:
+        raise CloudopsError(f"lab prefix {prefix!r} must be 1-6 lower-case letters or digits")
     if not isinstance(count, int) or count < 1:
         raise CloudopsError(f"lab needs at least 1 host (got {count})")
     if count > MAX_HOSTS:
@@ -497,3 +497,23 @@ def start_sshd(prefix: str, name: str) -> None:
     _wait_for(lambda: _port_open(host.address), 10, f"sshd on {host.name}")
     host.pids["sshd"] = _read_pid(pidfile)
     _save(lab)
+
+
+def restart_libvirtd(prefix: str, name: str) -> int:
+    """Fault injection and recovery: start the host's libvirtd again (after it was killed). Returns its pid."""
+    lab = load(prefix)
+    host = lab.host(name) if lab else None
+    if host is None:
+        raise CloudopsError(f"lab {prefix!r} is not up")
+    old = host.pids.get("libvirtd")
+    if _alive(old):
+        _signal(old, signal.SIGTERM)
+        _wait_for(lambda: not _alive(old), 15, f"libvirtd on {host.name} to stop")
+    pidfile = Path(host.dir) / "libvirtd.pid"
+    pidfile.unlink(missing_ok=True)
+    _sh(*enter(host), "libvirtd", "-d", "-p", str(pidfile))
+    _wait_for(lambda: _read_pid(pidfile), 15, f"libvirtd pid on {host.name}")
+    _wait_for(lambda: _libvirt_answers(host), 30, f"libvirtd on {host.name}", 0.3)
+    host.pids["libvirtd"] = _read_pid(pidfile)
+    _save(lab)
+    return host.pids["libvirtd"]

@@ -174,3 +174,28 @@ def _run_in_vm(c, name, command, inventory, pty=False):
 
 def _hypervisors(c, inventory):
     return [h for h in load_inventory(c, inventory).hosts.values() if "bare" not in h.tags]
+
+
+@task(help={
+    "name": "VM name", "to": "destination host", "timeout": "abort after this many seconds (the VM stays on its host)",
+    "copy_storage": "copy disks not on shared storage (--no-copy-storage refuses)",
+    "postcopy_after": "switch to post-copy at this memory iteration (0: never; default 4)",
+    "auto_converge": "let QEMU throttle a guest that dirties memory faster than it is sent",
+    "max_downtime": "highest max-downtime (ms) the ramp reaches (default 300)",
+    "bandwidth": "MiB/s cap (default: unlimited)",
+    "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+@user_errors
+def migrate(c, name, to, timeout=None, copy_storage=True, postcopy_after=None, auto_converge=True,
+            max_downtime=None, bandwidth=None, inventory=None, json=False):
+    """Live-migrate a VM to another host (offline when it is stopped); prints duration, downtime, bytes moved."""
+    from cloudops import migrate as migration
+
+    policy = migration.policy_from(c.config.get("migrate") or {}, timeout=timeout, postcopy_after=postcopy_after,
+                                   auto_converge=None if auto_converge else False, downtime_max_ms=max_downtime,
+                                   bandwidth_mib=bandwidth)
+    result = migration.migrate_vm(name, to, load_inventory(c, inventory), copy_storage=copy_storage,
+                                  policy=policy, message=progress)
+    if json:
+        emit_json(result.to_dict())
+    else:
+        print(result.summary())
