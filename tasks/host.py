@@ -53,3 +53,26 @@ def exec_(c, command, hosts=None, group=None, limit=None, inventory=None, worker
             if r.value is not None:
                 r.value = vars(r.value)
     finish(result, json)
+
+
+@task(help={"host": "the host to drain", "parallel": "migrations at once from the host (default 1)",
+            "dry_run": "print the plan, change nothing (maintenance stays as it is)",
+            "timeout": "seconds each migration may take before it is aborted",
+            "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+@user_errors
+def evacuate(c, host, parallel=1, dry_run=False, timeout=None, inventory=None, json=False):
+    """Maintenance on, then live-migrate every VM of the host to hosts the scheduler chooses."""
+    from invoke import Exit
+
+    from cloudops import evacuate as evacuation, migrate
+    from tasks._cli import emit_json, load_inventory, progress
+
+    policy = migrate.policy_from(c.config.get("migrate") or {}, timeout=timeout)
+    report = evacuation.evacuate(host, load_inventory(c, inventory), parallel=int(parallel), dry_run=dry_run,
+                                 policy=policy, message=progress)
+    if json:
+        emit_json(report.to_dict())
+    else:
+        print("\n".join(report.lines()))
+    if report.failed:
+        raise Exit(f"cloudops: {len(report.failed)} VM(s) could not leave {host}", code=1)
