@@ -28,3 +28,32 @@ def up(c, file, inventory=None, json=False):
 def down(c, file, inventory=None, json=False):
     """Delete the stack's VMs, then its networks."""
     _print(stack.down(stack.load(file), load_inventory(c, inventory), progress=progress), json)
+
+
+@task(help={"dry_run": "print the plan with the imbalance before and after (the default)",
+            "apply": "carry the plan out, one migration at a time, measuring again between moves",
+            "max_moves": "at most this many migrations", "margin": "a move must improve the objective by this much",
+            "cpu_interval": "seconds over which VM CPU load is measured (0: memory only)",
+            "timeout": "seconds each migration may take before it is aborted",
+            "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+@user_errors
+def rebalance(c, dry_run=False, apply=False, max_moves=None, margin=0.0, cpu_interval=1.0, timeout=None,
+              inventory=None, json=False):
+    """Migrations that even out memory and CPU load across hosts: --dry-run plans, --apply moves."""
+    from invoke import Exit
+
+    from cloudops import migrate, rebalance as balancing
+    from cloudops.errors import CloudopsError
+
+    if dry_run and apply:
+        raise CloudopsError("choose --dry-run or --apply, not both")
+    policy = migrate.policy_from(c.config.get("migrate") or {}, timeout=timeout)
+    report = balancing.rebalance(load_inventory(c, inventory), apply=apply,
+                                 max_moves=int(max_moves) if max_moves is not None else None, margin=float(margin),
+                                 cpu_interval=float(cpu_interval), policy=policy, message=progress)
+    if json:
+        emit_json(report.to_dict())
+    else:
+        print("\n".join(report.lines()))
+    if report.failed:
+        raise Exit(code=1)
