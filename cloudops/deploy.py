@@ -340,7 +340,7 @@ class _Run:
             time.sleep(0.3)
 
     def pool(self):
-        path = self.settings.pool_path
+        path = storage.disks_dir(self.settings.pool_path)
         with virt.open_host(self.host) as conn:
             return ensure_pool(conn, path, self.check)
 

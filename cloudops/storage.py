@@ -1,11 +1,23 @@
 """libvirt storage on a host: the cloudops pool for VM disks, qcow2 overlays on images, volume removal."""
 
+import xml.etree.ElementTree as ET
+
 import libvirt
 
 from .errors import CloudopsError
 from .templating import render
 
 POOL_NAME = "cloudops"
+
+
+def disks_dir(pool_root: str) -> str:
+    """Where a host keeps VM disks: ``<pool_path>/disks`` (images live in ``<pool_path>/images``)."""
+    return f"{pool_root.rstrip('/')}/disks"
+
+
+def target_path(pool: libvirt.virStoragePool) -> str:
+    """The directory a pool really is (an operator may have defined it elsewhere)."""
+    return ET.fromstring(pool.XMLDesc(0)).findtext("target/path")
 
 
 def ensure_pool(conn: libvirt.virConnect, path: str, name: str = POOL_NAME) -> tuple[libvirt.virStoragePool, bool]:

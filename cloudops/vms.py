@@ -242,12 +242,12 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
     def checkpoint(name):  # timings: seconds since the start began, at the end of each phase
         timings[name] = round(time.monotonic() - t0, 3)
 
-    pool_dir = f"{images.pool_path(host)}/disks"
     with connect(host) as hv, virt.open_host(host) as conn:
         if images.ensure_on_host(image, host, hv):
             progress(f"copied image {image.name} to {host.name}")
         networks.ensure_network(conn, net)
-        pool, _ = storage.ensure_pool(conn, pool_dir)
+        pool, _ = storage.ensure_pool(conn, storage.disks_dir(images.pool_path(host)))
+        pool_dir = storage.target_path(pool)
         checkpoint("host_ready")
 
         allocation = ipam.allocate(net, spec.name)
@@ -263,8 +263,10 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
             _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress)
             undo.push(storage.delete_volume, pool, disk_name)
             pool.refresh(0)
+            disk_path = pool.storageVolLookupByName(disk_name).path()
         else:
-            storage.create_overlay(pool, disk_name, image.remote_path(host), image.format, image.virtual_size)
+            disk_path = storage.create_overlay(pool, disk_name, image.remote_path(host), image.format,
+                                               image.virtual_size).path()
             undo.push(storage.delete_volume, pool, disk_name)
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
             _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name)
@@ -276,7 +278,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
             name=spec.name, uuid=str(uuid.uuid4()), virt_type=placement.virt_type(conn), memory=spec.memory,
             vcpus=spec.vcpus, image_id=image.id, network=net.name, ip=allocation.ip, mac=allocation.mac,
             customize=spec.customize, group=spec.group, created=int(time.time()),
-            disk_path=f"{pool_dir}/{disk_name}", seed_path=seed_path, console_log=guest.console_log_path(spec.name),
+            disk_path=disk_path, seed_path=seed_path, console_log=guest.console_log_path(spec.name),
             boot=image.remote_boot(host))
         xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=METADATA_NS)
         dom = conn.defineXML(xml)
