@@ -33,6 +33,33 @@ def lab():
     lab_lib.down(TEST_PREFIX)
 
 
+def own_lab(suffix: str, hosts: int = 3):
+    """A module's own lab (prefix TEST_PREFIX + suffix), for tests that restart daemons or redeploy hosts,
+    so they never disturb the session's lab. Use as ``lab = own_lab("p")`` plus ``lab_inventory = own_inventory()``."""
+
+    @pytest.fixture(scope="module")
+    def fixture():
+        from cloudops import lab as lab_lib
+
+        if os.geteuid() != 0:
+            pytest.skip("the lab needs root")
+        the_lab = lab_lib.up(hosts, prefix=TEST_PREFIX + suffix)
+        yield the_lab
+        lab_lib.down(the_lab.prefix)
+
+    return fixture
+
+
+def own_inventory():
+    @pytest.fixture(scope="module")
+    def fixture(lab):
+        from cloudops import inventory
+
+        return inventory.load(lab.inventory_path)
+
+    return fixture
+
+
 @pytest.fixture(scope="session")
 def lab_inventory(lab):
     from cloudops import inventory

@@ -9,16 +9,8 @@ import pytest
 import yaml
 
 from cloudops import fleet, lab as lab_lib
-from tests.conftest import ROOT, TEST_PREFIX, invoke
+from tests.conftest import ROOT, invoke, own_inventory, own_lab
 
-SHIM = """import sys
-sys.path.insert(0, {root!r})
-from tasks import ns, host
-from invoke import Collection
-from tasks.deploy import deploy
-if "deploy" not in ns.tasks:
-    ns.add_task(deploy)
-"""
 SNAPSHOT = ("cat /etc/libvirt/libvirtd.conf /etc/motd; ls -la ~/.ssh; cat ~/.ssh/known_hosts ~/.ssh/authorized_keys "
             "~/.ssh/config 2>/dev/null; virsh -q -c qemu:///system net-list --all; "
             "virsh -q -c qemu:///system pool-list --all; md5sum /etc/cron.d/* 2>/dev/null; true")
@@ -30,25 +22,15 @@ def var_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("var")
 
 
-@pytest.fixture(scope="module")
-def shim(tmp_path_factory):
-    """`deploy` through tasks/__init__.py once it is registered there, until then through a shim module."""
-    try:
-        from tasks import ns
-        registered = "deploy" in ns.tasks
-    except Exception:
-        registered = False
-    if registered:
-        return []
-    shim_dir = tmp_path_factory.mktemp("shim")
-    (shim_dir / "cdeploy_tasks.py").write_text(SHIM.format(root=str(ROOT)))
-    return ["--search-root", str(shim_dir), "-c", "cdeploy_tasks"]
+# restarts libvirtd, rewrites configuration and stops sshd: its own lab, not the session's
+lab = own_lab("p")
+lab_inventory = own_inventory()
 
 
 @pytest.fixture(scope="module")
-def cli(lab, var_dir, shim):
+def cli(lab, var_dir):
     def run(*args, inventory=None):
-        return invoke(*shim, *args, "--inventory", str(inventory or lab.inventory_path),
+        return invoke(*args, "--inventory", str(inventory or lab.inventory_path),
                       env={"CLOUDOPS_VAR": str(var_dir)})
     return run
 
@@ -101,7 +83,7 @@ def test_deploy_twice_the_second_changes_nothing(lab, lab_inventory, cli):
     assert all(h["status"] == "changed" for h in hosts.values())
     assert {"libvirtd", "pool", "networks", "migration-key", "known-hosts", "banner"} <= changed_steps(hosts["hv2"])
     assert sh(lab_inventory.hosts["hv1"], "grep ^host_uuid /etc/libvirt/libvirtd.conf") == uuid_before
-    assert lab_lib.status(TEST_PREFIX)["up"]  # libvirtd restarted, and the lab knows its new pid
+    assert lab_lib.status(lab.prefix)["up"]  # libvirtd restarted, and the lab knows its new pid
 
     proc, hosts = deploy_json(cli)
     assert proc.returncode == 0, proc.stderr
@@ -141,11 +123,11 @@ def test_drift_is_repaired_only_where_it_is(lab_inventory, cli):
 def test_one_host_down_the_others_complete(lab, lab_inventory, cli):
     sh(lab_inventory.hosts["hv1"], "echo edited > /etc/motd")
     sh(lab_inventory.hosts["hv3"], "echo edited > /etc/motd")
-    lab_lib.stop_sshd(TEST_PREFIX, "hv2")
+    lab_lib.stop_sshd(lab.prefix, "hv2")
     try:
         proc, hosts = deploy_json(cli)
     finally:
-        lab_lib.start_sshd(TEST_PREFIX, "hv2")
+        lab_lib.start_sshd(lab.prefix, "hv2")
     assert proc.returncode == 1
     assert "deploy failed on 1 host(s): hv2" in proc.stderr
     assert hosts["hv2"]["status"] == "failed" and hosts["hv2"]["error"]
@@ -154,11 +136,11 @@ def test_one_host_down_the_others_complete(lab, lab_inventory, cli):
     assert proc.returncode == 0 and all(h["changed"] == 0 for h in hosts.values()), hosts
 
 
-def test_fab_hosts_deploys_through_fabric_connections(lab, lab_inventory, var_dir, shim):
+def test_fab_hosts_deploys_through_fabric_connections(lab, lab_inventory, var_dir):
     addresses = ",".join(h.address for h in lab_inventory.hosts.values())
     sh(lab_inventory.hosts["hv2"], "echo edited > /etc/motd")
     fab = str(Path(sys.executable).parent / "fab")
-    proc = subprocess.run([fab, *shim, "-F", str(lab.ssh_config_path), "-H", addresses, "deploy"], cwd=ROOT,
+    proc = subprocess.run([fab, "-F", str(lab.ssh_config_path), "-H", addresses, "deploy"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "CLOUDOPS_VAR": str(var_dir),
                                "CLOUDOPS_INVENTORY": str(lab.inventory_path)})
@@ -167,10 +149,10 @@ def test_fab_hosts_deploys_through_fabric_connections(lab, lab_inventory, var_di
     assert "hv2   banner" in proc.stdout
 
 
-def test_fab_unknown_host_changes_nothing(lab, lab_inventory, var_dir, shim):
+def test_fab_unknown_host_changes_nothing(lab, lab_inventory, var_dir):
     sh(lab_inventory.hosts["hv1"], "echo edited > /etc/motd")
     fab = str(Path(sys.executable).parent / "fab")
-    proc = subprocess.run([fab, *shim, "-F", str(lab.ssh_config_path), "-H",
+    proc = subprocess.run([fab, "-F", str(lab.ssh_config_path), "-H",
                            f"{lab_inventory.hosts['hv1'].address},10.9.9.9", "deploy"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "CLOUDOPS_VAR": str(var_dir),

@@ -9,17 +9,14 @@ from pathlib import Path
 import pytest
 
 from cloudops import fleet
-from tests.conftest import ROOT
+from tests.conftest import ROOT, own_inventory, own_lab
 
 RUNBOOKS = ROOT / "docs" / "runbooks"
 BLOCK = re.compile(r"^```sh\n(.*?)^```", re.MULTILINE | re.DOTALL)
-SHIM = """import sys
-sys.path.insert(0, {root!r})
-from tasks import ns
-from tasks.deploy import deploy
-if "deploy" not in ns.tasks:
-    ns.add_task(deploy)
-"""
+
+# runbooks deploy, rotate keys and replace hosts: their own lab, not the session's
+lab = own_lab("r")
+lab_inventory = own_inventory()
 
 
 def commands(runbook: Path) -> str:
@@ -36,21 +33,10 @@ def test_every_runbook_has_commands():
 
 @pytest.fixture(scope="module")
 def env(lab, tmp_path_factory):
-    """The runbooks' variables for the lab; `invoke deploy` through a shim until tasks/__init__.py registers it."""
+    """The runbooks' variables for the lab."""
     var = tmp_path_factory.mktemp("runbook-var")
     bin_dir = tmp_path_factory.mktemp("bin")
     venv_bin = Path(sys.executable).parent
-    try:
-        from tasks import ns
-        registered = "deploy" in ns.tasks
-    except Exception:
-        registered = False
-    if not registered:
-        shim_dir = tmp_path_factory.mktemp("shim")
-        (shim_dir / "crunbook_tasks.py").write_text(SHIM.format(root=str(ROOT)))
-        wrapper = bin_dir / "invoke"
-        wrapper.write_text(f'#!/bin/sh\nexec {venv_bin}/invoke --search-root {shim_dir} -c crunbook_tasks "$@"\n')
-        wrapper.chmod(0o755)
     image = tmp_path_factory.mktemp("image") / "runbook.img"
     subprocess.run(["truncate", "-s", "8M", str(image)], check=True)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
