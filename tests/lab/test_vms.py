@@ -87,7 +87,7 @@ def test_vm_lifecycle_both_ways_of_customization(lab, lab_inventory, tiny_image,
         assert listed[name]["host"] == host and listed[name]["ip"] == vm.ip
         # the password is nowhere on the hypervisor's disk outside the guest
         with connect(lab_inventory.hosts[host]) as hv:
-            grep = hv.run(f"grep -rlF {shlex.quote(PASSWORD)} /var/lib/cloudops /var/log /etc/libvirt /tmp 2>/dev/null || true",
+            grep = hv.run(f"grep -rlF {shlex.quote(PASSWORD)} /var/lib/cloudops /var/log /etc/libvirt /run 2>/dev/null || true",
                           hide=True, in_stream=False)
         assert grep.stdout.strip() == ""
         stopped, changed = vms.stop_vm(name, list(lab_inventory.hosts.values()), timeout=60)
