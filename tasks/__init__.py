@@ -19,6 +19,7 @@ ns.configure({
     "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180},
     "image": {"recipe": "tiny"},
     "deploy": {"timeout": 600},
+    "migrate": {},  # Policy overrides: downtime_max_ms, postcopy_after, timeout, ... (cloudops/migrate.py)
     "graphite": {"directory": None, "line_port": 2003, "pickle_port": 2004, "query_port": 7002},
     "metrics": {"carbon": "127.0.0.1:2004", "prefix": "cloudops", "protocol": "pickle", "interval": 60,
                 "cron_minutes": 1, "spool_max_bytes": 64 << 20},
@@ -61,6 +62,13 @@ def demo(c, hosts=2):
         step("a VM with a root password (from a 0600 file) and an SSH key",
              f"invoke vm.start --name demo1 --password-file {password_file} --ssh-key {key}.pub")
     step("a command in the VM, through its hypervisor", "invoke vm.run demo1 'uname -a'")
+    hosts_ = _lab_hosts(c)
+    here = vms.locate("demo1", hosts_).name
+    there = next(h.name for h in hosts_ if h.name != here)
+    step(f"live migration {here} -> {there} (progress on stderr; a background loop shows the VM keeps running)",
+         f"invoke vm.run demo1 'sleep 600 > /dev/null 2>&1 &' && invoke vm.migrate demo1 --to {there}")
+    step("same address, SSH answers, the process started before still runs, uptime kept growing",
+         "invoke vm.list && invoke vm.run demo1 'pidof sleep && cat /proc/uptime'")
     step("a local Graphite (carbon-cache on 127.0.0.1)", "invoke graphite.up")
     step("two shipping cycles (rates need a previous sample)",
          "invoke metrics.ship --once --json && sleep 3 && invoke metrics.ship --once --json")
@@ -76,7 +84,13 @@ def _print_cpu_series(c, vm):
 
     path = f"{c.metrics.prefix}.vm.{vm}.cpu.util_percent"
     storage = graphite.whisper_dir(c.graphite.directory or graphite.default_dir())
-    points = graphite.read_series(storage, path, time.time() - 3600, time.time() + 60)
+    shipped_after = time.time() - 90
+    deadline = time.monotonic() + 30  # carbon writes its cache to whisper asynchronously
+    while True:
+        points = graphite.read_series(storage, path, time.time() - 3600, time.time() + 60)
+        if any(ts >= shipped_after for ts, _ in points) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     print(f"\n== {path} from whisper")
     for ts, value in points:
         print(f"{time.strftime('%H:%M:%S', time.localtime(ts))}  {value:6.2f} %")

@@ -159,6 +159,14 @@ def console(c, name, log=False, inventory=None):
         hv.run(f"virsh -c qemu:///system console {name}", pty=True, warn=True)
 
 
+def _ship_migration_figures(c, result) -> dict:
+    """Duration, downtime and bytes to Graphite (spooled when carbon is down: never fails the migration)."""
+    from cloudops import metrics
+
+    return metrics.record_migration(result.name, result.duration, result.downtime_ms or 0, result.bytes_moved or 0,
+                                    carbon=c.metrics.carbon, prefix=c.metrics.prefix)
+
+
 def _run_in_vm(c, name, command, inventory, pty=False):
     from cloudops.ssh import connect
 
@@ -195,7 +203,8 @@ def migrate(c, name, to, timeout=None, copy_storage=True, postcopy_after=None, a
                                    bandwidth_mib=bandwidth)
     result = migration.migrate_vm(name, to, load_inventory(c, inventory), copy_storage=copy_storage,
                                   policy=policy, message=progress)
+    shipped = _ship_migration_figures(c, result)
     if json:
-        emit_json(result.to_dict())
+        emit_json({**result.to_dict(), "metrics": shipped})
     else:
         print(result.summary())

@@ -16,11 +16,16 @@ import pytest
 from cloudops import guest, lab as lab_lib, maintenance, migrate, virt, vms
 from cloudops.errors import CloudopsError
 from cloudops.ssh import connect
-from tests.conftest import TEST_PREFIX, invoke
+from tests.conftest import invoke, own_inventory, own_lab
 from tests.lab.test_vms import tiny_image  # noqa: F401 - session fixture
 
 WRITER = ("setsid sh -c 'while :; do dd if=/dev/zero of=/run/dirty bs=1M count=4 conv=notrunc 2>/dev/null; done' "
           ">/dev/null 2>&1 </dev/null & echo $!")
+
+
+# kills and restarts libvirtd: a lab of its own, not the session's
+lab = own_lab("m")
+lab_inventory = own_inventory()
 
 
 @pytest.fixture(autouse=True)
@@ -167,11 +172,11 @@ def test_destination_libvirtd_killed_mid_migration(lab, lab_inventory, vm_on_hv1
     worker.start()
     try:
         assert started.wait(240), "the migration never reached its memory phase"
-        os.kill(lab_lib.load(TEST_PREFIX).host("hv2").pids["libvirtd"], signal.SIGKILL)
+        os.kill(lab_lib.load(lab.prefix).host("hv2").pids["libvirtd"], signal.SIGKILL)
         worker.join(300)
         assert not worker.is_alive()
     finally:
-        lab_lib.restart_libvirtd(TEST_PREFIX, "hv2")
+        lab_lib.restart_libvirtd(lab.prefix, "hv2")
         virt.forget(lab_inventory.hosts["hv2"])
     assert "failed" in outcome.get("error", "") and "keeps running on hv1" in outcome["error"]
     guest.wait_until(lambda: "hv2" not in holders(lab_inventory, name), 60, "hv2 to forget the incoming VM")
