@@ -52,6 +52,8 @@ bench: setup
 	$(PY) bench/customize.py
 	$(PY) bench/planner.py
 	$(PY) bench/metrics_ship.py
+	$(PY) bench/metrics.py
+	$(PY) bench/migrate.py
 
 lab-down: venv
 	$(INV) lab.down
