@@ -45,14 +45,9 @@ def maintenance(c, host, state, inventory=None, json=False):
 @user_errors
 def exec_(c, command, hosts=None, group=None, limit=None, inventory=None, workers=None, timeout=None, json=False):
     """Run a shell command on the selected hosts in parallel; exit 1 when it failed anywhere."""
-    selected = select_hosts(c, hosts, group, limit, inventory)
-    result = fleet.run_command(selected, command, workers=int(workers or c.fleet.workers),
-                               timeout=float(timeout or c.fleet.timeout))
-    if json:
-        for r in result:
-            if r.value is not None:
-                r.value = vars(r.value)
-    finish(result, json)
+    from tasks.fleet import run_and_report
+
+    run_and_report(c, command, hosts, group, limit, inventory, workers, timeout, json)
 
 
 @task(help={"host": "the host to drain", "parallel": "migrations at once from the host (default 1)",
