@@ -34,7 +34,7 @@ from pathlib import Path
 
 import libvirt
 
-from . import fleet, guest, images, maintenance, networks, placement, scheduler, storage, virt, vms
+from . import guest, images, maintenance, networks, placement, scheduler, storage, virt, vms
 from .errors import CloudopsError
 from .ssh import connect
 
@@ -176,19 +176,13 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
 
 def _locate(name, hypervisors, dest):
     """The host that has the VM; errors for an unknown VM, or one the destination already has."""
-    def has(host):
-        with virt.open_host(host) as conn:
-            return _on_host(conn, name)
-
-    result = fleet.run(hypervisors, has, timeout=60)
-    found = [h for h, r in zip(hypervisors, result) if r.value]
+    found, unreachable = vms.find(name, hypervisors)
     if dest in found:
         others = [h.name for h in found if h is not dest]
         if others:
             raise CloudopsError(f"{dest.name} already has a VM named {name!r} (and so has {', '.join(others)})")
         raise CloudopsError(f"VM {name!r} is already on {dest.name}: the destination is its host")
     if not found:
-        unreachable = [r.host for r in result.failed]
         extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
         raise CloudopsError(f"unknown VM {name!r}: no host has it{extra}")
     if len(found) > 1:
@@ -196,20 +190,10 @@ def _locate(name, hypervisors, dest):
     return found[0]
 
 
-def _on_host(conn, name) -> bool:
-    try:
-        conn.lookupByName(name)
-        return True
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return False
-        raise
-
-
 def _arrived(src_conn, dst_conn, name) -> bool:
     """True when the VM is on the destination and gone from the source (asked safely after a fault)."""
     try:
-        return _on_host(dst_conn, name) and not _on_host(src_conn, name)
+        return vms.defined_on(dst_conn, name) and not vms.defined_on(src_conn, name)
     except libvirt.libvirtError:
         return False
 
@@ -325,7 +309,7 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
     name = dom.name()
     if image is not None:
         with connect(dest) as hv:
-            if images.ensure_on_host(image, dest, hv):
+            if images.ensurevms.defined_on(image, dest, hv):
                 message(f"copied image {image.name} to {dest.name}")
     if meta.get("network"):
         net = vms.network_spec(meta["network"], dest)

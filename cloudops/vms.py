@@ -139,22 +139,33 @@ def list_on_host(host) -> list[VM]:
         return [describe(d, host.name) for d in conn.listAllDomains()]
 
 
-def locate(name: str, hosts: list):
-    """The inventory host that has a domain called ``name``; CloudopsError when none has."""
+def defined_on(conn, name: str) -> bool:
+    """Whether ``conn``'s libvirtd has a domain ``name`` (other libvirt errors propagate)."""
+    try:
+        conn.lookupByName(name)
+        return True
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+
+
+def find(name: str, hosts: list) -> tuple[list, list[str]]:
+    """(the hosts that have a domain ``name``, the names of hosts that could not be asked), in parallel."""
     from . import fleet
 
     def has(host):
         with virt.open_host(host) as conn:
-            try:
-                conn.lookupByName(name)
-                return True
-            except libvirt.libvirtError:
-                return False
+            return defined_on(conn, name)
 
     result = fleet.run(hosts, has, timeout=60)
-    found = [h for h, r in zip(hosts, result) if r.value]
+    return [h for h, r in zip(hosts, result) if r.value], [r.host for r in result.failed]
+
+
+def locate(name: str, hosts: list):
+    """The inventory host that has a domain called ``name``; CloudopsError when none or several have."""
+    found, unreachable = find(name, hosts)
     if not found:
-        unreachable = [r.host for r in result.failed]
         extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
         raise CloudopsError(f"unknown VM {name!r}: no selected host has it{extra}")
     if len(found) > 1:
