@@ -21,7 +21,6 @@ after ``--give-up`` seconds is aborted and counted as such.
 import argparse
 import json
 import platform
-import shlex
 import statistics
 import sys
 import time

@@ -314,7 +314,7 @@ def _start_host(lab: Lab, host: LabHost) -> None:
     anchor_pidfile = hdir / "anchor.pid"
     subprocess.Popen(
         ["ip", "netns", "exec", host.namespace, "unshare", "--mount", "--uts", "--propagation", "private",
-         "--fork", "sh", "-c", f'echo $$ > "$0"; exec sleep infinity', str(anchor_pidfile)],
+         "--fork", "sh", "-c", 'echo $$ > "$0"; exec sleep infinity', str(anchor_pidfile)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait_for(lambda: _read_pid(anchor_pidfile), 10, f"namespace anchor on {host.name}")
     anchor = _read_pid(anchor_pidfile)

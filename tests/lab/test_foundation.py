@@ -4,7 +4,6 @@ import json
 import threading
 import time
 
-import libvirt
 import pytest
 
 from cloudops import facts, fleet, inventory, lab as lab_lib, virt

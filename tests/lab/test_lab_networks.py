@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest

@@ -7,17 +7,15 @@ VM names start with "t" so they never meet a demo VM's.
 import json
 import shlex
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from cloudops import guest, images, ipam, passwords, vms, virt
 from cloudops.errors import CloudopsError
 from cloudops.ssh import connect
-from tests.conftest import ROOT, invoke
+from tests.conftest import invoke
 
 PASSWORD = "correct horse battery staple"
 
