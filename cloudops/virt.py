@@ -2,7 +2,7 @@
 
 Opening ``qemu+ssh://`` costs an SSH handshake (~0.5-1 s here); a command that
 checks names, places a VM and builds it would pay it three times per host.
-Connections are cached by URI and checked with ``isAlive()`` before reuse.
+Connections are cached by URI and checked with ``isAlive()`` and one cheap RPC before reuse.
 """
 
 import contextlib
@@ -34,8 +34,13 @@ _guard = threading.Lock()
 
 
 def _alive(conn: libvirt.virConnect) -> bool:
+    """isAlive() alone trusts a transport whose ssh died quietly (sshd restarted, session killed):
+    one cheap RPC proves it (it fails at once on a closed pipe)."""
     try:
-        return bool(conn.isAlive())
+        if not conn.isAlive():
+            return False
+        conn.getLibVersion()
+        return True
     except libvirt.libvirtError:
         return False
 

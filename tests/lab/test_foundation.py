@@ -171,3 +171,14 @@ def test_plain_ssh_fab_and_qemu_ssh_reach_lab_hosts(lab):
     virsh = subprocess.run(["virsh", "-c", f"qemu+ssh://{host.address}/system", "hostname"],
                            capture_output=True, text=True, timeout=60)
     assert virsh.returncode == 0 and virsh.stdout.strip() == host.name, virsh.stderr
+
+
+def test_a_cached_libvirt_connection_survives_an_sshd_restart(lab, lab_inventory):
+    """The ssh under a cached qemu+ssh connection can die quietly; the next use must reconnect, not fail."""
+    host = lab_inventory.hosts["hv2"]
+    with virt.open_host(host) as conn:
+        assert conn.getHostname() == "hv2"
+    lab_lib.stop_sshd(TEST_PREFIX, "hv2")  # ends the listener and every session, ours included
+    lab_lib.start_sshd(TEST_PREFIX, "hv2")
+    with virt.open_host(host) as conn:
+        assert conn.getHostname() == "hv2"
