@@ -205,6 +205,10 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
     if current["up"]:
         raise CloudopsError(f"lab {prefix!r} is already up with {len(current['hosts'])} hosts; run `invoke lab.down` first")
     if current["hosts"] or current["stale_namespaces"] or lab_dir(prefix).exists():
+        other = _foreign_owner(prefix)
+        if other:
+            raise CloudopsError(f"namespaces {prefix}-hv* belong to a running lab of another checkout ({other}); "
+                                "take that one down or choose another prefix")
         progress("cleaning up a lab that was not taken down")
         down(prefix)
 
@@ -439,6 +443,29 @@ def _links(prefix: str) -> list[str]:
     names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
     mine = [n for n in names if n.startswith(f"{prefix}-hv")]
     return mine + [n for n in names if n == f"{prefix}-br"]
+
+
+def _foreign_owner(prefix: str) -> str | None:
+    """The lab directory of another checkout whose live processes hold this prefix's namespaces, if any.
+
+    Namespaces are machine-wide but lab state is per checkout: a lab of the same prefix run from
+    another clone (CI's, say) is not stale, and must not be cleaned up from here.
+    """
+    mine = str(lab_dir(prefix))
+    marker = f"/lab/{prefix}/"
+    for ns in _namespaces(prefix):
+        for pid in namespace_pids(ns):
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            tokens = [t for a in args for t in a.decode(errors="replace").split()]  # sshd rewrites its argv
+            for arg in tokens:
+                if marker in arg:
+                    owner = arg[: arg.index(marker) + len(marker) - 1]
+                    if owner != mine and _alive(pid):
+                        return owner
+    return None
 
 
 def namespace_pids(namespace: str) -> list[int]:

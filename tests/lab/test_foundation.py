@@ -7,7 +7,8 @@ import time
 import pytest
 
 from cloudops import facts, fleet, inventory, lab as lab_lib, virt
-from tests.conftest import TEST_PREFIX, invoke
+from cloudops.errors import CloudopsError
+from tests.conftest import ROOT, TEST_PREFIX, invoke
 
 
 def test_lab_hosts_are_distinct_machines(lab, lab_inventory):
@@ -182,3 +183,25 @@ def test_a_cached_libvirt_connection_survives_an_sshd_restart(lab, lab_inventory
     lab_lib.start_sshd(TEST_PREFIX, "hv2")
     with virt.open_host(host) as conn:
         assert conn.getHostname() == "hv2"
+
+
+def test_a_live_lab_of_another_checkout_is_not_taken_for_stale(tmp_path):
+    """Same prefix, another var dir (another clone, e.g. CI's): lab.up refuses instead of killing it."""
+    import os
+    import subprocess
+    import sys
+
+    prefix = "cotf"
+    env = {**os.environ, "CLOUDOPS_VAR": str(tmp_path / "other-var")}
+
+    def in_other_checkout(call):
+        subprocess.run([sys.executable, "-c", f"from cloudops import lab; lab.{call}"], env=env, check=True, cwd=ROOT)
+
+    in_other_checkout(f"up(1, prefix={prefix!r}, bare=True)")
+    try:
+        with pytest.raises(CloudopsError, match="another checkout"):
+            lab_lib.up(1, prefix=prefix, bare=True)
+        assert lab_lib.namespace_pids(f"{prefix}-hv1"), "the other lab must still run"
+    finally:
+        in_other_checkout(f"down({prefix!r})")
+    assert lab_lib._namespaces(prefix) == []
