@@ -309,7 +309,7 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
     name = dom.name()
     if image is not None:
         with connect(dest) as hv:
-            if images.ensurevms.defined_on(image, dest, hv):
+            if images.ensure_on_host(image, dest, hv):
                 message(f"copied image {image.name} to {dest.name}")
     if meta.get("network"):
         net = vms.network_spec(meta["network"], dest)
