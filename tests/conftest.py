@@ -67,6 +67,23 @@ def lab_inventory(lab):
     return inventory.load(lab.inventory_path)
 
 
+@pytest.fixture(scope="session")
+def tiny_image():
+    """The tiny image, built once per session (cached by recipe hash) and in the store as "tiny"."""
+    from cloudops import imagebuild, images
+
+    image, _changed = images.add_image(imagebuild.build_image("tiny"), name="tiny", replace=True)
+    return image
+
+
+@pytest.fixture(scope="session")
+def user_key(tmp_path_factory):
+    """An SSH key pair of "the user" (not the cloud's own key)."""
+    key = tmp_path_factory.mktemp("keys") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key
+
+
 def invoke(*args, check=False, env=None):
     """Run the real `invoke` CLI from the repository root; returns the CompletedProcess."""
     cmd = [str(Path(sys.executable).parent / "invoke"), *args]

@@ -7,7 +7,6 @@ import pytest
 
 from cloudops import evacuate, maintenance, rebalance, vms
 from tests.lab.test_migration import _answers, holders, start
-from tests.lab.test_vms import tiny_image  # noqa: F401 - session fixture
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +31,7 @@ def on(lab_inventory, host) -> list[str]:
     return sorted(vm.name for vm in vms.list_on_host(lab_inventory.hosts[host]))
 
 
-def test_evacuate_a_host_running_two_vms(lab, lab_inventory, tiny_image, started):  # noqa: F811
+def test_evacuate_a_host_running_two_vms(lab, lab_inventory, tiny_image, started):
     for name in ("t-ev1", "t-ev2"):
         started(name, "hv1")
 
@@ -55,7 +54,7 @@ def test_evacuate_a_host_running_two_vms(lab, lab_inventory, tiny_image, started
     assert again.moves == [] and not again.maintenance_changed
 
 
-def test_rebalance_an_unbalanced_lab(lab, lab_inventory, tiny_image, started):  # noqa: F811
+def test_rebalance_an_unbalanced_lab(lab, lab_inventory, tiny_image, started):
     for name in ("t-rb1", "t-rb2", "t-rb3"):
         started(name, "hv1")
     assert on(lab_inventory, "hv2") == []

@@ -24,7 +24,6 @@ from cloudops.carbon import CarbonClient
 from cloudops.spool import Spool
 from cloudops.ssh import connect
 from tests.conftest import TEST_PREFIX, invoke
-from tests.lab.test_vms import tiny_image  # noqa: F401  (session fixture)
 
 PREFIX = f"test.{TEST_PREFIX}"
 VM_NAMES = {"hv1": f"tm{TEST_PREFIX}a", "hv2": f"tm{TEST_PREFIX}b"}
@@ -70,7 +69,7 @@ def carbon(carbon_dir):
 
 
 @pytest.fixture(scope="module")
-def two_vms(lab, lab_inventory, tiny_image):  # noqa: F811
+def two_vms(lab, lab_inventory, tiny_image):
     started = []
     try:
         for host, name in VM_NAMES.items():

@@ -16,7 +16,6 @@ from cloudops import guest, lab as lab_lib, maintenance, migrate, virt, vms
 from cloudops.errors import CloudopsError
 from cloudops.ssh import connect
 from tests.conftest import invoke, own_inventory, own_lab
-from tests.lab.test_vms import tiny_image  # noqa: F401 - session fixture
 
 WRITER = ("setsid sh -c 'while :; do dd if=/dev/zero of=/run/dirty bs=1M count=4 conv=notrunc 2>/dev/null; done' "
           ">/dev/null 2>&1 </dev/null & echo $!")
@@ -73,7 +72,7 @@ def traces_on(host, name) -> list[str]:
 
 
 @pytest.fixture
-def vm_on_hv1(lab, lab_inventory, tiny_image):  # noqa: F811
+def vm_on_hv1(lab, lab_inventory, tiny_image):
     name = "t-mig"
     vm = start(lab_inventory, name, "hv1")
     yield vm
@@ -215,7 +214,7 @@ def test_bad_input_is_one_clear_error_and_nothing_moves(lab, lab_inventory, vm_o
         _nothing_moved(lab_inventory, "t-mig", dest)
 
 
-def test_cli_bad_input_is_one_line(lab, lab_inventory, tiny_image):  # noqa: F811
+def test_cli_bad_input_is_one_line(lab, lab_inventory, tiny_image):
     proc = invoke("vm.migrate", "t-nope", "--to", "hv2", "--inventory", str(lab.inventory_path))
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["cloudops: unknown VM 't-nope': no host has it"]

@@ -6,7 +6,6 @@ VM names start with "t" so they never meet a demo VM's.
 
 import json
 import shlex
-import subprocess
 import threading
 from pathlib import Path
 
@@ -18,22 +17,6 @@ from cloudops.ssh import connect
 from tests.conftest import invoke
 
 PASSWORD = "correct horse battery staple"
-
-
-@pytest.fixture(scope="session")
-def tiny_image():
-    from cloudops import imagebuild
-
-    path = imagebuild.build_image("tiny")
-    image, _changed = images.add_image(path, name="tiny", replace=True)
-    return image
-
-
-@pytest.fixture(scope="session")
-def user_key(tmp_path_factory):
-    key = tmp_path_factory.mktemp("keys") / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    return key
 
 
 def leftovers(lab_inventory, name: str) -> list[str]:
