@@ -35,6 +35,8 @@ from pathlib import Path
 import libvirt
 
 from . import guest, images, maintenance, networks, placement, scheduler, storage, virt, vms
+from . import migrate_journal as journal
+from . import migrate_outcome as outcome
 from .errors import CloudopsError
 from .ssh import connect
 
@@ -51,6 +53,7 @@ class Policy:
     auto_converge: bool = True  # let QEMU throttle the vCPUs when memory is dirtied faster than it is sent
     postcopy_after: int | None = 4  # switch to post-copy once this memory iteration starts (None: never)
     bandwidth_mib: int | None = None  # MiB/s cap (None: unlimited)
+    postcopy_bandwidth_mib: int | None = None  # MiB/s cap once in post-copy (None: unlimited)
     timeout: float | None = None  # seconds before the job is aborted (pre-copy only)
     poll: float = 0.5
 
@@ -126,11 +129,12 @@ class _Prepared:
 # ---------------------------------------------------------------- public entry
 
 def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True, policy: Policy | None = None,
-               progress=None, message=lambda m: None) -> Result:
+               progress=None, message=lambda m: None, cancel: threading.Event | None = None) -> Result:
     """Move VM ``name`` to host ``to_host``: live when it runs, offline when it is stopped.
 
     ``progress(Progress)`` is called about twice a second during a live migration
-    (default: a bar on stderr); ``message(str)`` gets the stage-by-stage notes.
+    (default: a bar on stderr); ``message(str)`` gets the stage-by-stage notes;
+    setting ``cancel`` aborts a live migration still in pre-copy (as Ctrl-C does).
     """
     policy = policy or Policy()
     progress = progress if progress is not None else ProgressBar()
@@ -143,6 +147,10 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
         raise CloudopsError(f"host {to_host} is a bare host: it runs no VMs")
     t0 = time.monotonic()
     with vms._name_lock(name):
+        unfinished = journal.read(name)
+        if unfinished:
+            raise CloudopsError(f"{name} has an unfinished migration ({unfinished.get('source')} -> "
+                                f"{unfinished.get('target')}): run `invoke vm.migrate {name} --recover` first")
         source = _locate(name, hypervisors, dest)
         with virt.open_host(source) as src_conn, virt.open_host(dest) as dst_conn:
             dom = src_conn.lookupByName(name)
@@ -153,23 +161,114 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
             shared = preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage)
             image = _image(meta)
             prepared = _Prepared()
+            journal.begin(name, source.name, dest.name, live=bool(running), shared=shared,
+                          disks=[d.path for d in disks])
+            job = _Job()
             try:
                 _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, message)
+                journal.update(name, phase="migrating")
                 if running:
-                    result = _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message)
+                    result = _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message, job, cancel)
                 else:
                     result = _offline(dom, disks, shared, source, dest, src_conn, dst_conn, message)
-            except BaseException:
-                if _arrived(src_conn, dst_conn, name):
-                    raise  # it did arrive: nothing to undo
-                message(f"migration failed; removing what was prepared on {dest.name}")
-                _undo(dst_conn, dest, prepared)
-                raise
-            _cleanup_source(src_conn, source, meta, disks, shared, name, message)
+                journal.update(name, phase="cleaning the source")
+                message(f"{name} runs on {dest.name}; removing it from {source.name}" if running
+                        else f"{name} is defined on {dest.name}; removing it from {source.name}")
+                _cleanup_source(src_conn, source, meta, disks, shared, name, message)
+            except BaseException as exc:
+                _after_fault(exc, name, source, dest, prepared, job, bool(running), policy, message)
+                raise  # not reached: _after_fault always raises
+            journal.end(name)
     result.duration = round(time.monotonic() - t0, 3)
     result.ip = meta.get("ip") or None
     _record(result)
     return result
+
+
+@dataclass
+class _Job:
+    """What the live migration got to: set by the watcher, read after a fault."""
+
+    postcopy: bool = False  # post-copy was requested: from here on the target may hold the only running copy
+    completed: bool = False  # libvirt said the job completed
+
+
+def _fault_text(exc: BaseException, policy: Policy) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "was interrupted"
+    if isinstance(exc, _Aborted):
+        return "was interrupted" if exc.why == "interrupted" else f"did not complete within {policy.timeout:g}s"
+    if isinstance(exc, libvirt.libvirtError):
+        text = (exc.get_error_message() or str(exc)).strip().splitlines()
+        return f"failed: {text[-1] if text else exc}"
+    if isinstance(exc, CloudopsError):
+        return f"failed: {exc}"
+    text = str(exc).strip().splitlines()
+    return f"failed: {type(exc).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
+def _after_fault(exc, name, source, dest, prepared, job, live, policy, message):
+    """Find out where the VM is after ``exc``; undo the destination only when that is known for certain.
+
+    Certain means: post-copy never started, both hosts answered, the destination has
+    no domain of that name, and the source has it in the state it started in
+    (running for a live migration, shut off for an offline one). Anything else
+    removes nothing, leaves the journal, and says how to recover.
+    """
+    what = _fault_text(exc, policy)
+    interrupted = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, _Aborted) and exc.why == "interrupted")
+    code = 130 if interrupted else 1
+    if isinstance(exc, CloudopsError) and not job.postcopy and journal.read(name) and \
+            journal.read(name).get("phase") == "preparing" and not prepared.files and not prepared.reservation:
+        journal.end(name)  # refused while preparing, before anything was made on the destination
+        raise exc
+    where = _settled(name, source, dest, live)
+    expected = outcome.RUNNING if live else outcome.SHUTOFF
+    src_copy = where.copies.get(source.name)
+    if (not job.postcopy and where.known and dest.name not in where.copies and src_copy is not None
+            and src_copy.state == expected):
+        message(f"migration failed; removing what was prepared on {dest.name}")
+        try:
+            with virt.open_host(dest) as dst_conn:
+                _undo(dst_conn, dest, prepared)
+        except CloudopsError:
+            pass
+        journal.end(name)
+        state = "keeps running on" if live else "stays on"
+        raise CloudopsError(f"migration of {name} to {dest.name} {what}: aborted, {name} {state} {source.name}",
+                            exit_code=code) from None
+    dst_copy = where.copies.get(dest.name)
+    if (where.known and src_copy is None and dst_copy is not None and dst_copy.state == expected
+            and not dst_copy.postcopy):
+        journal.update(name, phase="cleaning the source")
+        raise CloudopsError(f"{name} runs on {dest.name}, but the migration {what}; run "
+                            f"`invoke vm.migrate {name} --recover` to finish the clean-up", exit_code=code) from None
+    journal.update(name, phase="unknown", fault=what)
+    raise CloudopsError(f"migration of {name} to {dest.name} {what}; {where.describe()}; nothing was removed: "
+                        f"run `invoke vm.migrate {name} --recover`", exit_code=code) from None
+
+
+SETTLE_SECONDS = 20  # how long a fault's outcome may take to settle (an incoming copy being torn down)
+
+
+def _settled(name, source, dest, live, wait: float | None = None):
+    """Where the VM is, asked again for up to ``wait`` seconds while the destination still tears down an
+    incoming copy (a failed pre-copy leaves it paused a moment) or a host is mid-migration."""
+    deadline = time.monotonic() + (SETTLE_SECONDS if wait is None else wait)
+    while True:
+        where = outcome.where(name, [source, dest])
+        transitional = any(c.migrating or c.postcopy for c in where.copies.values())
+        if not transitional or time.monotonic() > deadline:
+            return where
+        time.sleep(1)
+
+
+class _Aborted(Exception):
+    """The watcher aborted the job (timeout, Ctrl-C, cancel) and libvirt confirmed it."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
 
 
 # ---------------------------------------------------------------- preflight
@@ -188,14 +287,6 @@ def _locate(name, hypervisors, dest):
     if len(found) > 1:
         raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h in found)}")
     return found[0]
-
-
-def _arrived(src_conn, dst_conn, name) -> bool:
-    """True when the VM is on the destination and gone from the source (asked safely after a fault)."""
-    try:
-        return vms.defined_on(dst_conn, name) and not vms.defined_on(src_conn, name)
-    except libvirt.libvirtError:
-        return False
 
 
 def preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage) -> bool:
@@ -320,6 +411,7 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
             added, _ = networks.add_reservation(dst_conn, net.name, meta["mac"], meta["ip"], name)
             if added:
                 prepared.reservation = (net.name, meta["mac"], meta["ip"], name)
+                journal.update(name, reservation=list(prepared.reservation))
     if shared:
         return
     for disk in disks:
@@ -333,12 +425,12 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
             raise CloudopsError(f"{dest.name} already has a disk {disk.path}; remove it or choose another host")
         except libvirt.libvirtError:
             pass
+        prepared.files.append(disk.path)
+        journal.update(name, prepared_files=list(prepared.files))
         if disk.readonly or not dom.isActive() or not disk.backing:
             message(f"copying {volume} to {dest.name}")
-            prepared.files.append(disk.path)
             _copy_file(source, dest, disk.path)
         else:
-            prepared.files.append(disk.path)
             storage.create_overlay(pool, volume, disk.backing, disk.backing_format, disk.capacity)
         pool.refresh(0)
 
@@ -373,9 +465,15 @@ def _undo(dst_conn, dest, prepared):
 
 
 def _cleanup_source(src_conn, source, meta, disks, shared, name, message):
+    """After the VM is confirmed on the destination: undefine it on the source, drop its reservation and
+    (unless the storage is shared) its disks there."""
+    with contextlib.suppress(libvirt.libvirtError):
+        dom = src_conn.lookupByName(name)
+        if dom.isActive():
+            raise CloudopsError(f"{name} still runs on {source.name} after the migration")
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
     if meta.get("network") and meta.get("mac") and meta.get("ip"):
-        with contextlib.suppress(CloudopsError, libvirt.libvirtError):
-            networks.remove_reservation(src_conn, meta["network"], meta["mac"], meta["ip"], name)
+        networks.remove_reservation(src_conn, meta["network"], meta["mac"], meta["ip"], name)
     if shared:
         return
     message(f"removing {name}'s disks from {source.name}")
@@ -386,8 +484,9 @@ def _cleanup_source(src_conn, source, meta, disks, shared, name, message):
 # ---------------------------------------------------------------- live
 
 def _flags(shared, policy, disks) -> int:
-    flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
-             | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+    # No UNDEFINE_SOURCE: the source's definition goes only after cloudops has seen the VM run on the
+    # destination (_cleanup_source), so no fault can leave the VM defined nowhere.
+    flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
     if not shared:
         flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
     if policy.auto_converge:
@@ -409,10 +508,12 @@ def _params(dest, shared, disks, policy) -> dict:
         params[libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS] = [d.target for d in disks if not d.readonly]
     if policy.bandwidth_mib:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = int(policy.bandwidth_mib)
+    if policy.postcopy_bandwidth_mib:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH_POSTCOPY] = int(policy.postcopy_bandwidth_mib)
     return params
 
 
-def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message) -> Result:
+def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message, job, cancel) -> Result:
     name = dom.name()
     flags, params = _flags(shared, policy, disks), _params(dest, shared, disks, policy)
     outcome = {}
@@ -433,65 +534,72 @@ def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message)
         raise CloudopsError(f"{source.name}: cannot open a second libvirt connection: {exc.get_error_message()}") from None
     start = time.monotonic()
     worker.start()
-    watch = _Watch(control.lookupByName(name), policy, progress, start)
+    watch = _Watch(control.lookupByName(name), policy, progress, start, job)
     try:
-        return _follow(worker, watch, outcome, dom, name, source, dest, dst_conn, shared, policy, progress)
+        _follow(worker, watch, outcome, name, policy, progress, message, cancel)
+        new = dst_conn.lookupByName(name)
+        if not new.isActive():
+            raise CloudopsError(f"libvirt reported the migration done, but {name} does not run on {dest.name}")
+        job.completed = True
+        return _result(new, name, source, dest, shared, watch)
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             control.close()
 
 
-def _follow(worker, watch, outcome, dom, name, source, dest, dst_conn, shared, policy, progress) -> Result:
+def _follow(worker, watch, outcome, name, policy, progress, message, cancel) -> None:
+    """Wait for the job, steering it; raise _Aborted or the job's error. Once post-copy has started an
+    abort is impossible (the VM runs on the destination): a first Ctrl-C only says so, a second one is
+    passed on and the outcome is then found out by asking both hosts."""
     aborted = None
+    told = False
     try:
         while worker.is_alive():
-            worker.join(policy.poll)
-            if worker.is_alive():
-                aborted = watch.tick() or aborted
-                if aborted:
-                    break
-    except KeyboardInterrupt:
-        aborted = "interrupted"
-    if aborted:
-        watch.abort(aborted)
-        worker.join(120)
-    progress_done = getattr(progress, "done", None)
-    if progress_done:
-        progress_done()
-    error = outcome.get("error")
-    if error is not None and aborted:
-        what = "was interrupted" if aborted == "interrupted" else f"did not complete within {policy.timeout:g}s"
-        raise CloudopsError(f"migration of {name} to {dest.name} {what}: aborted, {name} keeps running on "
-                            f"{source.name}", exit_code=130 if aborted == "interrupted" else 1)
-    if error is not None:
-        if isinstance(error, libvirt.libvirtError):
-            text = (error.get_error_message() or str(error)).strip().splitlines()
-            still = "keeps running on" if _still_running(dom) else "is left on"
-            raise CloudopsError(f"migration of {name} to {dest.name} failed: {text[-1] if text else error}; "
-                                f"{name} {still} {source.name}")
-        raise error
+            try:
+                worker.join(policy.poll)
+                if worker.is_alive():
+                    aborted = watch.tick() or aborted
+                    if cancel is not None and cancel.is_set():
+                        aborted = "interrupted"
+            except KeyboardInterrupt:
+                if watch.job.postcopy and told:
+                    raise
+                aborted = "interrupted"
+            if aborted and watch.job.postcopy:
+                if not told:
+                    message(f"post-copy has started: {name} already runs on the destination and the migration "
+                            "cannot be aborted; waiting for it to finish (Ctrl-C again to stop waiting)")
+                    told = True
+                continue
+            if aborted:
+                watch.abort(aborted)
+                worker.join(120)
+                break
+    finally:
+        progress_done = getattr(progress, "done", None)
+        if progress_done:
+            progress_done()
     if worker.is_alive():
-        raise CloudopsError(f"migration of {name} to {dest.name} did not end after it was aborted; "
-                            f"check both hosts (`virsh domjobinfo {name}` on {source.name})")
-    new = dst_conn.lookupByName(name)
-    return _result(new, name, source, dest, shared, watch)
-
-
-def _still_running(dom) -> bool:
-    with contextlib.suppress(libvirt.libvirtError):
-        return bool(dom.isActive())
-    return False
+        raise CloudopsError(f"the migration job of {name} did not end after it was aborted")
+    error = outcome.get("error")
+    if error is not None and aborted and not watch.job.postcopy:
+        raise _Aborted(aborted)
+    if error is not None:
+        raise error
 
 
 class _Watch:
     """Poll the job: feed the progress bar, ramp the downtime, switch to post-copy, enforce the timeout."""
 
-    def __init__(self, dom, policy, progress, start):
-        self.dom, self.policy, self.progress, self.start = dom, policy, progress, start
+    def __init__(self, dom, policy, progress, start, job):
+        self.dom, self.policy, self.progress, self.start, self.job = dom, policy, progress, start, job
         self.iteration = 0
         self.downtime_set = None
-        self.postcopy = False
         self.max_iteration = 0
+
+    @property
+    def postcopy(self) -> bool:
+        return self.job.postcopy
 
     def tick(self) -> str | None:
         try:
@@ -510,9 +618,12 @@ class _Watch:
                 self.downtime_set = wanted
         if (policy.postcopy_after is not None and not self.postcopy and iteration >= policy.postcopy_after
                 and stats.get("memory_remaining", 0)):
-            with contextlib.suppress(libvirt.libvirtError):
+            self.job.postcopy = True  # from the request on: if the call's answer is lost, it may have started
+            try:
                 self.dom.migrateStartPostCopy(0)
-                self.postcopy = True
+            except libvirt.libvirtError:
+                if self.dom.jobStats().get("type", 0) == libvirt.VIR_DOMAIN_JOB_NONE:
+                    self.job.postcopy = False  # refused and no job left: it did not start
         elapsed = time.monotonic() - self.start
         self.progress(_sample(stats, elapsed, "post-copy" if self.postcopy else None))
         if policy.timeout is not None and elapsed > policy.timeout and not self.postcopy:
@@ -520,7 +631,7 @@ class _Watch:
         return None
 
     def abort(self, why):
-        if self.postcopy:
+        if self.job.postcopy:
             return  # the VM already runs on the destination: aborting would lose it
         with contextlib.suppress(libvirt.libvirtError):
             self.dom.abortJob()
@@ -589,17 +700,12 @@ class ProgressBar:
 # ---------------------------------------------------------------- offline
 
 def _offline(dom, disks, shared, source, dest, src_conn, dst_conn, message) -> Result:
-    """A stopped VM: its disks were copied by _prepare; define it there, undefine it here."""
+    """A stopped VM: its disks were copied by _prepare; define it there (_cleanup_source undefines it here)."""
     name = dom.name()
     start = time.monotonic()
     xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_MIGRATABLE)
     message(f"defining {name} on {dest.name}")
-    new = dst_conn.defineXML(xml)
-    try:
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-    except libvirt.libvirtError:
-        new.undefine()
-        raise
+    dst_conn.defineXML(xml)
     moved = 0
     if not shared:
         with connect(dest) as hv:
@@ -627,7 +733,8 @@ def policy_from(config: dict, **given) -> Policy:
     """A Policy from configuration (``migrate`` section) and command-line values; None means "not given"."""
     fields = Policy.__dataclass_fields__
     values = {k: v for k, v in {**config, **given}.items() if v is not None and k in fields}
-    for key in ("downtime_ms", "downtime_step_ms", "downtime_max_ms", "postcopy_after", "bandwidth_mib"):
+    for key in ("downtime_ms", "downtime_step_ms", "downtime_max_ms", "postcopy_after", "bandwidth_mib",
+                "postcopy_bandwidth_mib"):
         if key in values:
             try:
                 values[key] = int(values[key])
