@@ -186,6 +186,7 @@ def _hypervisors(c, inventory):
 
 @task(help={
     "name": "VM name", "to": "destination host", "timeout": "abort after this many seconds (the VM stays on its host)",
+    "recover": "after a broken migration: resume it, or clean the host where the VM does not run",
     "copy_storage": "copy disks not on shared storage (--no-copy-storage refuses)",
     "postcopy_after": "switch to post-copy at this memory iteration (0: never; default 4)",
     "auto_converge": "let QEMU throttle a guest that dirties memory faster than it is sent",
@@ -193,10 +194,22 @@ def _hypervisors(c, inventory):
     "bandwidth": "MiB/s cap (default: unlimited)",
     "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
 @user_errors
-def migrate(c, name, to, timeout=None, copy_storage=True, postcopy_after=None, auto_converge=True,
-            max_downtime=None, bandwidth=None, inventory=None, json=False):
+def migrate(c, name, to=None, timeout=None, copy_storage=True, postcopy_after=None, auto_converge=True,
+            max_downtime=None, bandwidth=None, recover=False, inventory=None, json=False):
     """Live-migrate a VM to another host (offline when it is stopped); prints duration, downtime, bytes moved."""
     from cloudops import migrate as migration
+
+    if recover:
+        from cloudops.migrate_recover import recover_vm
+
+        report = recover_vm(name, load_inventory(c, inventory), timeout=float(timeout or 300), message=progress)
+        if json:
+            emit_json(report.to_dict())
+        else:
+            print(report.summary())
+        return
+    if not to:
+        raise CloudopsError("vm.migrate needs --to HOST (or --recover after a broken migration)")
 
     policy = migration.policy_from(c.config.get("migrate") or {}, timeout=timeout, postcopy_after=postcopy_after,
                                    auto_converge=None if auto_converge else False, downtime_max_ms=max_downtime,

@@ -1,0 +1,227 @@
+"""Recover a VM whose migration broke: resume a broken post-copy, then clean the side that does not run.
+
+``recover_vm`` asks every hypervisor where the VM is (``migrate_outcome.where``)
+and acts only on an outcome it can be sure of:
+
+* post-copy still running in QEMU: wait for it (bounded by ``timeout``);
+* post-copy failed (both sides say so): libvirt's post-copy recovery
+  (``migrateToURI3`` with ``VIR_MIGRATE_POSTCOPY_RESUME``) from the source;
+* exactly one copy runs (or, with none running, exactly one is paused, which is
+  resumed, or exactly one is defined): that copy is the VM. It is made persistent
+  and given its DHCP reservation; every other host's copy is destroyed and
+  undefined, and the disks a failed move left there are deleted, but never a
+  disk on storage the surviving host also sees, nor one a domain there uses;
+* anything else (two running copies, a host that does not answer): refused in
+  one line, nothing changed.
+
+The migration journal (``migrate_journal``) names the two hosts and what was
+prepared; without a record every hypervisor is examined.
+"""
+
+import contextlib
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+
+import libvirt
+
+from . import migrate, networks, virt, vms
+from . import migrate_journal as journal
+from . import migrate_outcome as outcome
+from .errors import CloudopsError
+from .ssh import connect
+
+
+@dataclass
+class Recovery:
+    name: str
+    host: str | None  # where the VM runs (or is defined) afterwards
+    state: str | None
+    actions: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.actions)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "host": self.host, "state": self.state, "changed": self.changed,
+                "actions": self.actions}
+
+    def summary(self) -> str:
+        if not self.actions:
+            return f"nothing to recover: {self.name} is {self.state} on {self.host}, and no host holds a leftover"
+        return f"{self.name} is {self.state} on {self.host}: " + "; ".join(self.actions)
+
+
+def recover_vm(name: str, inventory, *, timeout: float = 300, message=lambda m: None) -> Recovery:
+    """Bring VM ``name`` back to exactly one copy after a broken migration (see the module docstring)."""
+    vms.validate_name(name)
+    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    record = journal.read(name) or {}
+    involved = [h for h in hypervisors if h.name in (record.get("source"), record.get("target"))] or hypervisors
+    actions: list[str] = []
+    with vms._name_lock(name):
+        deadline = time.monotonic() + timeout
+        forced = None
+        while True:
+            where = outcome.where(name, hypervisors)
+            missing = [h.name for h in involved if h.name in where.unreachable]
+            if missing or (not where.copies and where.unreachable):
+                raise CloudopsError(f"cannot recover {name} yet: {where.describe()}; run again once "
+                                    f"{', '.join(missing or where.unreachable)} answer(s)")
+            if not where.copies:
+                journal.end(name)
+                raise CloudopsError(f"unknown VM {name!r}: no host has it")
+            busy = [c for c in where.copies.values() if c.postcopy]
+            failed = where.postcopy_failed()
+            if not busy and not failed:
+                break
+            if failed and not busy:
+                verdict = _resume_postcopy(name, record, where, inventory, message)
+                if verdict == "resumed":
+                    actions.append("resumed the broken post-copy")
+                    continue
+                if verdict == "completed":  # QEMU finished the move; only libvirt's bookkeeping broke
+                    forced = record["target"]
+                    break
+            if time.monotonic() > deadline:
+                raise CloudopsError(f"cannot recover {name} within {timeout:g}s: {where.describe()}")
+            message(f"waiting for the migration still running in QEMU: {where.describe()}")
+            time.sleep(3)
+        survivor = forced or _survivor(name, where, record)
+        host = inventory.hosts[survivor]
+        actions += _settle_survivor(name, host, where.copies[survivor], message)
+        for other in hypervisors:
+            if other.name == survivor:
+                continue
+            if other.name in where.copies or other.name in (record.get("source"), record.get("target")):
+                actions += _clean_other(name, other, host, record, where.copies.get(other.name), message)
+        journal.end(name)
+        final = outcome.where(name, [host]).copies.get(survivor)
+    return Recovery(name=name, host=survivor, state=final.state if final else None, actions=actions)
+
+
+def _survivor(name, where, record) -> str:
+    running = where.running()
+    if len(running) == 1:
+        return running[0]
+    if len(running) > 1:
+        raise CloudopsError(f"{name} runs on {' and '.join(running)}: cloudops cannot tell which copy is "
+                            "the VM; stop the one that must not run (`virsh destroy`), then run --recover again")
+    paused = [h for h, c in where.copies.items() if c.state == outcome.PAUSED]
+    if len(paused) == 1 and all(c.state == outcome.SHUTOFF for h, c in where.copies.items() if h != paused[0]):
+        return paused[0]
+    if record.get("phase") == "cleaning the source" and record.get("target") in where.copies:
+        return record["target"]  # an offline move that defined the target and failed before undefining the source
+    if len(where.copies) == 1:
+        return next(iter(where.copies))
+    raise CloudopsError(f"{where.describe()}: cloudops cannot tell which copy is the VM; start the right one "
+                        "(`virsh start`) and run --recover again")
+
+
+def _resume_postcopy(name, record, where, inventory, message) -> str:
+    """libvirt's post-copy recovery, from the source the journal names: "resumed"; "running" when the
+    migration still runs in QEMU (try again later); "completed" when QEMU on the source reports the
+    migration completed (the target has all of the VM; libvirt only lost track)."""
+    source, target = record.get("source"), record.get("target")
+    if source not in where.copies or target not in where.copies:
+        raise CloudopsError(f"{where.describe()}: post-copy failed but the migration journal does not name its "
+                            "two hosts; resume it by hand (`virsh migrate --postcopy --postcopy-resume`)")
+    src, dst = inventory.hosts[source], inventory.hosts[target]
+    message(f"resuming the post-copy migration of {name} from {source} to {target}")
+    with virt.open_host(src) as conn:
+        dom = conn.lookupByName(name)
+        disks = migrate._disks(conn, dom)
+        shared = bool(record.get("shared"))
+        policy = migrate.Policy()
+        flags = migrate._flags(shared, policy, disks) | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
+        status = _qemu_migration_status(dom)
+        if status == "completed":
+            return "completed"
+        if status in ("active", "postcopy-active", "device", "pre-switchover", "postcopy-recover"):
+            return "running"
+        try:
+            dom.migrateToURI3(migrate.migration_uri(dst), migrate._params(dst, shared, disks, policy), flags)
+        except libvirt.libvirtError as exc:
+            text = exc.get_error_message() or str(exc)
+            if "still running" in text:
+                return "running"
+            if _qemu_migration_status(dom) == "completed":
+                return "completed"
+            raise CloudopsError(f"resuming the post-copy migration of {name} failed: {text.strip()}") from None
+    return "resumed"
+
+
+def _qemu_migration_status(dom) -> str | None:
+    """QEMU's own view of the outgoing migration (``query-migrate``): completed, postcopy-paused, ..."""
+    try:
+        import libvirt_qemu
+
+        reply = libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-migrate"}', 0)
+    except (ImportError, libvirt.libvirtError):
+        return None
+    return (json.loads(reply).get("return") or {}).get("status")
+
+
+def _settle_survivor(name, host, copy, message) -> list[str]:
+    """The surviving copy runs, is persistent and keeps its address on its host."""
+    done = []
+    with virt.open_host(host) as conn:
+        dom = conn.lookupByName(name)
+        if copy.state == outcome.PAUSED:
+            message(f"resuming {name} on {host.name}")
+            dom.resume()
+            done.append(f"resumed it on {host.name}")
+        if not dom.isPersistent():
+            conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+            done.append(f"made its definition on {host.name} persistent")
+        meta = vms.metadata(dom)
+        if meta.get("network") and meta.get("mac") and meta.get("ip"):
+            with contextlib.suppress(CloudopsError):
+                added, _ = networks.add_reservation(conn, meta["network"], meta["mac"], meta["ip"], name)
+                if added:
+                    done.append(f"restored its address reservation on {host.name}")
+    return done
+
+
+def _clean_other(name, other, survivor, record, copy, message) -> list[str]:
+    """Remove from ``other`` its copy of the VM, the reservation, and leftover disks not shared with the survivor."""
+    done = []
+    with virt.open_host(survivor) as conn:
+        live = conn.lookupByName(name)
+        meta = vms.metadata(live)
+        paths = set(vms._disk_paths(live))
+    paths |= set(record.get("disks") or []) | set(record.get("prepared_files") or [])
+    with virt.open_host(other) as conn:
+        if copy is not None:
+            dom = conn.lookupByName(name)
+            paths |= set(vms._disk_paths(dom))
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            message(f"removed the copy of {name} that does not run from {other.name}")
+            done.append(f"removed the stale copy from {other.name}")
+        if meta.get("network") and meta.get("mac"):
+            with contextlib.suppress(CloudopsError):
+                removed, _ = networks.remove_reservation(conn, meta["network"], meta["mac"], meta.get("ip"), name)
+                if removed:
+                    done.append(f"removed its reservation from {other.name}")
+        in_use = {p for d in conn.listAllDomains() for p in vms._disk_paths(d)}
+    shared = migrate._shared_dirs(survivor, other, {os.path.dirname(p) for p in paths})
+    doomed = sorted(p for p in paths if not shared[os.path.dirname(p)] and p not in in_use)
+    if doomed:
+        with connect(other) as hv:
+            present = hv.run("ls -d -- " + " ".join(shlex.quote(p) for p in doomed) + " 2>/dev/null || true",
+                             hide=True, in_stream=False).stdout.split()
+        if present:
+            with virt.open_host(other) as conn:
+                for path in present:
+                    vms._delete_path(conn, path)
+            with connect(other) as hv:
+                hv.run("rm -f -- " + " ".join(shlex.quote(p) for p in present), hide=True, in_stream=False)
+            done.append(f"deleted {len(present)} leftover disk file(s) from {other.name}")
+    return done
+
