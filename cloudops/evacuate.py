@@ -6,7 +6,8 @@ Moves run wave by wave, at most ``parallel`` at a time; a failed move does not s
 the others, and the report has a result for every VM.
 """
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from . import balance, cluster, maintenance, migrate
@@ -18,7 +19,7 @@ class MoveResult:
     vm: str
     source: str
     target: str
-    status: str  # "moved", "failed", "planned"
+    status: str  # "moved", "failed", "cancelled" (Ctrl-C: the VM stays on its source), "planned"
     error: str | None = None
     result: dict | None = None
 
@@ -29,6 +30,7 @@ class Report:
     dry_run: bool
     maintenance_changed: bool
     moves: list[MoveResult] = field(default_factory=list)
+    interrupted: bool = False
 
     @property
     def failed(self) -> list[MoveResult]:
@@ -36,7 +38,8 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"host": self.host, "dry_run": self.dry_run, "maintenance_changed": self.maintenance_changed,
-                "moves": [m.__dict__ for m in self.moves], "failed": len(self.failed)}
+                "moves": [m.__dict__ for m in self.moves], "failed": len(self.failed),
+                "interrupted": self.interrupted}
 
     def lines(self) -> list[str]:
         out = []
@@ -47,7 +50,9 @@ class Report:
         if self.dry_run:
             out.append(f"plan: {len(self.moves)} migration(s) to empty {self.host} (dry run: nothing moved)")
         else:
+            cancelled = sum(m.status == "cancelled" for m in self.moves)
             out.append(f"{self.host}: {moved} moved, {len(self.failed)} failed"
+                       + (f", {cancelled} cancelled (interrupted)" if self.interrupted else "")
                        + ("" if self.moves else ": no VMs to move") + "; the host stays in maintenance")
         return out
 
@@ -74,17 +79,33 @@ def evacuate(host: str, inventory, *, parallel: int = 1, dry_run: bool = False, 
         waves.setdefault(m.wave, []).append(m)
     quiet = parallel > 1  # several bars on one line would be noise
 
+    cancel = threading.Event()  # Ctrl-C reaches only the main thread: it tells every migration through this
+
     def run(m):
+        if cancel.is_set():
+            return MoveResult(m.vm, m.source, m.target, "cancelled", error="not started: interrupted")
         message(f"migrating {m.vm} to {m.target}")
         try:
-            result = migrate.migrate_vm(m.vm, m.target, inventory, policy=policy,
+            result = migrate.migrate_vm(m.vm, m.target, inventory, policy=policy, cancel=cancel,
                                         progress=(lambda p: None) if quiet else progress, message=message)
         except CloudopsError as exc:
-            return MoveResult(m.vm, m.source, m.target, "failed", error=str(exc))
+            return MoveResult(m.vm, m.source, m.target, "cancelled" if exc.exit_code == 130 else "failed",
+                              error=str(exc))
         return MoveResult(m.vm, m.source, m.target, "moved", result=result.to_dict())
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         for wave in sorted(waves):
-            report.moves += list(pool.map(run, waves[wave]))
+            futures = [pool.submit(run, m) for m in waves[wave]]
+            while True:
+                try:
+                    done, pending = wait(futures, timeout=0.5)
+                    if not pending:
+                        break
+                except KeyboardInterrupt:
+                    if not cancel.is_set():
+                        message("interrupted: aborting every running migration; each VM stays on its source")
+                    cancel.set()
+            report.moves += [f.result() for f in futures]
+    report.interrupted = cancel.is_set()
     return report
 

@@ -69,5 +69,7 @@ def evacuate(c, host, parallel=1, dry_run=False, timeout=None, inventory=None, j
         emit_json(report.to_dict())
     else:
         print("\n".join(report.lines()))
+    if report.interrupted:
+        raise Exit(f"cloudops: evacuation of {host} interrupted; VMs not moved stay where they were", code=130)
     if report.failed:
         raise Exit(f"cloudops: {len(report.failed)} VM(s) could not leave {host}", code=1)
