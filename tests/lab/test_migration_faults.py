@@ -1,0 +1,299 @@
+"""The fault matrix: one live migration broken at each point by each kind of fault; no VM is ever lost.
+
+Points: before the job starts, during pre-copy, at the switchover (the source paused,
+its last state in flight), during post-copy (forced at the first iteration, its
+bandwidth capped so it lasts), and after the job ended but before the source was
+cleaned. Faults: the destination's libvirtd killed, the source's libvirtd killed,
+the connection between the two hosts cut (every packet refused, TCP reset both ways).
+
+For every case, once the fault is repaired: at most one copy runs, and when none
+does exactly one is paused and the error named ``--recover``; every domain's disk
+opens with ``qemu-img info`` on its host; the running copy's host has the VM's
+DHCP reservation. After ``invoke vm.migrate NAME --recover``: one running VM,
+defined on one host only, with the file written before the migration, and no
+leftover disk on the other host. One VM goes through all cases, moving back and
+forth; the oracles are virsh and qemu-img on the hosts, not cloudops.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudops import guest, lab as lab_lib, maintenance, migrate, virt, vms
+from cloudops.errors import CloudopsError
+from cloudops.ssh import connect
+from tests.conftest import ROOT, invoke, own_inventory, own_lab
+
+NAME = "t-fault"
+WRITER = ("setsid sh -c 'while :; do dd if=/dev/zero of=/run/dirty bs=1M count=4 conv=notrunc 2>/dev/null; done' "
+          ">/dev/null 2>&1 </dev/null & echo $!")
+
+lab = own_lab("f", hosts=2)
+lab_inventory = own_inventory()
+
+CASES = [
+    ("before", "dest"), ("before", "source"),
+    ("precopy", "dest"), ("precopy", "source"), ("precopy", "link"),
+    ("switchover", "dest"),
+    ("postcopy", "dest"), ("postcopy", "source"), ("postcopy", "link"),
+    ("after", "source"),
+]
+
+
+@pytest.fixture(autouse=True)
+def own_maintenance(tmp_path, monkeypatch):
+    monkeypatch.setattr(maintenance, "_path", lambda: tmp_path / "maintenance.json")
+
+
+@pytest.fixture(scope="module")
+def vm(lab, lab_inventory, tiny_image):
+    spec = vms.VMSpec(name=NAME, image="tiny", memory=96, host="hv1", timeout=300)
+    started = vms.start_vm(spec, lab_inventory)
+    guest.wait_until(lambda: _answers(lab_inventory), 60, f"a shell on {NAME}")
+    in_vm(lab_inventory, "echo kept-across-faults > /root/mark; sync")
+    yield started
+    with contextlib.suppress(Exception):  # best effort: the lab goes down after the module anyway
+        vms.delete_vm(NAME, lab_inventory)
+
+
+# ---------------------------------------------------------------- oracles (virsh and qemu-img on the hosts)
+
+def virsh(host, *args) -> subprocess.CompletedProcess:
+    return subprocess.run(["virsh", "-q", "-c", host.libvirt_uri, *args], capture_output=True, text=True, timeout=60)
+
+
+def copies(lab_inventory) -> dict[str, str]:
+    """host -> virsh's state of the VM there, for every host that has it."""
+    found = {}
+    for host in lab_inventory.hosts.values():
+        proc = virsh(host, "domstate", NAME)
+        if proc.returncode == 0:
+            found[host.name] = proc.stdout.strip()
+    return found
+
+
+def disks_open(lab_inventory, host_name) -> list[str]:
+    """qemu-img info of each file disk of the VM's domain on that host: the problems found."""
+    host = lab_inventory.hosts[host_name]
+    out = virsh(host, "domblklist", NAME, "--details").stdout
+    paths = [line.split()[3] for line in out.splitlines() if len(line.split()) == 4 and line.split()[0] == "file"]
+    problems = []
+    with connect(host) as hv:
+        for path in paths:
+            r = hv.run(f"qemu-img info -U {path}", warn=True, hide=True, in_stream=False)
+            if not r.ok:
+                problems.append(f"{host_name}:{path}: {r.stderr.strip()}")
+    return problems if paths else [f"{host_name}: no disk listed for {NAME}"]
+
+
+def reservation_on(lab_inventory, host_name, mac) -> bool:
+    proc = virsh(lab_inventory.hosts[host_name], "net-dumpxml", "cloudops")
+    return mac.lower() in proc.stdout.lower()
+
+
+def in_vm(lab_inventory, command) -> str:
+    host = vms.locate(NAME, list(lab_inventory.hosts.values()))
+    vm = next(v for v in vms.list_on_host(host) if v.name == NAME)
+    with connect(host) as hv, guest.connect_vm(hv, vm.ip) as conn:
+        return conn.run(command, hide=True, in_stream=False).stdout.strip()
+
+
+def _answers(lab_inventory):
+    try:
+        return in_vm(lab_inventory, "echo up") == "up"
+    except Exception:
+        return False
+
+
+def leftovers(lab_inventory, host_name) -> list[str]:
+    with connect(lab_inventory.hosts[host_name]) as hv:
+        out = hv.run("ls /var/lib/cloudops/disks 2>/dev/null || true", hide=True, in_stream=False).stdout
+    return [n for n in out.split() if n.startswith(NAME)]
+
+
+# ---------------------------------------------------------------- faults
+
+class Fault:
+    def __init__(self, lab, lab_inventory, kind, source, dest):
+        self.lab, self.inv, self.kind, self.source, self.dest = lab, lab_inventory, kind, source, dest
+        self.fired = threading.Event()
+
+    def fire(self):
+        if self.fired.is_set():
+            return
+        self.fired.set()
+        state = lab_lib.load(self.lab.prefix)
+        if self.kind in ("dest", "source"):
+            victim = self.dest if self.kind == "dest" else self.source
+            os.kill(state.host(victim).pids["libvirtd"], signal.SIGKILL)
+        else:
+            self._iptables("-I")
+
+    def _iptables(self, op):
+        ns = lab_lib.load(self.lab.prefix).host(self.dest).namespace
+        peer = self.inv.hosts[self.source].address
+        # Every packet between the two hosts refused, TCP with a reset: the connections break at once
+        # (plain DROP would leave QEMU and libvirtd waiting for TCP's own timeout, about 15 minutes).
+        for chain, way in (("INPUT", "-s"), ("OUTPUT", "-d")):
+            for rule in (["-j", "REJECT"], ["-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]):  # tcp on top
+                subprocess.run(["ip", "netns", "exec", ns, "iptables", op, chain, way, peer, *rule],
+                               check=op == "-I", capture_output=True)
+
+    def repair(self):
+        if not self.fired.is_set():
+            return
+        if self.kind in ("dest", "source"):
+            victim = self.dest if self.kind == "dest" else self.source
+            lab_lib.restart_libvirtd(self.lab.prefix, victim)
+            virt.forget(self.inv.hosts[victim])
+        else:
+            self._iptables("-D")
+
+
+@pytest.mark.parametrize("point, kind", CASES, ids=[f"{p}-{k}" for p, k in CASES])
+def test_a_broken_migration_never_loses_the_vm(lab, lab_inventory, vm, point, kind):
+    where = copies(lab_inventory)
+    source = next(h for h, s in where.items() if s == "running")
+    dest = "hv2" if source == "hv1" else "hv1"
+    fault = Fault(lab, lab_inventory, kind, source, dest)
+    in_vm(lab_inventory, "pkill -f /run/dirty; true")
+    policy = migrate.Policy(postcopy_after=None, auto_converge=False)
+    if point in ("precopy", "switchover"):  # a writer and a slow link keep it in pre-copy
+        in_vm(lab_inventory, WRITER)
+        policy = migrate.Policy(downtime_ms=1, downtime_step_ms=0, downtime_max_ms=1, auto_converge=False,
+                                postcopy_after=None, bandwidth_mib=4)
+    elif point == "postcopy":
+        in_vm(lab_inventory, WRITER)
+        policy = migrate.Policy(auto_converge=False, postcopy_after=1, bandwidth_mib=4, postcopy_bandwidth_mib=1)
+
+    def message(text):
+        if point == "before" and text.startswith(f"migrating {NAME} live"):
+            fault.fire()
+        if point == "after" and text.startswith(f"{NAME} runs on {dest}; removing"):
+            fault.fire()
+
+    def progress(sample):
+        if point == "precopy" and sample.iteration >= 1 and sample.elapsed > 2:
+            fault.fire()
+        elif point == "switchover" and sample.iteration >= 1 and not fault.fired.is_set():
+            # stop-and-copy: pause the source, as the switchover does, and break it while the rest is in flight
+            subprocess.run(["virsh", "-q", "-c", lab_inventory.hosts[source].libvirt_uri, "suspend", NAME],
+                           capture_output=True, timeout=30)
+            time.sleep(1)
+            fault.fire()
+        elif point == "postcopy" and sample.phase == "post-copy" and sample.elapsed > 1:
+            fault.fire()
+
+    error = None
+    try:
+        migrate.migrate_vm(NAME, dest, lab_inventory, policy=policy, progress=progress, message=message)
+    except CloudopsError as exc:
+        error = str(exc)
+    finally:
+        fault.repair()
+    assert fault.fired.is_set(), f"the {point} fault never fired"
+    assert error is None or "\n" not in error
+
+    # once repaired: never two running copies, never none without one paused and the way out named
+    time.sleep(2)
+    where = copies(lab_inventory)
+    running = [h for h, s in where.items() if s.startswith("running")]
+    paused = [h for h, s in where.items() if s.startswith("paused")]
+    assert len(running) <= 1, where
+    if not running:
+        assert len(paused) >= 1 and error and "--recover" in error, (where, error)
+    for host_name in where:
+        assert disks_open(lab_inventory, host_name) == [], where
+    mac = vm.mac
+    if running:
+        assert reservation_on(lab_inventory, running[0], mac), (where, error)
+    if error and "keeps running on" not in error and "aborted" not in error:
+        assert "--recover" in error, error
+
+    proc = invoke("vm.migrate", NAME, "--recover", "--inventory", str(lab.inventory_path))
+    assert proc.returncode == 0, (proc.stdout, proc.stderr, where, error)
+    final = copies(lab_inventory)
+    assert list(final.values()) == ["running"], (final, proc.stdout)
+    (host_name,) = final
+    assert leftovers(lab_inventory, dest if host_name == source else source) == []
+    assert reservation_on(lab_inventory, host_name, mac)
+    guest.wait_until(lambda: _answers(lab_inventory), 60, f"a shell on {NAME} after recovery")
+    assert in_vm(lab_inventory, "cat /root/mark") == "kept-across-faults"
+    again = invoke("vm.migrate", NAME, "--recover", "--inventory", str(lab.inventory_path))
+    assert again.returncode == 0 and "nothing to recover" in again.stdout
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+SLOW = "migrate:\n  bandwidth_mib: 4\n  postcopy_after: 0\n  auto_converge: false\n  downtime_ms: 1\n  downtime_step_ms: 0\n  downtime_max_ms: 1\n"
+
+
+def _cli(lab, tmp_path, *args) -> subprocess.Popen:
+    """The real CLI, in the background, with a migration policy that keeps a busy guest in pre-copy."""
+    config = tmp_path / "slow.yaml"
+    config.write_text(SLOW)
+    return subprocess.Popen([str(Path(sys.executable).parent / "invoke"), "-f", str(config), *args,
+                             "--inventory", str(lab.inventory_path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt(proc, lab_inventory, host, names, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not all(_job_running_for(host, n) for n in names):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the migration jobs never started"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=300)
+
+
+def _job_running_for(host, name) -> bool:
+    out = virsh(host, "domjobinfo", name).stdout
+    return "Unbounded" in out and "Memory processed" in out
+
+
+def test_ctrl_c_aborts_vm_migrate_and_the_vm_keeps_running(lab, lab_inventory, vm, tmp_path):
+    (source,) = copies(lab_inventory)
+    dest = "hv2" if source == "hv1" else "hv1"
+    in_vm(lab_inventory, "pkill -f /run/dirty; true")
+    in_vm(lab_inventory, WRITER)
+    proc = _cli(lab, tmp_path, "vm.migrate", NAME, "--to", dest)
+    out, err = _interrupt(proc, lab_inventory, lab_inventory.hosts[source], [NAME])
+    assert proc.returncode == 130, (out, err)
+    assert err.strip().splitlines()[-1] == (f"cloudops: migration of {NAME} to {dest} was interrupted: aborted, "
+                                             f"{NAME} keeps running on {source}")
+    assert copies(lab_inventory) == {source: "running"}
+    assert "Unbounded" not in virsh(lab_inventory.hosts[source], "domjobinfo", NAME).stdout
+    assert leftovers(lab_inventory, dest) == []
+    assert in_vm(lab_inventory, "cat /root/mark") == "kept-across-faults"
+
+
+def test_ctrl_c_aborts_every_migration_of_a_parallel_evacuation(lab, lab_inventory, vm, tmp_path):
+    (source,) = copies(lab_inventory)
+    dest = "hv2" if source == "hv1" else "hv1"
+    other = "t-fault2"
+    vms.start_vm(vms.VMSpec(name=other, image="tiny", memory=96, host=source, timeout=300), lab_inventory)
+    try:
+        in_vm(lab_inventory, "pkill -f /run/dirty; true")
+        in_vm(lab_inventory, WRITER)
+        proc = _cli(lab, tmp_path, "host.evacuate", source, "--parallel", "2")
+        out, err = _interrupt(proc, lab_inventory, lab_inventory.hosts[source], [NAME, other])
+        assert proc.returncode == 130, (out, err)
+        assert "interrupted" in err.strip().splitlines()[-1]
+        for name in (NAME, other):
+            assert virsh(lab_inventory.hosts[source], "domstate", name).stdout.strip() == "running"
+            assert virsh(lab_inventory.hosts[dest], "domstate", name).returncode != 0
+            assert "Unbounded" not in virsh(lab_inventory.hosts[source], "domjobinfo", name).stdout
+            assert f"{name} " in out and "cancelled" in out
+        assert leftovers(lab_inventory, dest) == []
+    finally:
+        maintenance.set_maintenance(source, False)
+        with contextlib.suppress(Exception):
+            vms.delete_vm(other, lab_inventory)
