@@ -154,6 +154,8 @@ def find(name: str, hosts: list) -> tuple[list, list[str]]:
     """(the hosts that have a domain ``name``, the names of hosts that could not be asked), in parallel."""
     from . import fleet
 
+    validate_name(name)  # before any host is asked: names reach virsh and shells on the hosts
+
     def has(host):
         with virt.open_host(host) as conn:
             return defined_on(conn, name)

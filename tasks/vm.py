@@ -52,6 +52,7 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
           inventory=None, json=False):
     """Start a VM from an image; prints its name, host and IP once SSH answers."""
+    vms.validate_name(name)
     spec = vms.VMSpec(
         name=name, image=image or c.vm.image, memory=_int(memory or c.vm.memory, "memory"),
         vcpus=_int(vcpus or c.vm.vcpus, "vcpus"), host=host, network=network,
@@ -77,6 +78,7 @@ def _int(value, what):
 @user_errors
 def stop(c, name, timeout=60, inventory=None, json=False):
     """Stop a VM: ACPI shutdown, destroyed after --timeout; says so when it was already stopped."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     hosts = _hypervisors(c, inventory)
     vm, changed = vms.stop_vm(name, hosts, timeout=float(timeout), progress=progress)
     if json:
@@ -89,6 +91,7 @@ def stop(c, name, timeout=60, inventory=None, json=False):
 @user_errors
 def delete(c, name, inventory=None, json=False):
     """Delete a VM: destroy, undefine, remove its disks, reservation and address."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     inv = load_inventory(c, inventory)
     vm = vms.delete_vm(name, inv, progress=progress)
     if json:
@@ -119,6 +122,7 @@ def list_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, t
 @user_errors
 def info(c, name, inventory=None, json=False):
     """Everything known about one VM."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     host = vms.locate(name, _hypervisors(c, inventory))
     vm = next(v for v in vms.list_on_host(host) if v.name == name)
     if json:
@@ -133,6 +137,7 @@ def info(c, name, inventory=None, json=False):
 @user_errors
 def ssh(c, name, command=None, inventory=None):
     """SSH into a VM through its hypervisor (verified host keys, the cloud key)."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     result = _run_in_vm(c, name, command, inventory, pty=command is None)
     raise Exit(code=result.exited)
 
@@ -141,6 +146,7 @@ def ssh(c, name, command=None, inventory=None):
 @user_errors
 def run(c, name, command, inventory=None):
     """Run a command in a VM through its hypervisor; exits with the command's status."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     result = _run_in_vm(c, name, command, inventory)
     raise Exit(code=result.exited)
 
@@ -149,6 +155,9 @@ def run(c, name, command, inventory=None):
 @user_errors
 def console(c, name, log=False, inventory=None):
     """Attach to a VM's serial console (virsh console via its hypervisor), or print its log."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    import shlex
+
     from cloudops.ssh import connect
 
     host = vms.locate(name, _hypervisors(c, inventory))
@@ -156,7 +165,7 @@ def console(c, name, log=False, inventory=None):
         if log or not sys.stdin.isatty():
             print(guest.read_console(hv, name), end="")
             return
-        hv.run(f"virsh -c qemu:///system console {name}", pty=True, warn=True)
+        hv.run(f"virsh -c qemu:///system console {shlex.quote(name)}", pty=True, warn=True)
 
 
 def _ship_migration_figures(c, result) -> dict:
@@ -196,6 +205,7 @@ def _hypervisors(c, inventory):
 def migrate(c, name, to, timeout=None, copy_storage=True, postcopy_after=None, auto_converge=True,
             max_downtime=None, bandwidth=None, inventory=None, json=False):
     """Live-migrate a VM to another host (offline when it is stopped); prints duration, downtime, bytes moved."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     from cloudops import migrate as migration
 
     policy = migration.policy_from(c.config.get("migrate") or {}, timeout=timeout, postcopy_after=postcopy_after,
