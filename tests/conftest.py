@@ -11,6 +11,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Parallel test runs (several developers on one machine) each set their own prefix.
 TEST_PREFIX = os.environ.get("CLOUDOPS_TEST_LAB", "cot")
 
+# The `invoke` CLI the tests start puts only tasks/ on sys.path, so `import cloudops` would find whatever
+# checkout the virtualenv was installed from (editable): make every child process use this checkout's library.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
 os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
 
