@@ -24,7 +24,7 @@ from pathlib import Path
 
 import libvirt
 
-from . import guest, images, ipam, networks, passwords, placement, seed, storage, virt
+from . import guest, hostfiles, images, ipam, networks, passwords, placement, seed, storage, virt
 from .errors import CloudopsError
 from .ssh import connect
 from .templating import render
@@ -314,13 +314,13 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
     with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
         local = Path(tmp) / disk_name
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", image.format, "-b",
-                        str(image.local_path), str(local)], check=True)
+                        str(image.local_path), str(local)], check=True, umask=0o077)  # it will hold a hash
         progress("customizing the disk with libguestfs (one appliance launch)")
         customize_image(local, root_password=spec.root_password, ssh_keys=keys, hostname=hostname)
         subprocess.run(["qemu-img", "rebase", "-u", "-F", image.format, "-b", image.remote_path(host), str(local)],
                        check=True)
         hv.run(f"mkdir -p {shlex.quote(pool_dir)}", hide=True, in_stream=False)
-        hv.put(str(local), f"{pool_dir}/{disk_name}")
+        hostfiles.put_private(hv, str(local), f"{pool_dir}/{disk_name}")  # holds root's hash: 0600 from creation
 
 
 def _upload_seed(hv, remote_path, hostname, keys, password_hash, name):
@@ -328,8 +328,7 @@ def _upload_seed(hv, remote_path, hostname, keys, password_hash, name):
         local = Path(tmp) / "seed.iso"
         seed.make_seed(local, hostname, ssh_keys=keys, password_hash=password_hash, instance_id=f"{name}-{secrets.token_hex(4)}")
         hv.run(f"mkdir -p {shlex.quote(os.path.dirname(remote_path))}", hide=True, in_stream=False)
-        hv.put(str(local), remote_path)
-        hv.run(f"chmod 600 {shlex.quote(remote_path)}", hide=True, in_stream=False)
+        hostfiles.put_private(hv, str(local), remote_path)  # may hold root's hash: 0600 from creation
 
 
 def wait_ready(dom, conn, hv, net_name, allocation, name, timeout) -> str:

@@ -1,33 +1,16 @@
 """Virtual machines: start, stop, delete, list, inspect and reach them."""
 
-import getpass
-import os
 import sys
 
 from invoke import Exit, task
 
-from cloudops import fleet, guest, output, vms
+from cloudops import fleet, guest, output, passwords, vms
 from cloudops.errors import CloudopsError
 from tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, select_hosts, user_errors
 
-PASSWORD_ENV = "CLOUDOPS_ROOT_PASSWORD"
-
-
 def _password(password, password_file, password_stdin):
-    """The root password from a file, stdin or $CLOUDOPS_ROOT_PASSWORD (a command-line value is visible in ps)."""
-    if password:
-        print("cloudops: warning: --password is visible in the process list; prefer --password-file, "
-              f"--password-stdin or ${PASSWORD_ENV}", file=sys.stderr)
-        return password
-    if password_file:
-        try:
-            with open(password_file) as f:
-                return f.readline().rstrip("\n")
-        except OSError as exc:
-            raise CloudopsError(f"cannot read password file {password_file}: {exc.strerror}") from None
-    if password_stdin:
-        return sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("root password: ")
-    return os.environ.get(PASSWORD_ENV) or None
+    """The root password from a file, stdin or $CLOUDOPS_ROOT_PASSWORD; --password is refused (visible in ps)."""
+    return passwords.read_root_password(password_file, password_stdin, password)
 
 
 def _keys(ssh_key):
@@ -42,7 +25,8 @@ def _keys(ssh_key):
     "name": "VM name (a-z 0-9 -, up to 40)", "image": "image name or id (see image.list)",
     "memory": "MiB (default: config vm.memory)", "vcpus": "vCPUs (default: config vm.vcpus)",
     "host": "put it on this host (default: the scheduler chooses)", "network": "network name (default: cloudops)",
-    "password": "root password (visible in ps: prefer the next two)", "password_file": "read the root password from a file",
+    "password": "refused (a password on the command line is visible in ps): use the next two",
+    "password_file": "read the root password from a file (first line; else $CLOUDOPS_ROOT_PASSWORD)",
     "password_stdin": "read the root password from stdin", "ssh_key": "public key file(s) for root, comma-separated",
     "hostname": "guest hostname (default: the VM name)", "customize": "seed (NoCloud CD-ROM) or guestfs",
     "group": "anti-affinity group: never two VMs of a group on one host", "no_wait": "do not wait for SSH",
