@@ -71,13 +71,14 @@ def stop(c, name, timeout=60, inventory=None, json=False):
         print(f"{vm.name} on {vm.host}: {'stopped' if changed else 'already stopped, nothing to do'}")
 
 
-@task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")},
+            "force": "also undefine a domain cloudops did not make (its disks are never deleted)"})
 @user_errors
-def delete(c, name, inventory=None, json=False):
-    """Delete a VM: destroy, undefine, remove its disks, reservation and address."""
+def delete(c, name, inventory=None, json=False, force=False):
+    """Delete a VM cloudops made: destroy, undefine, remove its disks, reservation and address."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     inv = load_inventory(c, inventory)
-    vm = vms.delete_vm(name, inv, progress=progress)
+    vm = vms.delete_vm(name, inv, progress=progress, force=force)
     if json:
         emit_json(vm.to_dict())
     else:
