@@ -429,10 +429,18 @@ def ensure_pool(conn, path: str, check: bool = False, name: str = storage.POOL_N
     return True, f"pool {name}: {'would ' if check else ''}{', '.join(todo)}"
 
 
-def deploy_host(host, settings: Settings, cloud: Cloud, check: bool = False, conn=None, progress=None):
-    """Deploy one host (over ``conn`` if given, else a verified connection); fleet.Changed when a step changed."""
+def deploy_host(host, settings: Settings, cloud: Cloud, check: bool = False, conn=None, progress=None,
+                timeout: float | None = None, live: dict | None = None):
+    """Deploy one host (over ``conn`` if given, else a verified connection); fleet.Changed when a step changed.
+
+    With ``timeout`` every remote command ends by the host's deadline (fleet.Bounded) and no step
+    starts after it; ``live`` (host name -> connection) lets the fleet stop it from outside."""
     own = conn is None
     conn = conn or ssh.connect(host, timeout=10)
+    if timeout is not None:
+        conn = fleet.Bounded(conn, time.monotonic() + timeout, timeout)
+        if live is not None:
+            live[host.name] = conn
     try:
         steps = _Run(host, settings, cloud, conn, check).run(progress)
     finally:
@@ -453,8 +461,11 @@ def deploy(hosts: list, inventory, check: bool = False, rotate_key: bool = False
     peers = hypervisors(inventory)
     planned = plan(hosts, peers, Path(inventory.path).parent)
     cloud = prepare(peers, next(iter(planned.values())).cloud if planned else "cloudops", check, rotate_key)
-    result = fleet.run(hosts, lambda h: deploy_host(h, planned[h.name], cloud, check, progress=progress),
-                       workers=workers, timeout=timeout)
+    live = {}
+    result = fleet.run(hosts, lambda h: deploy_host(h, planned[h.name], cloud, check, progress=progress,
+                                                    timeout=timeout, live=live),
+                       workers=workers, timeout=timeout, grace=fleet.GRACE,
+                       on_timeout=lambda name: live[name].stop() if name in live else None)
     return result, cloud.notes
 
 
