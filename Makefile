@@ -16,7 +16,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
 	iproute2 dnsmasq-base python3-venv genisoimage syslinux syslinux-common extlinux \
 	e2fsprogs iptables kmod cpio procps util-linux debootstrap
 
-.PHONY: setup apt venv demo test test-unit test-lab bench clean lab-down
+.PHONY: setup apt venv demo test test-unit test-integration test-lab bench clean lab-down
 
 setup: apt venv
 
@@ -43,8 +43,17 @@ demo: setup
 test: setup
 	$(PY) -m pytest -ra
 
+# Unit tests need no lab, no QEMU and no libguestfs (tests/unit/conftest.py enforces it).
 test-unit: setup
-	$(PY) -m pytest -ra -m "not lab"
+	$(PY) -m pytest -ra -m "not lab and not integration"
+
+# Real QEMU, libguestfs and carbon on this machine, no lab.
+test-integration: setup
+	$(PY) -m pytest -ra -m integration
+
+# A real lab of namespaced hypervisor hosts (root).
+test-lab: setup
+	$(PY) -m pytest -ra -m lab
 
 bench: setup
 	$(PY) bench/fanout.py

@@ -50,7 +50,7 @@ DEFAULTS = {
 STEPS = ("packages", "libvirtd", "pool", "networks", "migration-key", "known-hosts", "metrics-cron", "banner")
 LIBVIRTD_CONF = "/etc/libvirt/libvirtd.conf"
 MOTD = "/etc/motd"
-METRICS_CRON = "/etc/cron.d/cloudops-metrics"
+METRICS_CRON = "/etc/cron.d/cloudops-metrics"  # metrics_cron.CRON_PATH
 MIGRATION_KEY = ".ssh/cloudops_migration"  # under the login user's home on every host
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 TEXT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.,:/()-]{0,62}$")
@@ -179,11 +179,12 @@ def ssh_peers(settings: Settings, peers: list, home: str) -> list[str]:
     return text.rstrip("\n").splitlines()
 
 
-def metrics_cron(settings: Settings) -> str:
-    from .metrics import cron_entry  # the metrics capability renders its own cron file
+def metrics_cron(host, settings: Settings) -> str:
+    """The host's metrics cron file, rendered by the metrics capability's one renderer (metrics.install-cron's too)."""
+    from . import metrics_cron as cron
 
     m = settings.metrics
-    return cron_entry(m["carbon"], m["prefix"], interval_minutes=m["interval_minutes"])
+    return cron.host_entry(host, *cron.host_settings(host, m["carbon"], m["prefix"], m["interval_minutes"]))
 
 
 def plan(hosts: list, peers: list, base_dir: Path | None = None) -> dict[str, Settings]:
@@ -196,7 +197,7 @@ def plan(hosts: list, peers: list, base_dir: Path | None = None) -> dict[str, Se
             banner(host, settings)
             ssh_peers(settings, peers, "/root")
             if settings.metrics:
-                metrics_cron(settings)
+                metrics_cron(host, settings)
         except CloudopsError as exc:
             raise CloudopsError(f"{host.name}: {exc}") from None
         planned[host.name] = settings
@@ -373,7 +374,9 @@ class _Run:
     def metrics_cron(self):
         if not self.settings.metrics:
             return False, "metrics not configured (inventory variable `metrics`)"
-        return self.file(METRICS_CRON, metrics_cron(self.settings), "644")
+        from . import metrics_cron as cron  # the one writer of the file, shared with metrics.install-cron
+
+        return cron.ensure_cron(self.conn, metrics_cron(self.host, self.settings), METRICS_CRON, check=self.check)
 
     def banner(self):
         return self.file(MOTD, banner(self.host, self.settings), "644")
@@ -426,10 +429,18 @@ def ensure_pool(conn, path: str, check: bool = False, name: str = storage.POOL_N
     return True, f"pool {name}: {'would ' if check else ''}{', '.join(todo)}"
 
 
-def deploy_host(host, settings: Settings, cloud: Cloud, check: bool = False, conn=None, progress=None):
-    """Deploy one host (over ``conn`` if given, else a verified connection); fleet.Changed when a step changed."""
+def deploy_host(host, settings: Settings, cloud: Cloud, check: bool = False, conn=None, progress=None,
+                timeout: float | None = None, live: dict | None = None):
+    """Deploy one host (over ``conn`` if given, else a verified connection); fleet.Changed when a step changed.
+
+    With ``timeout`` every remote command ends by the host's deadline (fleet.Bounded) and no step
+    starts after it; ``live`` (host name -> connection) lets the fleet stop it from outside."""
     own = conn is None
     conn = conn or ssh.connect(host, timeout=10)
+    if timeout is not None:
+        conn = fleet.Bounded(conn, time.monotonic() + timeout, timeout)
+        if live is not None:
+            live[host.name] = conn
     try:
         steps = _Run(host, settings, cloud, conn, check).run(progress)
     finally:
@@ -450,8 +461,11 @@ def deploy(hosts: list, inventory, check: bool = False, rotate_key: bool = False
     peers = hypervisors(inventory)
     planned = plan(hosts, peers, Path(inventory.path).parent)
     cloud = prepare(peers, next(iter(planned.values())).cloud if planned else "cloudops", check, rotate_key)
-    result = fleet.run(hosts, lambda h: deploy_host(h, planned[h.name], cloud, check, progress=progress),
-                       workers=workers, timeout=timeout)
+    live = {}
+    result = fleet.run(hosts, lambda h: deploy_host(h, planned[h.name], cloud, check, progress=progress,
+                                                    timeout=timeout, live=live),
+                       workers=workers, timeout=timeout, grace=fleet.GRACE,
+                       on_timeout=lambda name: live[name].stop() if name in live else None)
     return result, cloud.notes
 
 

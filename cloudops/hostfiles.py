@@ -2,7 +2,7 @@
 
 Facts first: ``read_files`` reads every file a deploy manages (content and mode) with
 one command. Then ``ensure_file`` compares the wanted content with what was read and
-writes (atomically: upload beside it, chmod, rename) only when they differ. A
+writes (atomically: a 0600 file beside it, upload, chmod, rename) only when they differ. A
 "managed block" is the part of a shared file (authorized_keys, known_hosts,
 ~/.ssh/config) between two marker lines that cloudops owns; the rest stays as it is.
 """
@@ -10,6 +10,7 @@ writes (atomically: upload beside it, chmod, rename) only when they differ. A
 import base64
 import io
 import posixpath
+import secrets
 import shlex
 from dataclasses import dataclass
 
@@ -72,10 +73,33 @@ def ensure_file(conn, current: RemoteFile, content: str, mode: str = "644", chec
     parent = posixpath.dirname(path)
     tmp = f"{path}.cloudops-tmp"
     conn.run(f"mkdir -p -m {dir_mode} {shlex.quote(parent)}", hide=True, in_stream=False)
+    create_private(conn, tmp)  # 0600 before any content: a key or a hash is never readable, even for a moment
     conn.put(io.BytesIO(content.encode()), remote=tmp)
     conn.run(f"chmod {mode} {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} {shlex.quote(path)}",
              hide=True, in_stream=False)
     return True, f"{path}: {what.removeprefix('would ').replace('update', 'updated').replace('create', 'created')}"
+
+
+def create_private(conn, path: str) -> None:
+    """An empty ``path`` on the host, mode 0600 from its creation (``umask 077``; an old file is replaced)."""
+    q = shlex.quote(path)
+    conn.run(f"umask 077 && rm -f {q} && : > {q}", hide=True, in_stream=False)
+
+
+def put_private(conn, local, path: str) -> None:
+    """Upload ``local`` (a path or a file object) to ``path`` on the host, 0600 from the first byte on.
+
+    The content goes into a 0600 file made beforehand under a temporary name (SFTP keeps
+    an existing file's mode; Fabric is told not to copy the local mode over it), which is
+    then renamed over ``path``."""
+    tmp = f"{path}.partial-{secrets.token_hex(4)}"
+    create_private(conn, tmp)
+    try:
+        conn.put(local, remote=tmp, preserve_mode=False)
+        conn.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(path)}", hide=True, in_stream=False)
+    except BaseException:
+        conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
+        raise
 
 
 # ---------------------------------------------------------------- managed blocks

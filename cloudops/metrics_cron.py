@@ -35,8 +35,34 @@ def host_var(host) -> str:
 
 
 def host_entry(host, carbon: str, prefix: str, interval_minutes: int = 1, root: Path | None = None) -> str:
-    """The cron file for ``host``: it collects only itself (``--local``), its files under ``host_var``."""
+    """The cron file for ``host``: it collects only itself (``--local``), its files under ``host_var``.
+
+    The one renderer of ``/etc/cron.d/cloudops-metrics``: ``deploy`` and ``metrics.install-cron``
+    both call it (through ``host_settings`` for the values), so running both never flips the file."""
     return cron_entry(carbon, prefix, interval_minutes=interval_minutes, root=root, var=Path(host_var(host)), local=True)
+
+
+def host_settings(host, carbon=None, prefix=None, interval_minutes=None, defaults=None) -> tuple[str, str, int]:
+    """(carbon, prefix, interval_minutes) of ``host``'s metrics job: each value as given, else from the host's
+    inventory variable ``metrics`` (what ``deploy`` installs), else from ``defaults`` (the ``metrics``
+    configuration: ``carbon``, ``prefix``, ``cron_minutes``)."""
+    host_vars = getattr(host, "vars", None) or {}
+    configured = host_vars.get("metrics") if isinstance(host_vars.get("metrics"), dict) else {}
+    defaults = defaults or {}
+
+    def pick(value, key, default_key, fallback=None):
+        for candidate in (value, configured.get(key), defaults.get(default_key), fallback):
+            if candidate is not None:
+                return candidate
+        raise CloudopsError(f"{getattr(host, 'name', host)}: no metrics {key}: give it, or set the inventory "
+                            f"variable metrics.{key} or the configuration metrics.{default_key}")
+
+    minutes = pick(interval_minutes, "interval_minutes", "cron_minutes", 1)
+    try:
+        minutes = int(minutes)
+    except (TypeError, ValueError):
+        raise CloudopsError(f"metrics interval must be a whole number of minutes, got {minutes!r}") from None
+    return str(pick(carbon, "carbon", "carbon")), str(pick(prefix, "prefix", "prefix")), minutes
 
 
 def ensure_cron(conn, content: str, path: str = CRON_PATH, root: Path | None = None, check: bool = False) -> tuple[bool, str]:

@@ -443,14 +443,13 @@ def _pool_name(source, path, directory) -> str:
 
 def _copy_file(source, dest, path):
     """Copy one file between hosts through this machine (seeds are small; offline disks are rare)."""
+    from . import hostfiles
+
     with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp, connect(source) as src, connect(dest) as dst:
         local = str(Path(tmp) / "f")
         src.get(path, local)
-        partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
         dst.run(f"mkdir -p {shlex.quote(os.path.dirname(path))}", hide=True, in_stream=False)
-        dst.put(local, partial)
-        dst.run(f"chmod 600 {shlex.quote(partial)} && mv -f {shlex.quote(partial)} {shlex.quote(path)}",
-                hide=True, in_stream=False)
+        hostfiles.put_private(dst, local, path)  # a seed holds root's hash: 0600 from creation, then renamed
 
 
 def _undo(dst_conn, dest, prepared):

@@ -84,15 +84,14 @@ def make_seed(path, hostname, ssh_keys=(), password_hash=None, network_config=No
         content = stage / "content"
         content.mkdir()
         for name, text in files.items():
-            (content / name).write_text(text)
+            passwords.write_private(content / name, text)  # user-data may hold a hash: 0600 from creation
         iso = stage / "seed.iso"
         cmd = ["genisoimage", "-quiet", "-output", str(iso), "-volid", VOLUME_ID, "-joliet", "-rock",
                *files]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=content, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=content, capture_output=True, text=True, umask=0o077)  # the ISO: 0600
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise CloudopsError(f"genisoimage failed: {last}")
-        os.chmod(iso, 0o600)
         os.replace(iso, path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

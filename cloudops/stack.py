@@ -102,12 +102,17 @@ def up(stack: Stack, inventory, progress=lambda m: None) -> Report:
     return report
 
 
-def down(stack: Stack, inventory, progress=lambda m: None) -> Report:
+def down(stack: Stack, inventory, progress=lambda m: None, force: bool = False) -> Report:
+    """Delete the stack's VMs, then its networks. Every VM is checked first: when one of the
+    stack's names is a domain cloudops did not make, nothing is deleted (``force``: see vms.delete_vm)."""
     report = Report()
     hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
     for spec in stack.vms:
+        vms.check_deletable(spec.name, hypervisors, force=force)
+    for spec in stack.vms:
         try:
-            vm = vms.delete_vm(spec.name, inventory, hypervisors, progress=progress, extra_networks=stack.networks)
+            vm = vms.delete_vm(spec.name, inventory, hypervisors, progress=progress, extra_networks=stack.networks,
+                               force=force)
             report.changes.append(f"vm {spec.name}: deleted from {vm.host}")
         except CloudopsError as exc:
             if "no selected host has it" not in str(exc):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import libvirt
 
-from . import guest, images, ipam, networks, passwords, placement, seed, storage, virt
+from . import guest, hostfiles, images, ipam, networks, passwords, placement, seed, storage, virt
 from .errors import CloudopsError
 from .ssh import connect
 from .templating import render
@@ -153,6 +153,8 @@ def defined_on(conn, name: str) -> bool:
 def find(name: str, hosts: list) -> tuple[list, list[str]]:
     """(the hosts that have a domain ``name``, the names of hosts that could not be asked), in parallel."""
     from . import fleet
+
+    validate_name(name)  # before any host is asked: names reach virsh and shells on the hosts
 
     def has(host):
         with virt.open_host(host) as conn:
@@ -312,13 +314,13 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
     with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
         local = Path(tmp) / disk_name
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", image.format, "-b",
-                        str(image.local_path), str(local)], check=True)
+                        str(image.local_path), str(local)], check=True, umask=0o077)  # it will hold a hash
         progress("customizing the disk with libguestfs (one appliance launch)")
         customize_image(local, root_password=spec.root_password, ssh_keys=keys, hostname=hostname)
         subprocess.run(["qemu-img", "rebase", "-u", "-F", image.format, "-b", image.remote_path(host), str(local)],
                        check=True)
         hv.run(f"mkdir -p {shlex.quote(pool_dir)}", hide=True, in_stream=False)
-        hv.put(str(local), f"{pool_dir}/{disk_name}")
+        hostfiles.put_private(hv, str(local), f"{pool_dir}/{disk_name}")  # holds root's hash: 0600 from creation
 
 
 def _upload_seed(hv, remote_path, hostname, keys, password_hash, name):
@@ -326,8 +328,7 @@ def _upload_seed(hv, remote_path, hostname, keys, password_hash, name):
         local = Path(tmp) / "seed.iso"
         seed.make_seed(local, hostname, ssh_keys=keys, password_hash=password_hash, instance_id=f"{name}-{secrets.token_hex(4)}")
         hv.run(f"mkdir -p {shlex.quote(os.path.dirname(remote_path))}", hide=True, in_stream=False)
-        hv.put(str(local), remote_path)
-        hv.run(f"chmod 600 {shlex.quote(remote_path)}", hide=True, in_stream=False)
+        hostfiles.put_private(hv, str(local), remote_path)  # may hold root's hash: 0600 from creation
 
 
 def wait_ready(dom, conn, hv, net_name, allocation, name, timeout) -> str:
@@ -362,7 +363,10 @@ def _address(dom, conn, net_name, mac) -> str | None:
 
 def _undefine(dom):
     with contextlib.suppress(libvirt.libvirtError):
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        try:
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        except libvirt.libvirtError:
+            dom.undefine()  # a driver that knows neither flag (libvirt's test driver)
 
 
 def _destroy(dom):
@@ -393,18 +397,57 @@ def stop_vm(name: str, hosts: list, timeout: float = 60, progress=lambda m: None
         return describe(dom, host.name), True
 
 
-def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m: None, extra_networks=()) -> VM:
-    """Destroy and undefine a VM, remove its disks, its reservation and its address."""
+def made_by_cloudops(dom) -> bool:
+    """Whether cloudops defined this domain (its metadata element is there)."""
+    return bool(metadata(dom))
+
+
+def foreign_refusal(name: str, host_name: str) -> CloudopsError:
+    return CloudopsError(f"VM {name!r} on {host_name} was not made by cloudops (no cloudops metadata): refusing to "
+                         "delete it; --force undefines it and still leaves its disks alone")
+
+
+def check_deletable(name: str, hosts: list, force: bool = False):
+    """The host that has ``name`` (None when no host has it); refused when cloudops did not make it, unless ``force``."""
+    found, unreachable = find(name, hosts)
+    if not found:
+        if unreachable:
+            raise CloudopsError(f"cannot check VM {name!r}: unreachable: {', '.join(unreachable)}")
+        return None
+    if len(found) > 1:
+        raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h in found)}")
+    host = found[0]
+    if not force:
+        with virt.open_host(host) as conn:
+            if not made_by_cloudops(conn.lookupByName(name)):
+                raise foreign_refusal(name, host.name)
+    return host
+
+
+def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m: None, extra_networks=(),
+              force: bool = False) -> VM:
+    """Destroy and undefine a VM cloudops made, remove its disks, its reservation and its address.
+
+    A domain without cloudops metadata is refused; with ``force`` it is destroyed and
+    undefined, but its disks (which cloudops did not create) are never deleted. Even for a
+    cloudops VM only the disks cloudops makes (``<name>.qcow2``, ``<name>-seed.iso``) are
+    deleted: a disk attached by hand stays."""
     validate_name(name)
     hosts = hosts or [h for h in inventory.hosts.values() if "bare" not in h.tags]
     with _name_lock(name):
         host = locate(name, hosts)
         with virt.open_host(host) as conn:
             dom = conn.lookupByName(name)
+            ours = made_by_cloudops(dom)
+            if not ours and not force:
+                raise foreign_refusal(name, host.name)
             vm = describe(dom, host.name)
-            disks = _disk_paths(dom)
+            disks = [p for p in _disk_paths(dom) if ours and os.path.basename(p) in _own_disk_names(name)]
             _destroy(dom)
             _undefine(dom)
+            if not ours:
+                progress(f"undefined {name} on {host.name} (--force; not made by cloudops: its disks are left alone)")
+                return vm
             progress(f"undefined {name} on {host.name}; removing its disks and address")
             for path in disks:
                 _delete_path(conn, path)
@@ -415,6 +458,11 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
                 ipam.release(net, name)
         guest.forget_host_keys(name, vm.ip)
     return vm
+
+
+def _own_disk_names(name: str) -> set[str]:
+    """The file names of the disks ``start_vm`` makes for a VM."""
+    return {f"{name}.qcow2", f"{name}-seed.iso"}
 
 
 def _disk_paths(dom) -> list[str]:

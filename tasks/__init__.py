@@ -2,9 +2,14 @@
 
 from invoke import Collection, task
 
+from cloudops import passwords as _passwords
+
 from tasks import cloud, fleet, graphite, host, image, lab, metrics, net, vm
 from tasks import deploy as deploy_module  # the module; `deploy` is its root-level task
 from tasks._cli import user_errors
+
+# A root password in the environment is taken out of it at once: no child process of cloudops inherits it.
+_passwords.take_from_environment()
 
 ns = Collection()
 for module in (lab, fleet, host, image, net, vm, cloud, graphite, metrics):
@@ -30,7 +35,6 @@ ns.configure({
 @user_errors
 def demo(c, hosts=2):
     """The main job on the local lab: hosts, their facts, an image, a VM with a password and a key, a command in it."""
-    import os
     import secrets
     import subprocess
 
@@ -52,9 +56,7 @@ def demo(c, hosts=2):
     if not key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     if not password_file.exists():
-        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(12) + "\n")
+        _passwords.write_private(password_file, secrets.token_urlsafe(12) + "\n")
     try:
         host = vms.locate("demo1", [h for h in _lab_hosts(c)])
         print(f"\n== demo1 already runs on {host.name}")

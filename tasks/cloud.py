@@ -23,11 +23,12 @@ def up(c, file, inventory=None, json=False):
     _print(stack.up(stack.load(file), load_inventory(c, inventory), progress=progress), json)
 
 
-@task(help={"file": "stack YAML (networks and vms)", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+@task(help={"file": "stack YAML (networks and vms)", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"],
+            "force": "also undefine domains of the stack's names that cloudops did not make (their disks stay)"})
 @user_errors
-def down(c, file, inventory=None, json=False):
-    """Delete the stack's VMs, then its networks."""
-    _print(stack.down(stack.load(file), load_inventory(c, inventory), progress=progress), json)
+def down(c, file, inventory=None, json=False, force=False):
+    """Delete the stack's VMs (only those cloudops made, unless --force), then its networks."""
+    _print(stack.down(stack.load(file), load_inventory(c, inventory), progress=progress, force=force), json)
 
 
 @task(help={"dry_run": "print the plan with the imbalance before and after (the default)",

@@ -149,9 +149,12 @@ def _deploy_fab(c: Connection, check, rotate, inventory, timeout, as_json, verbo
         or _match(load_inventory(c, inventory), c.original_host)
     _resolve(c, host)
     ssh.verify_host_keys(c, ssh.known_hosts_files(host))
+    live = {}
     result = fleet.run([host], lambda h: deploy_lib.deploy_host(h, run.planned[h.name], run.cloud, check, conn=c,
-                                                                progress=None if as_json else progress),
-                       workers=1, timeout=timeout)
+                                                                progress=None if as_json else progress,
+                                                                timeout=timeout, live=live),
+                       workers=1, timeout=timeout, grace=fleet.GRACE,
+                       on_timeout=lambda name: live[name].stop() if name in live else None)
     run.results.append(result.results[0])
     if len(run.results) < len(run.hosts):
         r = result.results[0]

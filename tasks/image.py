@@ -1,6 +1,5 @@
 """Image tasks: image.build (bootable qcow2 from a recipe) and image.customize (offline edits with libguestfs)."""
 
-import getpass
 import sys
 from pathlib import Path
 
@@ -22,24 +21,10 @@ def _split(values) -> list[str]:
 
 
 def _read_password(root_password_file, password_stdin, password) -> str | None:
-    given = [x for x in (root_password_file, password_stdin, password) if x]
-    if len(given) > 1:
-        raise CloudopsError("give only one of --root-password-file, --password-stdin, --password")
-    if root_password_file:
-        try:
-            text = Path(root_password_file).expanduser().read_text()
-        except OSError as exc:
-            raise CloudopsError(f"cannot read password file {root_password_file}: {exc.strerror}") from None
-        return text.rstrip("\r\n")
-    if password_stdin:
-        if sys.stdin.isatty():
-            return getpass.getpass("root password: ")
-        return sys.stdin.readline().rstrip("\r\n")
-    if password:
-        print("image: warning: --password is visible in the process list and shell history; "
-              "prefer --root-password-file or --password-stdin", file=sys.stderr)  # fmt: skip
-        return password
-    return None
+    from cloudops import passwords
+
+    return passwords.read_root_password(root_password_file, password_stdin, password,
+                                        file_option="--root-password-file")
 
 
 def _files(specs) -> dict:
@@ -85,7 +70,7 @@ def build(c, recipe=None, force=False, add=False, json=False):
         "disk": "disk image(s) to edit in place: a path, or several separated by commas (one appliance for all)",
         "root_password_file": "file whose first line is root's new password",
         "password_stdin": "read root's new password from stdin (prompted if stdin is a terminal)",
-        "password": "root's new password (visible in the process list: prefer the two options above)",
+        "password": "refused (visible in the process list): use one of the two options above",
         "ssh_key": "public key file (.pub) for root's authorized_keys; repeatable or comma-separated",
         "hostname": "new hostname (/etc/hostname and the 127.0.1.1 line of /etc/hosts)",
         "file": "GUEST_PATH:LOCAL_PATH to copy into every disk; repeatable",

@@ -142,25 +142,22 @@ def ship(c, once=False, interval=None, carbon=None, prefix=None, protocol=None, 
 
 @task(name="install-cron", help={
     **SELECT_HELP,
-    "carbon": "carbon address the hosts ship to, HOST:PORT (default: config metrics.carbon)",
-    "prefix": "series prefix (default: config metrics.prefix)",
-    "every": "minutes between cycles, 1-60 (default: config metrics.cron_minutes)",
+    "carbon": "carbon address the hosts ship to, HOST:PORT (default: the host's inventory `metrics`, then config metrics.carbon)",
+    "prefix": "series prefix (default: the host's inventory `metrics`, then config metrics.prefix)",
+    "every": "minutes between cycles, 1-60 (default: the host's `metrics.interval_minutes`, then config metrics.cron_minutes)",
     "check": "only say what would change; change nothing",
 })
 @user_errors
 def install_cron(c, carbon=None, prefix=None, every=None, check=False,
                  hosts=None, group=None, limit=None, inventory=None, workers=None, timeout=None, json=False):
     """Install /etc/cron.d/cloudops-metrics on every selected host (one locked cycle a minute); idempotent."""
-    address = _setting(c, "carbon", carbon)
-    metrics.check_carbon_address(address)
-    prefix = metrics.naming.validate_prefix(_setting(c, "prefix", prefix))
-    minutes = every if every is not None else (_settings(c).get("cron_minutes") or 1)
-    try:
-        minutes = int(minutes)
-    except (TypeError, ValueError):
-        raise CloudopsError(f"--every must be a whole number of minutes, got {minutes!r}") from None
     selected = select_hosts(c, hosts, group, limit, inventory)
-    entries = {h.name: metrics_cron.host_entry(h, address, prefix, minutes) for h in selected}  # all checked first
+    entries = {}
+    for h in selected:  # all checked first; values not given come from the host's `metrics` (as deploy's do)
+        address, host_prefix, minutes = metrics_cron.host_settings(h, carbon, prefix, every, defaults=_settings(c))
+        metrics.check_carbon_address(address)
+        metrics.naming.validate_prefix(host_prefix)
+        entries[h.name] = metrics_cron.host_entry(h, address, host_prefix, minutes)
 
     def one(host):
         from cloudops.ssh import connect

@@ -1,33 +1,16 @@
 """Virtual machines: start, stop, delete, list, inspect and reach them."""
 
-import getpass
-import os
 import sys
 
 from invoke import Exit, task
 
-from cloudops import fleet, guest, output, vms
+from cloudops import fleet, guest, output, passwords, vms
 from cloudops.errors import CloudopsError
 from tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, select_hosts, user_errors
 
-PASSWORD_ENV = "CLOUDOPS_ROOT_PASSWORD"
-
-
 def _password(password, password_file, password_stdin):
-    """The root password from a file, stdin or $CLOUDOPS_ROOT_PASSWORD (a command-line value is visible in ps)."""
-    if password:
-        print("cloudops: warning: --password is visible in the process list; prefer --password-file, "
-              f"--password-stdin or ${PASSWORD_ENV}", file=sys.stderr)
-        return password
-    if password_file:
-        try:
-            with open(password_file) as f:
-                return f.readline().rstrip("\n")
-        except OSError as exc:
-            raise CloudopsError(f"cannot read password file {password_file}: {exc.strerror}") from None
-    if password_stdin:
-        return sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("root password: ")
-    return os.environ.get(PASSWORD_ENV) or None
+    """The root password from a file, stdin or $CLOUDOPS_ROOT_PASSWORD; --password is refused (visible in ps)."""
+    return passwords.read_root_password(password_file, password_stdin, password)
 
 
 def _keys(ssh_key):
@@ -42,7 +25,8 @@ def _keys(ssh_key):
     "name": "VM name (a-z 0-9 -, up to 40)", "image": "image name or id (see image.list)",
     "memory": "MiB (default: config vm.memory)", "vcpus": "vCPUs (default: config vm.vcpus)",
     "host": "put it on this host (default: the scheduler chooses)", "network": "network name (default: cloudops)",
-    "password": "root password (visible in ps: prefer the next two)", "password_file": "read the root password from a file",
+    "password": "refused (a password on the command line is visible in ps): use the next two",
+    "password_file": "read the root password from a file (first line; else $CLOUDOPS_ROOT_PASSWORD)",
     "password_stdin": "read the root password from stdin", "ssh_key": "public key file(s) for root, comma-separated",
     "hostname": "guest hostname (default: the VM name)", "customize": "seed (NoCloud CD-ROM) or guestfs",
     "group": "anti-affinity group: never two VMs of a group on one host", "no_wait": "do not wait for SSH",
@@ -52,6 +36,7 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
           inventory=None, json=False):
     """Start a VM from an image; prints its name, host and IP once SSH answers."""
+    vms.validate_name(name)
     spec = vms.VMSpec(
         name=name, image=image or c.vm.image, memory=_int(memory or c.vm.memory, "memory"),
         vcpus=_int(vcpus or c.vm.vcpus, "vcpus"), host=host, network=network,
@@ -77,6 +62,7 @@ def _int(value, what):
 @user_errors
 def stop(c, name, timeout=60, inventory=None, json=False):
     """Stop a VM: ACPI shutdown, destroyed after --timeout; says so when it was already stopped."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     hosts = _hypervisors(c, inventory)
     vm, changed = vms.stop_vm(name, hosts, timeout=float(timeout), progress=progress)
     if json:
@@ -85,12 +71,14 @@ def stop(c, name, timeout=60, inventory=None, json=False):
         print(f"{vm.name} on {vm.host}: {'stopped' if changed else 'already stopped, nothing to do'}")
 
 
-@task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")},
+            "force": "also undefine a domain cloudops did not make (its disks are never deleted)"})
 @user_errors
-def delete(c, name, inventory=None, json=False):
-    """Delete a VM: destroy, undefine, remove its disks, reservation and address."""
+def delete(c, name, inventory=None, json=False, force=False):
+    """Delete a VM cloudops made: destroy, undefine, remove its disks, reservation and address."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     inv = load_inventory(c, inventory)
-    vm = vms.delete_vm(name, inv, progress=progress)
+    vm = vms.delete_vm(name, inv, progress=progress, force=force)
     if json:
         emit_json(vm.to_dict())
     else:
@@ -119,6 +107,7 @@ def list_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, t
 @user_errors
 def info(c, name, inventory=None, json=False):
     """Everything known about one VM."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     host = vms.locate(name, _hypervisors(c, inventory))
     vm = next(v for v in vms.list_on_host(host) if v.name == name)
     if json:
@@ -133,6 +122,7 @@ def info(c, name, inventory=None, json=False):
 @user_errors
 def ssh(c, name, command=None, inventory=None):
     """SSH into a VM through its hypervisor (verified host keys, the cloud key)."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     result = _run_in_vm(c, name, command, inventory, pty=command is None)
     raise Exit(code=result.exited)
 
@@ -141,6 +131,7 @@ def ssh(c, name, command=None, inventory=None):
 @user_errors
 def run(c, name, command, inventory=None):
     """Run a command in a VM through its hypervisor; exits with the command's status."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     result = _run_in_vm(c, name, command, inventory)
     raise Exit(code=result.exited)
 
@@ -149,6 +140,9 @@ def run(c, name, command, inventory=None):
 @user_errors
 def console(c, name, log=False, inventory=None):
     """Attach to a VM's serial console (virsh console via its hypervisor), or print its log."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    import shlex
+
     from cloudops.ssh import connect
 
     host = vms.locate(name, _hypervisors(c, inventory))
@@ -156,7 +150,7 @@ def console(c, name, log=False, inventory=None):
         if log or not sys.stdin.isatty():
             print(guest.read_console(hv, name), end="")
             return
-        hv.run(f"virsh -c qemu:///system console {name}", pty=True, warn=True)
+        hv.run(f"virsh -c qemu:///system console {shlex.quote(name)}", pty=True, warn=True)
 
 
 def _ship_migration_figures(c, result) -> dict:
@@ -197,6 +191,7 @@ def _hypervisors(c, inventory):
 def migrate(c, name, to=None, timeout=None, copy_storage=True, postcopy_after=None, auto_converge=True,
             max_downtime=None, bandwidth=None, recover=False, inventory=None, json=False):
     """Live-migrate a VM to another host (offline when it is stopped); prints duration, downtime, bytes moved."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
     from cloudops import migrate as migration
 
     if recover:

@@ -77,3 +77,57 @@ def test_unexpected_exception_is_a_failed_host_not_a_crash():
 def test_workers_must_be_positive():
     with pytest.raises(ValueError):
         fleet.run(["a"], lambda h: 1, workers=0)
+
+
+# ---------------------------------------------------------------- a host given up at its timeout stops working
+
+def test_bounded_command_ends_the_whole_process_group_at_the_deadline(tmp_path):
+    import os
+    import subprocess
+
+    late = tmp_path / "late"
+    started = time.monotonic()
+    proc = subprocess.run(["sh", "-c", fleet.bounded(f"sleep 3; touch {late}", 1)], capture_output=True,
+                          env={**os.environ, "SHELL": "/bin/sh"}, timeout=20)
+    assert proc.returncode in fleet.TIMEOUT_EXITS
+    assert time.monotonic() - started < 2.9
+    time.sleep(3)
+    assert not late.exists(), "the rest of the command ran after the deadline"
+
+
+def test_bounded_connection_refuses_after_its_deadline_or_stop():
+    class Conn:
+        calls = []
+
+        def run(self, command, **kwargs):
+            self.calls.append(command)
+
+        def put(self, *a, **k):
+            self.calls.append("put")
+
+        def close(self):
+            self.calls.append("close")
+
+    conn = Conn()
+    expired = fleet.Bounded(conn, time.monotonic() - 1, 3)
+    with pytest.raises(fleet.TimedOut, match="timed out after 3s; stopped"):
+        expired.run("touch /tmp/x")
+    with pytest.raises(fleet.TimedOut):
+        expired.put("a", "b")
+    live = fleet.Bounded(conn, time.monotonic() + 60, 60)
+    live.stop()
+    with pytest.raises(fleet.TimedOut):
+        live.run("true")
+    assert conn.calls == ["close"]
+
+
+def test_a_host_abandoned_at_its_timeout_is_stopped_and_reported_so():
+    import threading
+
+    release = threading.Event()
+    stopped = []
+    result = fleet.run(["slow", "fast"], lambda h: release.wait(10) if h == "slow" else "ok", timeout=0.3,
+                       grace=0.2, on_timeout=lambda name: (stopped.append(name), release.set()))
+    assert stopped == ["slow"]
+    assert result["slow"].error == "timed out after 0.3s; stopped"
+    assert result["fast"].status == fleet.OK
