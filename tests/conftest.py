@@ -85,7 +85,11 @@ def user_key(tmp_path_factory):
 
 
 def invoke(*args, check=False, env=None):
-    """Run the real `invoke` CLI from the repository root; returns the CompletedProcess."""
+    """Run the real `invoke` CLI from the repository root; returns the CompletedProcess.
+
+    ROOT goes first on PYTHONPATH: invoke puts only tasks/ on sys.path, so with a venv shared by several
+    checkouts (an editable install of another one) the CLI would otherwise import that checkout's cloudops."""
     cmd = [str(Path(sys.executable).parent / "invoke"), *args]
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check,
-                          env={**os.environ, **(env or {})}, timeout=600)
+                          env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})}, timeout=600)
