@@ -23,6 +23,7 @@ import json
 import platform
 import statistics
 import sys
+import shlex
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def run_virsh(inv, source, dest, give_up: float) -> dict:
         migrate._prepare(dom, meta, disks, False, migrate._image(meta), source, dest, dst_conn,
                          migrate._Prepared(), lambda m: None)
     cmd = (f"virsh -c qemu:///system migrate --live --p2p --persistent --undefinesource --copy-storage-inc "
-           f"{NAME} qemu+ssh://{dest.address}/system tcp://{dest.address}")
+           f"{NAME} {shlex.quote(migrate.migration_uri(dest))} tcp://{dest.address}")  # the hosts' own key and trust
     t0 = time.perf_counter()
     with connect(source) as hv:
         done = hv.run(f"timeout {int(give_up)} {cmd}", warn=True, hide=True, in_stream=False)

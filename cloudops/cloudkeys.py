@@ -2,13 +2,18 @@
 
 The migration key is generated once on this machine (``var/cloud/migration_key``)
 and installed on every host, so each host's libvirtd can reach every other over
-``qemu+ssh`` (peer-to-peer migration). Host keys are collected with ``ssh-keyscan``
+``qemu+libssh2`` (peer-to-peer migration) with the host's own key and known_hosts
+(``migration_uri``: paths on the hypervisor, never on this machine). Each host authorizes
+that key for migration only (``authorized_migration_key``): ``restrict``, ``from=`` the
+cloud's hosts, and a forced command that is libvirt's remote helper, so a peer holding it
+reaches libvirtd and nothing else. Host keys are collected with ``ssh-keyscan``
 from this machine and kept only when they match the trusted known_hosts of the
 inventory (the keys cloudops itself verifies every connection against): a key
 that differs is an error, a key that cannot be verified is left out, never
 accepted blindly.
 """
 
+import re
 import shutil
 import subprocess
 import time
@@ -18,11 +23,49 @@ from pathlib import Path
 
 import paramiko
 
-from . import paths, ssh
+from . import inventory, paths, ssh
 from .errors import CloudopsError
 
 KEY_TYPES = "ed25519,ecdsa,rsa"
 KEY_PRESENT = "migration key present"
+HOST_MIGRATION_KEY = ".ssh/cloudops_migration"  # under the home of the user libvirtd runs as, on every host
+HOST_KNOWN_HOSTS = ".ssh/known_hosts"
+HOST_HOME = "/root"  # libvirtd runs as root: its ssh transport reads root's files (inventory var migration_home)
+REMOTE_HELPER = "virt-ssh-helper qemu:///system"  # what libvirt's ssh transports run on the far side
+SOURCE_RE = re.compile(r"^[A-Za-z0-9.:_*?/\[\]-]+$")  # an sshd from= pattern: no quotes, commas or spaces
+
+
+def migration_uri(dest) -> str:
+    """The URI a source host's libvirtd opens to reach ``dest`` for a peer-to-peer migration.
+
+    libssh2 with the source's own migration key and known_hosts (what deploy, or the lab, put
+    there), so no file of the operator's machine is involved and no ssh_config can loosen it.
+    """
+    home = str(dest.vars.get("migration_home") or HOST_HOME).rstrip("/")
+    return inventory.libssh2_uri(dest.user, dest.address, dest.port, f"{home}/{HOST_MIGRATION_KEY}",
+                                 f"{home}/{HOST_KNOWN_HOSTS}")
+
+
+def migration_sources(peers: list) -> list[str]:
+    """The addresses the cloud's hosts connect from: each address, and its migration_address if set."""
+    found = []
+    for peer in peers:
+        for value in (peer.address, peer.vars.get("migration_address")):
+            if value and str(value) not in found:
+                found.append(str(value))
+    return found
+
+
+def authorized_migration_key(public: str, sources: list[str]) -> str:
+    """The authorized_keys line of the migration key: from the cloud's hosts only, libvirt's helper only."""
+    bad = [s for s in sources if not SOURCE_RE.match(s)]
+    if bad or not sources:
+        raise CloudopsError(f"cannot authorize the migration key from {bad or 'no host'}: "
+                            "addresses must be plain host names, IPs or patterns")
+    key = public.strip()
+    if not re.match(r"^[a-z0-9@.-]+ [A-Za-z0-9+/=]+( [^\n\"]*)?$", key):
+        raise CloudopsError("the migration public key is not one 'type base64 [comment]' line")
+    return f'restrict,from="{",".join(sources)}",command="{REMOTE_HELPER}" {key}'
 
 
 def migration_key_path() -> Path:

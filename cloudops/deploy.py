@@ -51,7 +51,7 @@ STEPS = ("packages", "libvirtd", "pool", "networks", "migration-key", "known-hos
 LIBVIRTD_CONF = "/etc/libvirt/libvirtd.conf"
 MOTD = "/etc/motd"
 METRICS_CRON = "/etc/cron.d/cloudops-metrics"  # metrics_cron.CRON_PATH
-MIGRATION_KEY = ".ssh/cloudops_migration"  # under the login user's home on every host
+MIGRATION_KEY = cloudkeys.HOST_MIGRATION_KEY  # under the login user's home on every host
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 TEXT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.,:/()-]{0,62}$")
 UUID_RE = re.compile(r'^\s*host_uuid\s*=\s*"([0-9a-fA-F-]{36})"', re.MULTILINE)
@@ -360,7 +360,8 @@ class _Run:
         results = [
             self.file(f"{home}/{MIGRATION_KEY}", key.private, "600", "700"),
             self.file(f"{home}/{MIGRATION_KEY}.pub", key.public + "\n", "644", "700"),
-            self._block(f"{home}/.ssh/authorized_keys", "migration key", [key.public], "600"),
+            self._block(f"{home}/.ssh/authorized_keys", "migration key", [cloudkeys.authorized_migration_key(
+                key.public, cloudkeys.migration_sources(self.cloud.peers))], "600"),
             self._block(f"{home}/.ssh/config", "peers", ssh_peers(self.settings, self.cloud.peers, home), "600",
                         top=True),
         ]

@@ -45,7 +45,8 @@ class Host:
 
     def __post_init__(self):
         if not self.libvirt_uri:
-            object.__setattr__(self, "libvirt_uri", derived_libvirt_uri(self.user, self.address, self.port, self.key))
+            object.__setattr__(self, "libvirt_uri", derived_libvirt_uri(
+                self.user, self.address, self.port, self.key, known_hosts_file(self.vars)))
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -53,11 +54,31 @@ class Host:
         return data
 
 
-def derived_libvirt_uri(user: str, address: str, port: int, key: str | None) -> str:
-    """``qemu+ssh://user@address:port/system``, plus ``?keyfile=`` when a key is set."""
+def known_hosts_file(host_vars: dict | None) -> str:
+    """The one known_hosts file a host's key is checked against: the inventory's ``known_hosts``
+    variable, else ~/.ssh/known_hosts."""
+    configured = (host_vars or {}).get("known_hosts")
+    return os.path.expanduser(str(configured)) if configured else os.path.expanduser("~/.ssh/known_hosts")
+
+
+def libssh2_uri(user: str, address: str, port: int, key: str | None, known_hosts: str) -> str:
+    """``qemu+libssh2://user@address:port/system`` that checks the host key against ``known_hosts`` only.
+
+    libvirt's libssh2 transport reads no ssh_config (libssh and OpenSSH would let ~/.ssh/config or
+    /etc/ssh override the file) and, with ``known_hosts_verify=normal``, refuses a changed key and,
+    with no one to ask (cloudops passes no auth callback), an unknown one. Every value is URI-quoted.
+    """
     host = f"[{address}]" if ":" in address else address
-    uri = f"qemu+ssh://{user}@{host}:{port}/system"
-    return f"{uri}?keyfile={quote(key, safe='/')}" if key else uri
+    params = [("known_hosts", known_hosts), ("known_hosts_verify", "normal")]
+    if key:
+        params += [("keyfile", key), ("sshauth", "privkey")]
+    query = "&".join(f"{name}={quote(str(value), safe='/')}" for name, value in params)
+    return f"qemu+libssh2://{quote(user, safe='')}@{host}:{int(port)}/system?{query}"
+
+
+def derived_libvirt_uri(user: str, address: str, port: int, key: str | None, known_hosts: str | None = None) -> str:
+    """The operator's URI for a host: libssh2 with the host's key file and its trusted known_hosts."""
+    return libssh2_uri(user, address, port, key, known_hosts or known_hosts_file(None))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ the same path on every host, as shared storage.
 
 ``up`` writes, under ``var/lab/<prefix>/``: a state file (pids of everything it
 started), a client key, known_hosts with every host key, an ssh_config, and the
-lab's inventory. ``down`` ends the processes it started (by pid: everything in
+lab's inventory; and in every full host's own ~/.ssh the migration trust that
+``deploy`` installs on real hosts (a lab migration key authorized for migration
+only, and known_hosts), so hosts never use the operator's key or trust. ``down`` ends the processes it started (by pid: everything in
 the lab's namespaces), deletes namespaces, veths and the bridge, and removes the
 files. ``up`` over a lab that was never taken down cleans the leftovers first.
 """
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import paths
+from . import cloudkeys, paths
 from .errors import CloudopsError
 from .templating import render
 
@@ -281,6 +283,7 @@ def _write_client_files(lab: Lab) -> None:
             _seed_qemu_capabilities(host)
     (base / "known_hosts").write_text("\n".join(known) + "\n")
     (base / "hosts").write_text("\n".join(hosts_file) + "\n")
+    _write_migration_trust(lab, known)
     (base / "ssh_config").write_text(render(
         "lab/ssh_config.j2", prefix=lab.prefix, hosts=lab.hosts, key=str(key), known_hosts=str(base / "known_hosts"),
         names=lab.prefix == DEFAULT_PREFIX))
@@ -288,6 +291,33 @@ def _write_client_files(lab: Lab) -> None:
         "lab/inventory.yaml.j2", prefix=lab.prefix, hosts=lab.hosts, bare=lab.bare, key=str(key),
         known_hosts=str(base / "known_hosts"), pool_path=POOL_PATH, shared_path=str(base / "shared"),
         group="bare" if lab.bare else "hypervisors"))
+
+
+def _write_migration_trust(lab: Lab, known: list[str]) -> None:
+    """What `deploy` gives real hypervisors, so live migration works on a fresh lab: the lab's migration
+    key in each full host's own ~/.ssh, authorized for migration only (cloudkeys.authorized_migration_key),
+    and every lab host's key in its known_hosts. The host's ~/.ssh is opaque over the machine's: a lab
+    host never sees the operator's keys, ssh_config or known_hosts (migration must not depend on them)."""
+    full = [host for host in lab.hosts if not host.bare]
+    if not full:
+        return
+    key = Path(lab.dir) / "migration_key"
+    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cloudops-lab-{lab.prefix}-migration", "-f", str(key))
+    public = key.with_name("migration_key.pub").read_text().strip()
+    authorized = cloudkeys.authorized_migration_key(public, [host.address for host in full])
+    for host in full:
+        ssh_dir = Path(host.dir) / "root.upper" / ".ssh"
+        ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            os.setxattr(ssh_dir, "trusted.overlay.opaque", b"y")
+        except OSError:
+            pass  # a file system without trusted xattrs: the machine's ~/.ssh shows through, the files below win
+        files = {"cloudops_migration": (key.read_text(), 0o600), "cloudops_migration.pub": (public + "\n", 0o644),
+                 "authorized_keys": (authorized + "\n", 0o600), "known_hosts": ("\n".join(known) + "\n", 0o644)}
+        for name, (content, mode) in files.items():
+            fd = os.open(ssh_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            with os.fdopen(fd, "w") as out:
+                out.write(content)
 
 
 def _create_network(lab: Lab) -> None:
@@ -524,6 +554,41 @@ def start_sshd(prefix: str, name: str) -> None:
     _wait_for(lambda: _port_open(host.address), 10, f"sshd on {host.name}")
     host.pids["sshd"] = _read_pid(pidfile)
     _save(lab)
+
+
+def replace_host_key(prefix: str, name: str) -> str:
+    """Fault injection: the host presents a new SSH host key (as a reinstalled host or an impostor would);
+    sshd restarts with it, the old key is kept for ``restore_host_key``. Returns the new public key."""
+    key = _host_key(prefix, name)
+    saved = key.with_name(key.name + ".orig")
+    if not saved.exists():
+        for suffix in ("", ".pub"):
+            os.replace(key.with_name(key.name + suffix), saved.with_name(saved.name + suffix))
+    else:
+        for suffix in ("", ".pub"):
+            key.with_name(key.name + suffix).unlink(missing_ok=True)
+    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key))
+    stop_sshd(prefix, name)
+    start_sshd(prefix, name)
+    return key.with_name(key.name + ".pub").read_text().strip()
+
+
+def restore_host_key(prefix: str, name: str) -> None:
+    """Undo ``replace_host_key``: the host's original key again, sshd restarted."""
+    key = _host_key(prefix, name)
+    saved = key.with_name(key.name + ".orig")
+    if saved.exists():
+        for suffix in ("", ".pub"):
+            os.replace(saved.with_name(saved.name + suffix), key.with_name(key.name + suffix))
+        stop_sshd(prefix, name)
+        start_sshd(prefix, name)
+
+
+def _host_key(prefix: str, name: str) -> Path:
+    lab = load(prefix)
+    if lab is None:
+        raise CloudopsError(f"lab {prefix!r} is not up")
+    return Path(lab.host(name).dir) / "ssh_host_ed25519_key"
 
 
 def restart_libvirtd(prefix: str, name: str) -> int:

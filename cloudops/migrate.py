@@ -34,7 +34,7 @@ from pathlib import Path
 
 import libvirt
 
-from . import guest, images, maintenance, networks, placement, scheduler, storage, virt, vms
+from . import cloudkeys, guest, images, maintenance, networks, placement, scheduler, storage, virt, vms
 from . import migrate_journal as journal
 from . import migrate_outcome as outcome
 from .errors import CloudopsError
@@ -496,8 +496,9 @@ def _flags(shared, policy, disks) -> int:
 
 
 def migration_uri(dest) -> str:
-    """The libvirt URI the source's libvirtd uses to reach the destination's (inventory var migration_uri)."""
-    return dest.vars.get("migration_uri") or dest.libvirt_uri
+    """The libvirt URI the source's libvirtd uses to reach the destination's (inventory var migration_uri):
+    the hosts' own migration key and known_hosts, never the operator's key or trust (cloudkeys.migration_uri)."""
+    return dest.vars.get("migration_uri") or cloudkeys.migration_uri(dest)
 
 
 def _params(dest, shared, disks, policy) -> dict:

@@ -4,6 +4,8 @@ Fabric's Connection accepts unknown host keys by default (paramiko's AutoAddPoli
 Everything cloudops opens goes through ``connect`` or ``verify_host_keys``, which
 switch to RejectPolicy and load the known_hosts files: the inventory's
 ``known_hosts`` variable, else ~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts.
+libvirt connections check the same file (``inventory.known_hosts_file``; without the variable,
+~/.ssh/known_hosts only: libvirt's libssh2 transport takes one file).
 """
 
 import os
@@ -54,6 +56,9 @@ def describe(exc: BaseException) -> str:
         return "timed out connecting"
     if isinstance(exc, paramiko.AuthenticationException):
         return "authentication failed (check the key)"
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return (f"SSH host key of {exc.hostname} does not match the trusted known_hosts: possible impostor or a "
+                "reinstalled host; cloudops never accepts a changed key")
     if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
         return f"host key not verified: {exc} (add it to known_hosts; cloudops never accepts unknown keys)"
     if isinstance(exc, CloudopsError):

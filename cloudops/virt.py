@@ -1,12 +1,15 @@
 """libvirt connections to inventory hosts: opened once per process and reused, quiet, clear errors.
 
-Opening ``qemu+ssh://`` costs an SSH handshake (~0.5-1 s here); a command that
-checks names, places a VM and builds it would pay it three times per host.
-Connections are cached by URI and checked with ``isAlive()`` and one cheap RPC before reuse.
+Opening a host's URI (``qemu+libssh2://``, see ``inventory.libssh2_uri``: the host key is checked
+against the inventory's known_hosts, the same trust as cloudops.ssh) costs an SSH handshake
+(~0.5-1 s here); a command that checks names, places a VM and builds it would pay it three times
+per host. Connections are cached by URI and checked with ``isAlive()`` and one cheap RPC before reuse.
+A host key that is not the trusted one is one line naming the host (``open_error``).
 """
 
 import contextlib
 import threading
+from urllib.parse import parse_qs, urlsplit
 
 import libvirt
 
@@ -57,11 +60,31 @@ def connection(host, uri: str | None = None) -> libvirt.virConnect:
         try:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
-            message = (exc.get_error_message() or str(exc)).strip().splitlines()
-            raise LibvirtUnavailable(
-                f"{host.name}: cannot reach libvirtd at {uri}: {message[-1] if message else exc}") from None
+            raise LibvirtUnavailable(open_error(host, uri, exc.get_error_message() or str(exc))) from None
         _cache[uri] = conn
         return conn
+
+
+# what libvirt's ssh transports say when the host key is not the trusted one (libssh2, libssh, OpenSSH)
+_CHANGED = ("HOST KEY VERIFICATION FAILED", "differs from stored identity", "REMOTE HOST IDENTIFICATION HAS CHANGED")
+_UNKNOWN = ("Can't verify the session host key", "was not accepted")
+_UNVERIFIED = ("Host key verification failed",)  # OpenSSH (an explicit qemu+ssh libvirt_uri): changed or unknown
+
+
+def open_error(host, uri: str, text: str) -> str:
+    """One line saying why ``uri`` did not open; a host key that is not the trusted one is named as such."""
+    lines = text.strip().splitlines()
+    known = parse_qs(urlsplit(uri).query).get("known_hosts", [None])[0]
+    where = f"the trusted known_hosts {known}" if known else "the trusted known_hosts"
+    if any(mark in text for mark in _CHANGED):
+        return (f"{host.name}: SSH host key of {host.address} does not match {where}: possible impostor or a "
+                "reinstalled host; cloudops never accepts a changed key (verify it out of band, then update known_hosts)")
+    if any(mark in text for mark in _UNKNOWN):
+        return (f"{host.name}: SSH host key of {host.address} is not in {where}; "
+                "cloudops never accepts an unknown key (add it, verified out of band)")
+    if any(mark in text for mark in _UNVERIFIED):
+        return f"{host.name}: SSH host key of {host.address} does not match or is not in the known_hosts ssh uses"
+    return f"{host.name}: cannot reach libvirtd at {uri}: {lines[-1] if lines else text}"
 
 
 @contextlib.contextmanager

@@ -151,7 +151,9 @@ def defined_on(conn, name: str) -> bool:
 
 
 def find(name: str, hosts: list) -> tuple[list, list[str]]:
-    """(the hosts that have a domain ``name``, the names of hosts that could not be asked), in parallel."""
+    """(the hosts that have a domain ``name``, each host that could not be asked as "name: why"), in parallel.
+
+    The reason goes along (a changed host key, say), so a caller's one-line error can say it."""
     from . import fleet
 
     validate_name(name)  # before any host is asked: names reach virsh and shells on the hosts
@@ -161,7 +163,8 @@ def find(name: str, hosts: list) -> tuple[list, list[str]]:
             return defined_on(conn, name)
 
     result = fleet.run(hosts, has, timeout=60)
-    return [h for h, r in zip(hosts, result) if r.value], [r.host for r in result.failed]
+    why = [r.error if (r.error or "").startswith(f"{r.host}: ") else f"{r.host}: {r.error}" for r in result.failed]
+    return [h for h, r in zip(hosts, result) if r.value], why
 
 
 def locate(name: str, hosts: list):

@@ -102,7 +102,7 @@ def user_key(tmp_path_factory):
 
 
 def invoke(*args, check=False, env=None):
-    """Run the real `invoke` CLI from the repository root; returns the CompletedProcess."""
+    """Run the real `invoke` CLI from the repository root (this checkout's cloudops: PYTHONPATH above)."""
     cmd = [str(Path(sys.executable).parent / "invoke"), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check,
                           env={**os.environ, **(env or {})}, timeout=600)

@@ -1,6 +1,7 @@
 """`deploy` on a real lab: check mode, idempotence, drift repair, a host down, migration trust, bad input, fab -H."""
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloudops import fleet, lab as lab_lib
+from cloudops import fleet, lab as lab_lib, migrate
 from tests.conftest import ROOT, invoke, own_inventory, own_lab
 
 SNAPSHOT = ("cat /etc/libvirt/libvirtd.conf /etc/motd; ls -la ~/.ssh; cat ~/.ssh/known_hosts ~/.ssh/authorized_keys "
@@ -95,13 +96,20 @@ def test_deploy_twice_the_second_changes_nothing(lab, lab_inventory, cli):
 
 def test_hv1_reaches_hv2_libvirtd_with_the_migration_key_and_verified_host_keys(lab_inventory):
     hv2 = lab_inventory.hosts["hv2"]
-    out = sh(lab_inventory.hosts["hv1"],
-             f"ssh -i ~/.ssh/cloudops_migration -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes "
-             f"-o UserKnownHostsFile=~/.ssh/known_hosts root@{hv2.address} virsh -c qemu:///system hostname")
-    assert out.strip() == "hv2"
-    # and libvirt's own qemu+ssh (what peer-to-peer migration uses) through the managed ssh config
+    # the URI the source's libvirtd opens for a migration: the host's own key and known_hosts, as deployed
+    uri = migrate.migration_uri(hv2)
+    assert "cloudops_migration" in uri and "var/lab" not in uri
+    assert sh(lab_inventory.hosts["hv1"], f"virsh -c {shlex.quote(uri)} hostname").strip() == "hv2"
+    # and libvirt's own qemu+ssh through the managed ssh config
     out = sh(lab_inventory.hosts["hv3"], f"virsh -c qemu+ssh://root@{hv2.address}/system hostname")
     assert out.strip() == "hv2"
+    # the deployed key reaches libvirt's helper only: no shell, no `id`
+    out = sh(lab_inventory.hosts["hv1"],
+             f"ssh -i ~/.ssh/cloudops_migration -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes "
+             f"-o UserKnownHostsFile=~/.ssh/known_hosts root@{hv2.address} id </dev/null 2>&1; true")
+    assert "uid=" not in out and "virt-ssh-helper" in out, out
+    authorized = sh(hv2, "cat ~/.ssh/authorized_keys")
+    assert 'restrict,from="' in authorized and 'command="virt-ssh-helper qemu:///system"' in authorized
 
 
 def test_drift_is_repaired_only_where_it_is(lab_inventory, cli):

@@ -1,7 +1,9 @@
 """Inventory loading (native and Ansible YAML), precedence, selection and one-line errors."""
 
 import json
+import os
 import textwrap
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from hypothesis import given
@@ -192,22 +194,42 @@ def test_yaml_merge_keys_may_repeat_a_key(tmp_path):
 # ---------------------------------------------------------------- libvirt URI and Host
 
 
+def uri_parts(uri):
+    parts = urlsplit(uri)
+    return parts.scheme, parts.netloc, parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
+
+
 def test_libvirt_uri_is_derived_from_user_address_port():
-    assert Host("hv1", "10.0.0.1").libvirt_uri == "qemu+ssh://root@10.0.0.1:22/system"
+    scheme, netloc, path, params = uri_parts(Host("hv1", "10.0.0.1").libvirt_uri)
+    assert (scheme, netloc, path) == ("qemu+libssh2", "root@10.0.0.1:22", "/system")
+    assert params == {"known_hosts": os.path.expanduser("~/.ssh/known_hosts"), "known_hosts_verify": "normal"}
 
 
-def test_libvirt_uri_with_key_and_ipv6():
-    host = Host("hv1", "fd00::1", user="ops", port=2201, key="/keys/my key")
-    assert host.libvirt_uri == "qemu+ssh://ops@[fd00::1]:2201/system?keyfile=/keys/my%20key"
+def test_libvirt_uri_verifies_against_the_inventory_known_hosts_strictly():
+    host = Host("hv1", "10.0.0.1", key="/k/id", vars={"known_hosts": "/trust/known_hosts"})
+    assert host.libvirt_uri == ("qemu+libssh2://root@10.0.0.1:22/system?known_hosts=/trust/known_hosts"
+                                "&known_hosts_verify=normal&keyfile=/k/id&sshauth=privkey")
+
+
+def test_libvirt_uri_quotes_every_value_and_brackets_ipv6():
+    host = Host("hv1", "fd00::1", user="ops", port=2201, key="/keys/my key&x=1",
+                vars={"known_hosts": "/a b/kh?#"})
+    scheme, netloc, path, params = uri_parts(host.libvirt_uri)
+    assert netloc == "ops@[fd00::1]:2201"
+    assert "my%20key%26x%3D1" in host.libvirt_uri and " " not in host.libvirt_uri
+    assert params == {"known_hosts": "/a b/kh?#", "known_hosts_verify": "normal", "keyfile": "/keys/my key&x=1",
+                      "sshauth": "privkey"}
 
 
 def test_libvirt_uri_from_inventory_and_explicit_override(tmp_path):
     inv = load_text(tmp_path, """
+        vars: {known_hosts: /trust/kh}
         hosts:
           hv1: {address: 10.0.0.1, key: /k/id}
           hv2: {address: 10.0.0.2, libvirt_uri: "qemu:///system"}
     """)
-    assert inv.hosts["hv1"].libvirt_uri == "qemu+ssh://root@10.0.0.1:22/system?keyfile=/k/id"
+    assert inv.hosts["hv1"].libvirt_uri == ("qemu+libssh2://root@10.0.0.1:22/system?known_hosts=/trust/kh"
+                                            "&known_hosts_verify=normal&keyfile=/k/id&sshauth=privkey")
     assert inv.hosts["hv2"].libvirt_uri == "qemu:///system"
 
 
@@ -216,7 +238,7 @@ def test_to_dict_is_json_ready(tmp_path):
     assert json.loads(json.dumps(data)) == data
     assert data["capacity"] == {"memory_mb": 4096, "vcpus": 8}
     assert data["tags"] == ["ssd"] and data["groups"] == ["hypervisors"]
-    assert data["libvirt_uri"].startswith("qemu+ssh://admin@10.251.0.11:2201/")
+    assert data["libvirt_uri"].startswith("qemu+libssh2://admin@10.251.0.11:2201/")
 
 
 # ---------------------------------------------------------------- selection
@@ -405,7 +427,8 @@ def test_default_path_missing_lab_suggests_lab_up(no_env):
 def test_example_inventories_load(name):
     inv = inventory.load(paths.ROOT / "inventory" / name)
     assert inv.hosts and inv.select(groups="hypervisors")
-    assert all(host.libvirt_uri.startswith("qemu+ssh://") for host in inv.hosts.values())
+    assert all(host.libvirt_uri.startswith("qemu+libssh2://") for host in inv.hosts.values())
+    assert not any("no_verify" in host.libvirt_uri for host in inv.hosts.values())
 
 
 def test_examples_describe_the_same_precedence():
