@@ -57,6 +57,15 @@ class Recovery:
 
 def recover_vm(name: str, inventory, *, timeout: float = 300, message=lambda m: None) -> Recovery:
     """Bring VM ``name`` back to exactly one copy after a broken migration (see the module docstring)."""
+    try:
+        return _recover(name, inventory, timeout, message)
+    except libvirt.libvirtError as exc:
+        text = (exc.get_error_message() or str(exc)).strip().splitlines()
+        raise CloudopsError(f"recovering {name} stopped: {text[-1] if text else exc}; "
+                            "nothing else was changed, run --recover again once the cause is fixed") from None
+
+
+def _recover(name, inventory, timeout, message) -> Recovery:
     vms.validate_name(name)
     hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
     record = journal.read(name) or {}
@@ -171,8 +180,7 @@ def _settle_survivor(name, host, copy, message) -> list[str]:
     with virt.open_host(host) as conn:
         dom = conn.lookupByName(name)
         if copy.state == outcome.PAUSED:
-            message(f"resuming {name} on {host.name}")
-            dom.resume()
+            _resume_paused(name, host, dom, message)
             done.append(f"resumed it on {host.name}")
         if not dom.isPersistent():
             conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE))
@@ -184,6 +192,33 @@ def _settle_survivor(name, host, copy, message) -> list[str]:
                 if added:
                     done.append(f"restored its address reservation on {host.name}")
     return done
+
+
+_QEMU_MIGRATING = ("setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug")
+
+
+def _resume_paused(name, host, dom, message) -> None:
+    """Resume the one paused copy; an outgoing migration QEMU still has open (its target gone) is cancelled
+    first. A copy that QEMU holds in post-copy is not resumed: its newest memory was on the target."""
+    status = _qemu_migration_status(dom)
+    if status and status.startswith("postcopy"):
+        raise CloudopsError(f"{name} is paused on {host.name} in post-copy ({status}) and its target has no copy: "
+                            "the memory written since the switchover is gone; restart it from its disk on "
+                            f"{host.name} (`virsh destroy {name}; virsh start {name}`), then run --recover again")
+    if status in _QEMU_MIGRATING:
+        message(f"cancelling the outgoing migration QEMU still has open for {name} on {host.name} ({status})")
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.abortJob()
+        deadline = time.monotonic() + 60
+        while _qemu_migration_status(dom) in _QEMU_MIGRATING and time.monotonic() < deadline:
+            time.sleep(1)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+        message(f"resuming {name} on {host.name}")
+        try:
+            dom.resume()
+        except libvirt.libvirtError as exc:
+            raise CloudopsError(f"cannot resume {name} on {host.name}: {(exc.get_error_message() or '').strip()} "
+                                f"(QEMU's migration state: {_qemu_migration_status(dom)})") from None
 
 
 def _clean_other(name, other, survivor, record, copy, message) -> list[str]:
