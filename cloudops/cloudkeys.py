@@ -2,7 +2,7 @@
 
 The migration key is generated once on this machine (``var/cloud/migration_key``)
 and installed on every host, so each host's libvirtd can reach every other over
-``qemu+libssh2`` (peer-to-peer migration) with the host's own key and known_hosts
+``qemu+ssh`` (peer-to-peer migration) with the host's own key and known_hosts
 (``migration_uri``: paths on the hypervisor, never on this machine). Each host authorizes
 that key for migration only (``authorized_migration_key``): ``restrict``, ``from=`` the
 cloud's hosts, and a forced command that is libvirt's remote helper, so a peer holding it
@@ -38,12 +38,12 @@ SOURCE_RE = re.compile(r"^[A-Za-z0-9.:_*?/\[\]-]+$")  # an sshd from= pattern: n
 def migration_uri(dest) -> str:
     """The URI a source host's libvirtd opens to reach ``dest`` for a peer-to-peer migration.
 
-    libssh2 with the source's own migration key and known_hosts (what deploy, or the lab, put
-    there), so no file of the operator's machine is involved and no ssh_config can loosen it.
+    OpenSSH on the source with the source's own migration key, checking the destination's host key
+    against the source's own known_hosts (what deploy, or the lab, put there; ``no_tty``: batch mode,
+    so an unknown key is refused, never asked about). No file of the operator's machine is involved.
     """
     home = str(dest.vars.get("migration_home") or HOST_HOME).rstrip("/")
-    return inventory.libssh2_uri(dest.user, dest.address, dest.port, f"{home}/{HOST_MIGRATION_KEY}",
-                                 f"{home}/{HOST_KNOWN_HOSTS}")
+    return inventory.ssh_uri(dest.user, dest.address, dest.port, f"{home}/{HOST_MIGRATION_KEY}")
 
 
 def migration_sources(peers: list) -> list[str]:

@@ -61,24 +61,21 @@ def known_hosts_file(host_vars: dict | None) -> str:
     return os.path.expanduser(str(configured)) if configured else os.path.expanduser("~/.ssh/known_hosts")
 
 
-def libssh2_uri(user: str, address: str, port: int, key: str | None, known_hosts: str) -> str:
-    """``qemu+libssh2://user@address:port/system`` that checks the host key against ``known_hosts`` only.
-
-    libvirt's libssh2 transport reads no ssh_config (libssh and OpenSSH would let ~/.ssh/config or
-    /etc/ssh override the file) and, with ``known_hosts_verify=normal``, refuses a changed key and,
-    with no one to ask (cloudops passes no auth callback), an unknown one. Every value is URI-quoted.
-    """
+def ssh_uri(user: str, address: str, port: int, key: str | None, *, command: str | None = None) -> str:
+    """``qemu+ssh://user@address:port/system?...``: ``keyfile=`` when a key is set, ``command=`` for the ssh
+    program libvirt runs, ``no_tty=1`` (never a prompt). Every value is URI-quoted."""
     host = f"[{address}]" if ":" in address else address
-    params = [("known_hosts", known_hosts), ("known_hosts_verify", "normal")]
-    if key:
-        params += [("keyfile", key), ("sshauth", "privkey")]
-    query = "&".join(f"{name}={quote(str(value), safe='/')}" for name, value in params)
-    return f"qemu+libssh2://{quote(user, safe='')}@{host}:{int(port)}/system?{query}"
+    params = [("keyfile", key), ("command", command), ("no_tty", "1")]
+    query = "&".join(f"{name}={quote(str(value), safe='/')}" for name, value in params if value)
+    return f"qemu+ssh://{quote(user, safe='')}@{host}:{int(port)}/system?{query}"
 
 
 def derived_libvirt_uri(user: str, address: str, port: int, key: str | None, known_hosts: str | None = None) -> str:
-    """The operator's URI for a host: libssh2 with the host's key file and its trusted known_hosts."""
-    return libssh2_uri(user, address, port, key, known_hosts or known_hosts_file(None))
+    """The operator's URI for a host: OpenSSH through ``sshcommand``'s script, which checks the host key
+    against the trusted known_hosts only (the one Fabric connections use too)."""
+    from . import sshcommand
+
+    return ssh_uri(user, address, port, key, command=str(sshcommand.path_for(known_hosts or known_hosts_file(None))))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Everything cloudops opens goes through ``connect`` or ``verify_host_keys``, whic
 switch to RejectPolicy and load the known_hosts files: the inventory's
 ``known_hosts`` variable, else ~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts.
 libvirt connections check the same file (``inventory.known_hosts_file``; without the variable,
-~/.ssh/known_hosts only: libvirt's libssh2 transport takes one file).
+~/.ssh/known_hosts only: OpenSSH's UserKnownHostsFile, set by cloudops.sshcommand, takes one file).
 """
 
 import os

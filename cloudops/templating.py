@@ -4,6 +4,7 @@ One Jinja2 environment: ``StrictUndefined`` so a missing variable is an error, n
 empty string; autoescaping for XML templates so a value can never inject markup.
 """
 
+import shlex
 from functools import lru_cache
 
 import jinja2
@@ -14,7 +15,7 @@ from .errors import CloudopsError
 
 @lru_cache(maxsize=None)
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(paths.TEMPLATES)),
         undefined=jinja2.StrictUndefined,
         autoescape=jinja2.select_autoescape(enabled_extensions=("xml", "xml.j2", "html")),
@@ -22,6 +23,8 @@ def environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["shell_quote"] = lambda value: shlex.quote(str(value))  # for shell scripts: {{ x | shell_quote }}
+    return env
 
 
 def render(template: str, /, **context) -> str:

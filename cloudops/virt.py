@@ -1,7 +1,7 @@
 """libvirt connections to inventory hosts: opened once per process and reused, quiet, clear errors.
 
-Opening a host's URI (``qemu+libssh2://``, see ``inventory.libssh2_uri``: the host key is checked
-against the inventory's known_hosts, the same trust as cloudops.ssh) costs an SSH handshake
+Opening a host's URI (``qemu+ssh://`` through ``sshcommand``'s ssh script: the host key is checked
+against the inventory's known_hosts only, the same trust as cloudops.ssh) costs an SSH handshake
 (~0.5-1 s here); a command that checks names, places a VM and builds it would pay it three times
 per host. Connections are cached by URI and checked with ``isAlive()`` and one cheap RPC before reuse.
 A host key that is not the trusted one is one line naming the host (``open_error``).
@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import libvirt
 
+from . import inventory, sshcommand
 from .errors import CloudopsError
 
 
@@ -57,6 +58,7 @@ def connection(host, uri: str | None = None) -> libvirt.virConnect:
         conn = _cache.get(uri)
         if conn is not None and _alive(conn):
             return conn
+        _ensure_ssh_command(host, uri)
         try:
             conn = libvirt.open(uri)
         except libvirt.libvirtError as exc:
@@ -65,16 +67,26 @@ def connection(host, uri: str | None = None) -> libvirt.virConnect:
         return conn
 
 
-# what libvirt's ssh transports say when the host key is not the trusted one (libssh2, libssh, OpenSSH)
+# what libvirt's ssh transports say when the host key is not the trusted one (OpenSSH; libssh2 and libssh
+# for an explicit libvirt_uri that uses them)
 _CHANGED = ("HOST KEY VERIFICATION FAILED", "differs from stored identity", "REMOTE HOST IDENTIFICATION HAS CHANGED")
-_UNKNOWN = ("Can't verify the session host key", "was not accepted")
+_UNKNOWN = ("Can't verify the session host key", "was not accepted", "you have requested strict checking")
 _UNVERIFIED = ("Host key verification failed",)  # OpenSSH (an explicit qemu+ssh libvirt_uri): changed or unknown
+
+
+def _ensure_ssh_command(host, uri: str) -> None:
+    """The ssh script a derived URI names (``sshcommand``) is written on first use."""
+    known_hosts = inventory.known_hosts_file(getattr(host, "vars", None))
+    if parse_qs(urlsplit(uri).query).get("command", [None])[0] == str(sshcommand.path_for(known_hosts)):
+        sshcommand.ensure(known_hosts)
 
 
 def open_error(host, uri: str, text: str) -> str:
     """One line saying why ``uri`` did not open; a host key that is not the trusted one is named as such."""
     lines = text.strip().splitlines()
-    known = parse_qs(urlsplit(uri).query).get("known_hosts", [None])[0]
+    command = parse_qs(urlsplit(uri).query).get("command", [None])[0]
+    trusted = inventory.known_hosts_file(getattr(host, "vars", None))
+    known = trusted if command == str(sshcommand.path_for(trusted)) else None
     where = f"the trusted known_hosts {known}" if known else "the trusted known_hosts"
     if any(mark in text for mark in _CHANGED):
         return (f"{host.name}: SSH host key of {host.address} does not match {where}: possible impostor or a "

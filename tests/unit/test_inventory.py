@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloudops import inventory, paths
+from cloudops import inventory, paths, sshcommand
 from cloudops.errors import CloudopsError
 from cloudops.inventory import Capacity, Host
 
@@ -201,14 +201,24 @@ def uri_parts(uri):
 
 def test_libvirt_uri_is_derived_from_user_address_port():
     scheme, netloc, path, params = uri_parts(Host("hv1", "10.0.0.1").libvirt_uri)
-    assert (scheme, netloc, path) == ("qemu+libssh2", "root@10.0.0.1:22", "/system")
-    assert params == {"known_hosts": os.path.expanduser("~/.ssh/known_hosts"), "known_hosts_verify": "normal"}
+    assert (scheme, netloc, path) == ("qemu+ssh", "root@10.0.0.1:22", "/system")
+    assert params == {"command": str(sshcommand.path_for(os.path.expanduser("~/.ssh/known_hosts"))), "no_tty": "1"}
 
 
 def test_libvirt_uri_verifies_against_the_inventory_known_hosts_strictly():
     host = Host("hv1", "10.0.0.1", key="/k/id", vars={"known_hosts": "/trust/known_hosts"})
-    assert host.libvirt_uri == ("qemu+libssh2://root@10.0.0.1:22/system?known_hosts=/trust/known_hosts"
-                                "&known_hosts_verify=normal&keyfile=/k/id&sshauth=privkey")
+    command = sshcommand.path_for("/trust/known_hosts")
+    assert host.libvirt_uri == f"qemu+ssh://root@10.0.0.1:22/system?keyfile=/k/id&command={command}&no_tty=1"
+    script = sshcommand.render("/trust/known_hosts")
+    for option in ("UserKnownHostsFile=/trust/known_hosts", "GlobalKnownHostsFile=/dev/null",
+                   "StrictHostKeyChecking=yes", "BatchMode=yes", "ServerAliveInterval="):
+        assert f"-o {option}" in script
+    assert script.rstrip().endswith('"$@"')
+
+
+def test_the_ssh_script_quotes_its_known_hosts_path():
+    script = sshcommand.render("/a b/kh;touch /tmp/x")
+    assert "-o UserKnownHostsFile='/a b/kh;touch /tmp/x'" in script
 
 
 def test_libvirt_uri_quotes_every_value_and_brackets_ipv6():
@@ -217,8 +227,7 @@ def test_libvirt_uri_quotes_every_value_and_brackets_ipv6():
     scheme, netloc, path, params = uri_parts(host.libvirt_uri)
     assert netloc == "ops@[fd00::1]:2201"
     assert "my%20key%26x%3D1" in host.libvirt_uri and " " not in host.libvirt_uri
-    assert params == {"known_hosts": "/a b/kh?#", "known_hosts_verify": "normal", "keyfile": "/keys/my key&x=1",
-                      "sshauth": "privkey"}
+    assert params == {"keyfile": "/keys/my key&x=1", "command": str(sshcommand.path_for("/a b/kh?#")), "no_tty": "1"}
 
 
 def test_libvirt_uri_from_inventory_and_explicit_override(tmp_path):
@@ -228,8 +237,8 @@ def test_libvirt_uri_from_inventory_and_explicit_override(tmp_path):
           hv1: {address: 10.0.0.1, key: /k/id}
           hv2: {address: 10.0.0.2, libvirt_uri: "qemu:///system"}
     """)
-    assert inv.hosts["hv1"].libvirt_uri == ("qemu+libssh2://root@10.0.0.1:22/system?known_hosts=/trust/kh"
-                                            "&known_hosts_verify=normal&keyfile=/k/id&sshauth=privkey")
+    assert inv.hosts["hv1"].libvirt_uri == (f"qemu+ssh://root@10.0.0.1:22/system?keyfile=/k/id"
+                                            f"&command={sshcommand.path_for('/trust/kh')}&no_tty=1")
     assert inv.hosts["hv2"].libvirt_uri == "qemu:///system"
 
 
@@ -238,7 +247,7 @@ def test_to_dict_is_json_ready(tmp_path):
     assert json.loads(json.dumps(data)) == data
     assert data["capacity"] == {"memory_mb": 4096, "vcpus": 8}
     assert data["tags"] == ["ssd"] and data["groups"] == ["hypervisors"]
-    assert data["libvirt_uri"].startswith("qemu+libssh2://admin@10.251.0.11:2201/")
+    assert data["libvirt_uri"].startswith("qemu+ssh://admin@10.251.0.11:2201/")
 
 
 # ---------------------------------------------------------------- selection
@@ -427,7 +436,7 @@ def test_default_path_missing_lab_suggests_lab_up(no_env):
 def test_example_inventories_load(name):
     inv = inventory.load(paths.ROOT / "inventory" / name)
     assert inv.hosts and inv.select(groups="hypervisors")
-    assert all(host.libvirt_uri.startswith("qemu+libssh2://") for host in inv.hosts.values())
+    assert all(host.libvirt_uri.startswith(("qemu+ssh://", "qemu+tls://")) for host in inv.hosts.values())
     assert not any("no_verify" in host.libvirt_uri for host in inv.hosts.values())
 
 
