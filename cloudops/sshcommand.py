@@ -15,6 +15,7 @@ for the operator's connections and for a source host's peer-to-peer migration co
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 from . import paths, templating
@@ -45,10 +46,10 @@ def ensure(known_hosts: str) -> Path:
     except OSError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # unique per thread and process
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, path)  # atomic: hosts opened in parallel never see half a script
     return path
 

@@ -445,3 +445,17 @@ def test_examples_describe_the_same_precedence():
     ansible = inventory.load(paths.ROOT / "inventory" / "ansible-example.yaml").hosts
     assert native["hv1"].capacity == ansible["hv1"].capacity == Capacity(4096, 8)
     assert native["hv2"].tags == ansible["hv2"].tags == ("ssd", "edge")
+
+
+def test_the_ssh_script_is_written_once_even_when_hosts_open_in_parallel(tmp_path, monkeypatch):
+    import threading
+
+    monkeypatch.setenv("CLOUDOPS_VAR", str(tmp_path))
+    threads = [threading.Thread(target=sshcommand.ensure, args=("/trust/kh",)) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    path = sshcommand.path_for("/trust/kh")
+    assert path.read_text() == sshcommand.render("/trust/kh") and os.access(path, os.X_OK)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
