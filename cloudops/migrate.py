@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import threading
@@ -176,7 +177,8 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
                         else f"{name} is defined on {dest.name}; removing it from {source.name}")
                 _cleanup_source(src_conn, source, meta, disks, shared, name, message)
             except BaseException as exc:
-                _after_fault(exc, name, source, dest, prepared, job, bool(running), policy, message)
+                with _sigint_deferred():  # finding out where the VM is must not be cut short either
+                    _after_fault(exc, name, source, dest, prepared, job, bool(running), policy, message)
                 raise  # not reached: _after_fault always raises
             journal.end(name)
     result.duration = round(time.monotonic() - t0, 3)
@@ -533,10 +535,12 @@ def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message,
     except libvirt.libvirtError as exc:
         raise CloudopsError(f"{source.name}: cannot open a second libvirt connection: {exc.get_error_message()}") from None
     start = time.monotonic()
-    worker.start()
-    watch = _Watch(control.lookupByName(name), policy, progress, start, job)
+    presses = _Presses()
     try:
-        _follow(worker, watch, outcome, name, policy, progress, message, cancel)
+        with _sigint_counted(presses):  # from here on Ctrl-C is a request to abort, never an exception mid-call
+            watch = _Watch(control.lookupByName(name), policy, progress, start, job)
+            worker.start()
+            _follow(worker, watch, outcome, name, policy, progress, message, cancel, presses)
         new = dst_conn.lookupByName(name)
         if not new.isActive():
             raise CloudopsError(f"libvirt reported the migration done, but {name} does not run on {dest.name}")
@@ -547,29 +551,28 @@ def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message,
             control.close()
 
 
-def _follow(worker, watch, outcome, name, policy, progress, message, cancel) -> None:
-    """Wait for the job, steering it; raise _Aborted or the job's error. Once post-copy has started an
-    abort is impossible (the VM runs on the destination): a first Ctrl-C only says so, a second one is
-    passed on and the outcome is then found out by asking both hosts."""
+def _follow(worker, watch, outcome, name, policy, progress, message, cancel, presses) -> None:
+    """Wait for the job, steering it; raise _Aborted or the job's error. Ctrl-C (``presses``) or ``cancel``
+    aborts the job. Once post-copy has started an abort is impossible (the VM runs on the destination):
+    a first Ctrl-C only says so, a second one stops waiting (KeyboardInterrupt), and the outcome is then
+    found out by asking both hosts."""
     aborted = None
     told = False
     try:
         while worker.is_alive():
-            try:
-                worker.join(policy.poll)
-                if worker.is_alive():
-                    aborted = watch.tick() or aborted
-                    if cancel is not None and cancel.is_set():
-                        aborted = "interrupted"
-            except KeyboardInterrupt:
-                if watch.job.postcopy and told:
-                    raise
+            worker.join(policy.poll)
+            if not worker.is_alive():
+                break
+            aborted = watch.tick() or aborted
+            if presses.count or (cancel is not None and cancel.is_set()):
                 aborted = "interrupted"
             if aborted and watch.job.postcopy:
+                if told and presses.count > presses.seen:
+                    raise KeyboardInterrupt
                 if not told:
                     message(f"post-copy has started: {name} already runs on the destination and the migration "
                             "cannot be aborted; waiting for it to finish (Ctrl-C again to stop waiting)")
-                    told = True
+                    told, presses.seen = True, presses.count
                 continue
             if aborted:
                 watch.abort(aborted)
@@ -586,6 +589,40 @@ def _follow(worker, watch, outcome, name, policy, progress, message, cancel) -> 
         raise _Aborted(aborted)
     if error is not None:
         raise error
+
+
+@dataclass
+class _Presses:
+    """Ctrl-C presses seen while a migration job runs."""
+
+    count: int = 0
+    seen: int = 0
+
+
+@contextlib.contextmanager
+def _sigint_counted(presses: _Presses):
+    """In the main thread, SIGINT counts a press instead of raising KeyboardInterrupt, so no interrupt lands
+    inside a libvirt call and leaves a job half-aborted. Elsewhere (evacuate's workers) nothing changes:
+    their Ctrl-C comes as ``cancel``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def press(_signum, _frame):
+        presses.count += 1
+
+    previous = signal.signal(signal.SIGINT, press)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """While finding out where the VM is after a fault, Ctrl-C is ignored (main thread only)."""
+    with _sigint_counted(_Presses()):
+        yield
 
 
 class _Watch:
@@ -732,7 +769,8 @@ def _record(result: Result) -> None:
 def policy_from(config: dict, **given) -> Policy:
     """A Policy from configuration (``migrate`` section) and command-line values; None means "not given"."""
     fields = Policy.__dataclass_fields__
-    values = {k: v for k, v in {**config, **given}.items() if v is not None and k in fields}
+    values = {k: v for k, v in config.items() if v is not None and k in fields}
+    values.update({k: v for k, v in given.items() if v is not None and k in fields})  # a flag not given keeps config
     for key in ("downtime_ms", "downtime_step_ms", "downtime_max_ms", "postcopy_after", "bandwidth_mib",
                 "postcopy_bandwidth_mib"):
         if key in values:

@@ -91,13 +91,12 @@ def where(name: str, hosts: list, timeout: float = 20) -> Where:
     def ask(host):
         conn = virt.connection(host)
         try:
-            dom = conn.lookupByName(name)
+            return copy_of(conn.lookupByName(name), host.name)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None
+                return None  # none, or an incoming copy that went away between lookup and state
             virt.forget(host)
             raise
-        return copy_of(dom, host.name)
 
     result = fleet.run(hosts, ask, timeout=timeout)
     found = Where(name)

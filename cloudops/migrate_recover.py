@@ -73,6 +73,7 @@ def _recover(name, inventory, timeout, message) -> Recovery:
     actions: list[str] = []
     with vms._name_lock(name):
         deadline = time.monotonic() + timeout
+        settle_until = time.monotonic() + min(30, timeout)
         forced = None
         while True:
             where = outcome.where(name, hypervisors)
@@ -85,6 +86,11 @@ def _recover(name, inventory, timeout, message) -> Recovery:
                 raise CloudopsError(f"unknown VM {name!r}: no host has it")
             busy = [c for c in where.copies.values() if c.postcopy]
             failed = where.postcopy_failed()
+            incoming = [c for c in where.copies.values() if c.migrating] if where.running() else []
+            if incoming and time.monotonic() < settle_until:
+                message(f"waiting for the copy a migration left paused to go: {where.describe()}")
+                time.sleep(2)
+                continue  # an aborted migration's incoming copy is torn down by libvirt in a moment
             if not busy and not failed:
                 break
             if failed and not busy:
@@ -221,6 +227,23 @@ def _resume_paused(name, host, dom, message) -> None:
                                 f"(QEMU's migration state: {_qemu_migration_status(dom)})") from None
 
 
+def _remove_copy(conn, name, paths: set) -> bool:
+    """Destroy and undefine ``name`` on ``conn`` (its disk paths added to ``paths``); False if it went
+    away by itself meanwhile (an incoming copy that libvirt tore down)."""
+    try:
+        dom = conn.lookupByName(name)
+        paths |= set(vms._disk_paths(dom))
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+    return True
+
+
 def _clean_other(name, other, survivor, record, copy, message) -> list[str]:
     """Remove from ``other`` its copy of the VM, the reservation, and leftover disks not shared with the survivor."""
     done = []
@@ -230,13 +253,7 @@ def _clean_other(name, other, survivor, record, copy, message) -> list[str]:
         paths = set(vms._disk_paths(live))
     paths |= set(record.get("disks") or []) | set(record.get("prepared_files") or [])
     with virt.open_host(other) as conn:
-        if copy is not None:
-            dom = conn.lookupByName(name)
-            paths |= set(vms._disk_paths(dom))
-            if dom.isActive():
-                dom.destroy()
-            if dom.isPersistent():
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        if copy is not None and _remove_copy(conn, name, paths):
             message(f"removed the copy of {name} that does not run from {other.name}")
             done.append(f"removed the stale copy from {other.name}")
         if meta.get("network") and meta.get("mac"):

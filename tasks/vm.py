@@ -98,7 +98,8 @@ def list_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, t
     else:
         print(output.table(rows, ["name", "host", "state", "memory", "vcpus", "ip", "image"]) if rows else "no VMs")
         for r in result.failed:
-            print(f"{r.host}: {r.error}", file=sys.stderr)
+            error = r.error or "failed"
+            print(error if error.startswith(f"{r.host}: ") else f"{r.host}: {error}", file=sys.stderr)
     if result.failed:
         raise Exit(code=1)
 

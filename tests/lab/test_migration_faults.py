@@ -295,7 +295,7 @@ def test_ctrl_c_aborts_every_migration_of_a_parallel_evacuation(lab, lab_invento
             assert "Unbounded" not in virsh(lab_inventory.hosts[source], "domjobinfo", name).stdout
             assert f"{name} " in out and "cancelled" in out
         assert leftovers(lab_inventory, dest) == []
-    finally:
-        maintenance.set_maintenance(source, False)
+    finally:  # the CLI put the host in maintenance in the real state, not the test's
+        invoke("host.maintenance", source, "off", "--inventory", str(lab.inventory_path))
         with contextlib.suppress(Exception):
             vms.delete_vm(other, lab_inventory)

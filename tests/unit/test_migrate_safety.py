@@ -131,3 +131,12 @@ def test_the_survivor_is_the_one_copy_that_runs(copies, record, survivor):
 def test_an_ambiguous_outcome_is_refused(copies, message):
     with pytest.raises(CloudopsError, match=message):
         recover._survivor("web1", where(copies), {})
+
+
+def test_configuration_applies_where_a_flag_is_not_given():
+    config = {"bandwidth_mib": 4, "postcopy_after": 0, "downtime_max_ms": 1, "auto_converge": False}
+    policy = migrate.policy_from(config, timeout=None, postcopy_after=None, auto_converge=None,
+                                 downtime_max_ms=None, bandwidth_mib=None)
+    assert (policy.bandwidth_mib, policy.postcopy_after, policy.downtime_max_ms, policy.auto_converge) == \
+        (4, None, 1, False)
+    assert migrate.policy_from(config, bandwidth_mib=8).bandwidth_mib == 8  # a given flag wins
