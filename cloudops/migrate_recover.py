@@ -55,17 +55,21 @@ class Recovery:
         return f"{self.name} is {self.state} on {self.host}: " + "; ".join(self.actions)
 
 
-def recover_vm(name: str, inventory, *, timeout: float = 300, message=lambda m: None) -> Recovery:
-    """Bring VM ``name`` back to exactly one copy after a broken migration (see the module docstring)."""
+def recover_vm(name: str, inventory, *, timeout: float = 300, restart: bool = False,
+               message=lambda m: None) -> Recovery:
+    """Bring VM ``name`` back to exactly one copy after a broken migration (see the module docstring).
+
+    ``restart``: a copy left paused by a post-copy whose target copy is gone (its newest memory went
+    with the target) is destroyed and started again from its disk; without it that is refused."""
     try:
-        return _recover(name, inventory, timeout, message)
+        return _recover(name, inventory, timeout, restart, message)
     except libvirt.libvirtError as exc:
         text = (exc.get_error_message() or str(exc)).strip().splitlines()
         raise CloudopsError(f"recovering {name} stopped: {text[-1] if text else exc}; "
                             "nothing else was changed, run --recover again once the cause is fixed") from None
 
 
-def _recover(name, inventory, timeout, message) -> Recovery:
+def _recover(name, inventory, timeout, restart, message) -> Recovery:
     vms.validate_name(name)
     hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
     record = journal.read(name) or {}
@@ -101,6 +105,10 @@ def _recover(name, inventory, timeout, message) -> Recovery:
                 if verdict == "completed":  # QEMU finished the move; only libvirt's bookkeeping broke
                     forced = record["target"]
                     break
+                if verdict == "orphaned":
+                    (host_name,) = failed
+                    actions.append(_restart_orphan(name, inventory.hosts[host_name], restart, message))
+                    continue
             if time.monotonic() > deadline:
                 raise CloudopsError(f"cannot recover {name} within {timeout:g}s: {where.describe()}")
             message(f"waiting for the migration still running in QEMU: {where.describe()}")
@@ -139,8 +147,11 @@ def _survivor(name, where, record) -> str:
 def _resume_postcopy(name, record, where, inventory, message) -> str:
     """libvirt's post-copy recovery, from the source the journal names: "resumed"; "running" when the
     migration still runs in QEMU (try again later); "completed" when QEMU on the source reports the
-    migration completed (the target has all of the VM; libvirt only lost track)."""
+    migration completed (the target has all of the VM; libvirt only lost track); "orphaned" when the
+    only copy left is the post-copy's source (the target copy is gone)."""
     source, target = record.get("source"), record.get("target")
+    if len(where.copies) == 1 and len(where.postcopy_failed()) == 1:
+        return "orphaned"  # the other side of the post-copy is gone
     if source not in where.copies or target not in where.copies:
         raise CloudopsError(f"{where.describe()}: post-copy failed but the migration journal does not name its "
                             "two hosts; resume it by hand (`virsh migrate --postcopy --postcopy-resume`)")
@@ -200,6 +211,27 @@ def _settle_survivor(name, host, copy, message) -> list[str]:
     return done
 
 
+def _orphan_text(name, host) -> str:
+    return (f"{name} is paused on {host.name} after a post-copy whose target copy is gone: what the guest did "
+            f"on the target since the switchover is lost; `invoke vm.migrate {name} --recover --restart` starts it "
+            f"again from its disk on {host.name}")
+
+
+def _restart_orphan(name, host, restart, message) -> str:
+    """The post-copy's source, left alone: started again from its disk (``restart``), else refused."""
+    if not restart:
+        raise CloudopsError(_orphan_text(name, host))
+    message(f"restarting {name} from its disk on {host.name}")
+    with virt.open_host(host) as conn:
+        dom = conn.lookupByName(name)
+        if dom.isActive():
+            dom.destroy()
+        if not dom.isPersistent():
+            raise CloudopsError(f"{name} on {host.name} has no persistent definition to start again from")
+        dom.create()
+    return f"restarted it from its disk on {host.name} (its memory since the switchover was lost)"
+
+
 _QEMU_MIGRATING = ("setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug")
 
 
@@ -208,9 +240,7 @@ def _resume_paused(name, host, dom, message) -> None:
     first. A copy that QEMU holds in post-copy is not resumed: its newest memory was on the target."""
     status = _qemu_migration_status(dom)
     if status and status.startswith("postcopy"):
-        raise CloudopsError(f"{name} is paused on {host.name} in post-copy ({status}) and its target has no copy: "
-                            "the memory written since the switchover is gone; restart it from its disk on "
-                            f"{host.name} (`virsh destroy {name}; virsh start {name}`), then run --recover again")
+        raise CloudopsError(_orphan_text(name, host))
     if status in _QEMU_MIGRATING:
         message(f"cancelling the outgoing migration QEMU still has open for {name} on {host.name} ({status})")
         with contextlib.suppress(libvirt.libvirtError):

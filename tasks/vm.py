@@ -182,6 +182,7 @@ def _hypervisors(c, inventory):
 @task(help={
     "name": "VM name", "to": "destination host", "timeout": "abort after this many seconds (the VM stays on its host)",
     "recover": "after a broken migration: resume it, or clean the host where the VM does not run",
+    "restart": "with --recover: start a VM stranded by a broken post-copy again from its disk",
     "copy_storage": "copy disks not on shared storage (--no-copy-storage refuses)",
     "postcopy_after": "switch to post-copy at this memory iteration (0: never; default 4)",
     "auto_converge": "let QEMU throttle a guest that dirties memory faster than it is sent",
@@ -190,7 +191,7 @@ def _hypervisors(c, inventory):
     "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
 @user_errors
 def migrate(c, name, to=None, timeout=None, copy_storage=True, postcopy_after=None, auto_converge=True,
-            max_downtime=None, bandwidth=None, recover=False, inventory=None, json=False):
+            max_downtime=None, bandwidth=None, recover=False, restart=False, inventory=None, json=False):
     """Live-migrate a VM to another host (offline when it is stopped); prints duration, downtime, bytes moved."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     from cloudops import migrate as migration
@@ -198,7 +199,8 @@ def migrate(c, name, to=None, timeout=None, copy_storage=True, postcopy_after=No
     if recover:
         from cloudops.migrate_recover import recover_vm
 
-        report = recover_vm(name, load_inventory(c, inventory), timeout=float(timeout or 300), message=progress)
+        report = recover_vm(name, load_inventory(c, inventory), timeout=float(timeout or 300), restart=restart,
+                            message=progress)
         if json:
             emit_json(report.to_dict())
         else:

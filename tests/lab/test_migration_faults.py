@@ -162,7 +162,9 @@ class Fault:
 @pytest.mark.parametrize("point, kind", CASES, ids=[f"{p}-{k}" for p, k in CASES])
 def test_a_broken_migration_never_loses_the_vm(lab, lab_inventory, vm, point, kind):
     where = copies(lab_inventory)
-    source = next(h for h, s in where.items() if s == "running")
+    running = [h for h, s in where.items() if s == "running"]
+    assert len(running) == 1 and len(where) == 1, f"an earlier case left {where}"
+    source = running[0]
     dest = "hv2" if source == "hv1" else "hv1"
     fault = Fault(lab, lab_inventory, kind, source, dest)
     in_vm(lab_inventory, "pkill -f /run/dirty; true")
@@ -220,6 +222,11 @@ def test_a_broken_migration_never_loses_the_vm(lab, lab_inventory, vm, point, ki
         assert "--recover" in error, error
 
     proc = invoke("vm.migrate", NAME, "--recover", "--inventory", str(lab.inventory_path))
+    if proc.returncode and point == "postcopy" and "--recover --restart" in proc.stderr:
+        # the post-copy's target copy died with it: the source is refused a silent resume (its memory is
+        # stale) and offered a restart from its disk, which keeps everything synced before the migration
+        assert proc.stderr.strip().splitlines()[-1].endswith(f"starts it again from its disk on {source}")
+        proc = invoke("vm.migrate", NAME, "--recover", "--restart", "--inventory", str(lab.inventory_path))
     assert proc.returncode == 0, (proc.stdout, proc.stderr, where, error)
     final = copies(lab_inventory)
     assert list(final.values()) == ["running"], (final, proc.stdout)
