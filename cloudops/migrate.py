@@ -574,9 +574,11 @@ def _follow(worker, watch, outcome, name, policy, progress, message, cancel, pre
                             "cannot be aborted; waiting for it to finish (Ctrl-C again to stop waiting)")
                     told, presses.seen = True, presses.count
                 continue
-            if aborted:
-                watch.abort(aborted)
-                worker.join(120)
+            if aborted:  # again and again: a job libvirt had queued may start after the first abort
+                deadline = time.monotonic() + 120
+                while worker.is_alive() and time.monotonic() < deadline:
+                    watch.abort(aborted)
+                    worker.join(1)
                 break
     finally:
         progress_done = getattr(progress, "done", None)
