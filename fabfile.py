@@ -1,3 +1,3 @@
 """`fab` looks for a module named fabfile: it gets the same task collection as `invoke`."""
 
-from tasks import ns  # noqa: F401
+from cloudops.tasks import ns  # noqa: F401

@@ -1,7 +1,7 @@
 """The one exception type that means "the user asked for something that cannot be done".
 
 Library code raises ``CloudopsError("one clear line")``; tasks turn it into
-``invoke.Exit`` (see ``tasks._cli``) so the operator sees one line and a non-zero
+``invoke.Exit`` (see ``cloudops.tasks._cli``) so the operator sees one line and a non-zero
 exit, never a traceback. Any other exception is a bug and keeps its traceback.
 """
 

@@ -19,7 +19,7 @@ ISO = NetworkSpec(name=f"t{TEST_PREFIX}-iso", mode="isolated", cidr="10.151.0.0/
 SHIM = """import sys
 sys.path.insert(0, {root!r})
 from invoke import Collection
-from tasks import net
+from cloudops.tasks import net
 ns = Collection()
 ns.add_collection(Collection.from_module(net))
 ns.configure({{"inventory": None, "fleet": {{"workers": 16, "timeout": 60}}}})
@@ -30,7 +30,7 @@ ns.configure({{"inventory": None, "fleet": {{"workers": 16, "timeout": 60}}}})
 def net_cli(tmp_path_factory):
     """Run `invoke net.*`: through tasks/__init__.py once it has the collection, until then through a shim."""
     try:
-        from tasks import ns
+        from cloudops.tasks import ns
         registered = "net" in ns.collections
     except Exception:  # tasks/__init__.py mid-edit elsewhere: the shim still tests this collection
         registered = False

@@ -170,7 +170,7 @@ def test_ensure_cron_refuses_a_host_without_the_toolkit():
     ({"interval": "1", "once": True}, "either --once or --interval"),
 ])
 def test_ship_task_refuses_bad_intervals(args, message):
-    from tasks.metrics import _interval
+    from cloudops.tasks.metrics import _interval
 
     c = Context(config=None)
     with pytest.raises(CloudopsError, match=message):

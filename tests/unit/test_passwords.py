@@ -88,7 +88,7 @@ def test_environment_password_is_removed_even_when_a_file_is_used(fresh_env, tmp
 
 
 def test_importing_the_tasks_removes_the_variable_for_every_task():
-    code = ("import os; import tasks; import subprocess; "
+    code = ("import os; import cloudops.tasks; import subprocess; "
             "print(os.environ.get('CLOUDOPS_ROOT_PASSWORD')); print(subprocess.run(['env'], capture_output=True, "
             "text=True).stdout.count('canary-pw'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,

@@ -19,7 +19,7 @@ from invoke import Exit, task
 from cloudops import deploy as deploy_lib
 from cloudops import fleet, output, ssh
 from cloudops.errors import CloudopsError
-from tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, user_errors
+from cloudops.tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, user_errors
 
 HELP = {
     **SELECT_HELP,

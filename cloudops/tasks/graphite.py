@@ -5,7 +5,7 @@ from pathlib import Path
 from invoke import task
 
 from cloudops import graphite
-from tasks._cli import emit_json, user_errors
+from cloudops.tasks._cli import emit_json, user_errors
 
 _HELP = {
     "directory": "Graphite directory: config, whisper files, log (default var/graphite)",

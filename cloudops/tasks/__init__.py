@@ -4,9 +4,9 @@ from invoke import Collection, task
 
 from cloudops import passwords as _passwords
 
-from tasks import cloud, fleet, graphite, host, image, lab, metrics, net, vm
-from tasks import deploy as deploy_module  # the module; `deploy` is its root-level task
-from tasks._cli import user_errors
+from cloudops.tasks import cloud, fleet, graphite, host, image, lab, metrics, net, vm
+from cloudops.tasks import deploy as deploy_module  # the module; `deploy` is its root-level task
+from cloudops.tasks._cli import user_errors
 
 # A root password in the environment is taken out of it at once: no child process of cloudops inherits it.
 _passwords.take_from_environment()

@@ -17,7 +17,7 @@ from cloudops import fleet, metrics, metrics_cron
 from cloudops.carbon import CarbonClient
 from cloudops.errors import CloudopsError
 from cloudops.spool import Spool
-from tasks._cli import SELECT_HELP, finish, select_hosts, user_errors
+from cloudops.tasks._cli import SELECT_HELP, finish, select_hosts, user_errors
 
 EXIT_CARBON_DOWN = 3
 

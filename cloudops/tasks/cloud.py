@@ -3,7 +3,7 @@
 from invoke import task
 
 from cloudops import stack
-from tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, user_errors
+from cloudops.tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, user_errors
 
 
 def _print(report, as_json):

@@ -6,7 +6,7 @@ from pathlib import Path
 from invoke import task
 
 from cloudops.errors import CloudopsError
-from tasks._cli import emit_json, user_errors
+from cloudops.tasks._cli import emit_json, user_errors
 
 
 def _progress(message: str) -> None:
@@ -111,7 +111,7 @@ def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=
         json=False):
     """Add a disk image to the content-addressed store; prints its id (no change when already there)."""
     from cloudops import images
-    from tasks._cli import finish, progress, select_hosts
+    from cloudops.tasks._cli import finish, progress, select_hosts
 
     image, changed = images.add_image(path, name=name, sha256=sha256, replace=replace, progress=progress)
     if distribute:
@@ -130,7 +130,7 @@ def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=
 def list_(c, hosts=None, group=None, inventory=None, json=False, local=False):
     """Images in the store: name, id, format, virtual size, and the hosts that hold them."""
     from cloudops import images, output
-    from tasks._cli import select_hosts
+    from cloudops.tasks._cli import select_hosts
 
     held = {}
     if not local:
@@ -152,7 +152,7 @@ def list_(c, hosts=None, group=None, inventory=None, json=False, local=False):
 def rm(c, image, inventory=None, json=False):
     """Remove an image from every host and the store; refused while a VM uses it."""
     from cloudops import fleet, images, vms
-    from tasks._cli import finish, load_inventory
+    from cloudops.tasks._cli import finish, load_inventory
 
     hosts = [h for h in load_inventory(c, inventory).hosts.values() if "bare" not in h.tags]
     listing = fleet.run(hosts, vms.list_on_host)

@@ -3,7 +3,7 @@
 from invoke import Exit, task
 
 from cloudops import fleet, networks, output, virt
-from tasks._cli import SELECT_HELP, emit_json, finish, select_hosts, user_errors
+from cloudops.tasks._cli import SELECT_HELP, emit_json, finish, select_hosts, user_errors
 
 CHECK_HELP = "only say what would change; change nothing"
 

@@ -3,7 +3,7 @@
 from invoke import task
 
 from cloudops import lab, output
-from tasks._cli import emit_json, progress, user_errors
+from cloudops.tasks._cli import emit_json, progress, user_errors
 
 
 @task(help={"hosts": "how many hosts (1-32)", "bare": "sshd only, no libvirtd (cheap, for fan-out)",

@@ -3,7 +3,7 @@
 from invoke import task
 
 from cloudops import fleet
-from tasks._cli import SELECT_HELP, finish, select_hosts, user_errors
+from cloudops.tasks._cli import SELECT_HELP, finish, select_hosts, user_errors
 
 
 @task(help={"command": "shell command to run on every selected host", **SELECT_HELP})

@@ -6,7 +6,7 @@ from invoke import Exit, task
 
 from cloudops import fleet, guest, output, passwords, vms
 from cloudops.errors import CloudopsError
-from tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, select_hosts, user_errors
+from cloudops.tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, select_hosts, user_errors
 
 def _password(password, password_file, password_stdin):
     """The root password from a file, stdin or $CLOUDOPS_ROOT_PASSWORD; --password is refused (visible in ps)."""

@@ -3,7 +3,7 @@
 from invoke import task
 
 from cloudops import facts, fleet
-from tasks._cli import SELECT_HELP, finish, select_hosts, user_errors
+from cloudops.tasks._cli import SELECT_HELP, finish, select_hosts, user_errors
 
 
 @task(name="facts", help=SELECT_HELP)
@@ -25,7 +25,7 @@ def maintenance(c, host, state, inventory=None, json=False):
     """Put a host in maintenance (placement gives it no new VMs) or take it out: host.maintenance HV on|off."""
     from cloudops import maintenance as maintenance_lib
     from cloudops.errors import CloudopsError
-    from tasks._cli import emit_json, load_inventory
+    from cloudops.tasks._cli import emit_json, load_inventory
 
     if state not in ("on", "off"):
         raise CloudopsError(f"maintenance state must be 'on' or 'off', got {state!r}")
@@ -45,7 +45,7 @@ def maintenance(c, host, state, inventory=None, json=False):
 @user_errors
 def exec_(c, command, hosts=None, group=None, limit=None, inventory=None, workers=None, timeout=None, json=False):
     """Run a shell command on the selected hosts in parallel; exit 1 when it failed anywhere."""
-    from tasks.fleet import run_and_report
+    from cloudops.tasks.fleet import run_and_report
 
     run_and_report(c, command, hosts, group, limit, inventory, workers, timeout, json)
 
@@ -60,7 +60,7 @@ def evacuate(c, host, parallel=1, dry_run=False, timeout=None, inventory=None, j
     from invoke import Exit
 
     from cloudops import evacuate as evacuation, migrate
-    from tasks._cli import emit_json, load_inventory, progress
+    from cloudops.tasks._cli import emit_json, load_inventory, progress
 
     policy = migrate.policy_from(c.config.get("migrate") or {}, timeout=timeout)
     report = evacuation.evacuate(host, load_inventory(c, inventory), parallel=int(parallel), dry_run=dry_run,
