@@ -2,8 +2,13 @@
 
 Templates and recipes ship inside the package and are found with ``importlib.resources``, so
 an installed cloudops needs no source tree. ``ROOT`` is the checkout the package runs from (or,
-installed, the directory above the package); the state directory of an installed cloudops is the
-work of issue 11 and still defaults to ``<ROOT>/var`` (``CLOUDOPS_VAR`` overrides it).
+installed, the directory above the package).
+
+The state directory (``var_dir``: what belongs to this control machine, caches, spool, the
+lab's files) is, first match wins: ``$CLOUDOPS_STATE_DIR``, ``$CLOUDOPS_VAR`` (the older name),
+``<checkout>/var`` when running from a checkout (a ``pyproject.toml`` beside the package), else
+``/var/lib/cloudops`` for root and ``$XDG_STATE_HOME/cloudops`` (``~/.local/state/cloudops``)
+for anyone else.
 """
 
 import os
@@ -14,9 +19,24 @@ ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = Path(str(files("cloudops") / "templates"))
 
 
+def in_checkout() -> bool:
+    """True when this cloudops runs from a source checkout (editable install or ``invoke`` in the tree)."""
+    return (ROOT / "pyproject.toml").is_file() and (ROOT / "cloudops" / "__init__.py").is_file()
+
+
+def default_state_dir() -> Path:
+    if in_checkout():
+        return ROOT / "var"
+    if os.geteuid() == 0:
+        return Path("/var/lib/cloudops")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "cloudops"
+
+
 def var_dir() -> Path:
-    """State, caches and lab files; ``CLOUDOPS_VAR`` overrides the default ``<repo>/var``."""
-    return Path(os.environ.get("CLOUDOPS_VAR", ROOT / "var")).resolve()
+    """This control machine's state directory (see the module docstring for the order)."""
+    chosen = os.environ.get("CLOUDOPS_STATE_DIR") or os.environ.get("CLOUDOPS_VAR")
+    return Path(chosen).expanduser().resolve() if chosen else default_state_dir().resolve()
 
 
 def lab_dir() -> Path:

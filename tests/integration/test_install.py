@@ -51,3 +51,17 @@ def test_templates_and_recipes_come_from_the_installed_package(installed, tmp_pa
     assert templates.startswith(str(installed)) and first == "#!/bin/sh"
     assert os.path.isfile(os.path.join(templates, "libvirt", "domain.xml.j2"))
     assert sys.version_info >= (3, 11)
+
+
+def test_an_installed_cloudops_keeps_its_state_in_the_state_directory(installed, tmp_path):
+    """Not beside site-packages: $CLOUDOPS_STATE_DIR, else $XDG_STATE_HOME/cloudops (root: /var/lib/cloudops)."""
+    code = "from cloudops import paths; print(paths.in_checkout()); print(paths.var_dir())"
+    python = str(installed / "bin" / "python")
+    env_dir = tmp_path / "state"
+    out = run(installed, "env", f"CLOUDOPS_STATE_DIR={env_dir}", python, "-c", code, cwd=tmp_path).stdout.split()
+    assert out == ["False", str(env_dir)]
+    out = run(installed, python, "-c", code, cwd=tmp_path).stdout.split()
+    assert out[0] == "False" and out[1] == ("/var/lib/cloudops" if os.geteuid() == 0 else out[1])
+    assert not out[1].startswith(str(installed))
+    proc = run(installed, "env", f"CLOUDOPS_STATE_DIR={env_dir}", "cloudops", "lab.status", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
