@@ -114,6 +114,14 @@ def _answers(lab_inventory):
         return False
 
 
+def _diagnosis(lab_inventory, host_name) -> str:
+    """The host's neighbour table and routes, and the tail of the guest's serial console."""
+    with connect(lab_inventory.hosts[host_name]) as hv:
+        out = hv.run(f"ip neigh; ip -br addr; ip route; tail -n 30 {guest.console_log_path(NAME)}",
+                     warn=True, hide=True, in_stream=False)
+    return (out.stdout + out.stderr)[-4000:]
+
+
 def leftovers(lab_inventory, host_name) -> list[str]:
     with connect(lab_inventory.hosts[host_name]) as hv:
         out = hv.run("ls /var/lib/cloudops/disks 2>/dev/null || true", hide=True, in_stream=False).stdout
@@ -235,7 +243,11 @@ def test_a_broken_migration_never_loses_the_vm(lab, lab_inventory, vm, point, ki
     (host_name,) = final
     assert leftovers(lab_inventory, dest if host_name == source else source) == []
     assert reservation_on(lab_inventory, host_name, mac)
-    guest.wait_until(lambda: _answers(lab_inventory), 60, f"a shell on {NAME} after recovery")
+    try:
+        guest.wait_until(lambda: _answers(lab_inventory), 60, f"a shell on {NAME} after recovery")
+    except CloudopsError:  # say what the host and the guest's console saw, to find out why
+        raise AssertionError(f"no shell on {NAME} after recovery on {host_name}: "
+                             f"{_diagnosis(lab_inventory, host_name)}") from None
     assert in_vm(lab_inventory, "cat /root/mark") == "kept-across-faults"
     again = invoke("vm.migrate", NAME, "--recover", "--inventory", str(lab.inventory_path))
     assert again.returncode == 0 and "nothing to recover" in again.stdout
