@@ -192,7 +192,6 @@ class _Job:
     """What the live migration got to: set by the watcher, read after a fault."""
 
     postcopy: bool = False  # post-copy was requested: from here on the target may hold the only running copy
-    completed: bool = False  # libvirt said the job completed
 
 
 def _fault_text(exc: BaseException, policy: Policy) -> str:
@@ -220,8 +219,9 @@ def _after_fault(exc, name, source, dest, prepared, job, live, policy, message):
     what = _fault_text(exc, policy)
     interrupted = isinstance(exc, KeyboardInterrupt) or (isinstance(exc, _Aborted) and exc.why == "interrupted")
     code = 130 if interrupted else 1
-    if isinstance(exc, CloudopsError) and not job.postcopy and journal.read(name) and \
-            journal.read(name).get("phase") == "preparing" and not prepared.files and not prepared.reservation:
+    record = journal.read(name) or {}
+    if (isinstance(exc, CloudopsError) and not job.postcopy and record.get("phase") == "preparing"
+            and not prepared.files and not prepared.reservation):
         journal.end(name)  # refused while preparing, before anything was made on the destination
         raise exc
     where = _settled(name, source, dest, live)
@@ -544,7 +544,6 @@ def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message,
         new = dst_conn.lookupByName(name)
         if not new.isActive():
             raise CloudopsError(f"libvirt reported the migration done, but {name} does not run on {dest.name}")
-        job.completed = True
         return _result(new, name, source, dest, shared, watch)
     finally:
         with contextlib.suppress(libvirt.libvirtError):
