@@ -294,16 +294,16 @@ def _clean_other(name, other, survivor, record, copy, message) -> list[str]:
         in_use = {p for d in conn.listAllDomains() for p in vms._disk_paths(d)}
     shared = migrate._shared_dirs(survivor, other, {os.path.dirname(p) for p in paths})
     doomed = sorted(p for p in paths if not shared[os.path.dirname(p)] and p not in in_use)
-    if doomed:
+    if doomed:  # one round trip: delete what exists, print what was deleted
+        script = ("for f in " + " ".join(shlex.quote(p) for p in doomed)
+                  + '; do [ -e "$f" ] && rm -f -- "$f" && echo "$f"; done; true')
         with connect(other) as hv:
-            present = hv.run("ls -d -- " + " ".join(shlex.quote(p) for p in doomed) + " 2>/dev/null || true",
-                             hide=True, in_stream=False).stdout.split()
-        if present:
-            with virt.open_host(other) as conn:
-                for path in present:
-                    vms._delete_path(conn, path)
-            with connect(other) as hv:
-                hv.run("rm -f -- " + " ".join(shlex.quote(p) for p in present), hide=True, in_stream=False)
-            done.append(f"deleted {len(present)} leftover disk file(s) from {other.name}")
+            deleted = hv.run(script, hide=True, in_stream=False).stdout.splitlines()
+        if deleted:
+            with virt.open_host(other) as conn:  # the pools' volume lists forget the deleted files
+                for pool in conn.listAllStoragePools():
+                    with contextlib.suppress(libvirt.libvirtError):
+                        pool.refresh(0)
+            done.append(f"deleted {len(deleted)} leftover disk file(s) from {other.name}")
     return done
 
