@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
 
-from cloudops import imagebuild  # noqa: E402
-from cloudops.customize import customize_image  # noqa: E402
+from cloudops.imaging import build as imagebuild  # noqa: E402
+from cloudops.imaging.customize import customize_image  # noqa: E402
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN4pNdNv8QP28E7WAe+OW2ENjWJFUtNXuZ8PpdQpHb3w bench@cloudops"
 EDITS = {"hostname": "bench-vm", "ssh_keys": [KEY], "root_password": "bench-password",

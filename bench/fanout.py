@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloudops import fleet, inventory, lab  # noqa: E402
+from cloudops import fleet, inventory
+from cloudops.lab import hosts as lab  # noqa: E402
 from cloudops.ssh import connect  # noqa: E402
 
 PREFIX = "cob"

@@ -8,7 +8,7 @@ one tap NIC each, started *paused* (a real QEMU process with its devices, no gue
 Both ways go over the same cached ``qemu+ssh`` connections, all hosts in parallel
 (cloudops.fleet), and read the same host figures:
 
-  bulk      cloudops.metrics.collect_fleet: per host ONE getAllDomainStats (NOWAIT) + host figures
+  bulk      cloudops.metrics.cycle.collect_fleet: per host ONE getAllDomainStats (NOWAIT) + host figures
   collectd  per host listAllDomains, then per domain dom.info, dom.memoryStats, dom.vcpus,
             dom.blockStats per disk, dom.interfaceStats per NIC (device names parsed from the
             XML once beforehand, as collectd's virt plugin caches them between refreshes)
@@ -33,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import libvirt  # noqa: E402
 
-from cloudops import fleet, inventory, lab, metrics, virt  # noqa: E402
-from cloudops.metrics_collect import HostSample, _optional  # noqa: E402
+from cloudops import fleet, inventory, virt
+from cloudops.lab import hosts as lab
+from cloudops.metrics import cycle as metrics  # noqa: E402
+from cloudops.metrics.collect import HostSample, _optional  # noqa: E402
 from cloudops.ssh import connect  # noqa: E402
 from cloudops.templating import render  # noqa: E402
 

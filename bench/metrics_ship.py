@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloudops import graphite  # noqa: E402
-from cloudops.carbon import CarbonClient, encode_plaintext  # noqa: E402
+from cloudops.metrics import graphite  # noqa: E402
+from cloudops.metrics.carbon import CarbonClient, encode_plaintext  # noqa: E402
 
 TARGET = 100_000  # datapoints per second through the pickle path
 PREFIX = "test.bench"

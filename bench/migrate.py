@@ -21,15 +21,23 @@ after ``--give-up`` seconds is aborted and counted as such.
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import sys
-import shlex
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloudops import guest, imagebuild, images, inventory, lab, migrate, virt, vms  # noqa: E402
+from cloudops import inventory, virt
+from cloudops.compute import (
+    guest,
+    vms,  # noqa: E402
+)
+from cloudops.imaging import build as imagebuild
+from cloudops.imaging import store as images
+from cloudops.lab import hosts as lab
+from cloudops.migration import migrate
 from cloudops.ssh import connect  # noqa: E402
 
 PREFIX = "cmgb"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloudops import balance  # noqa: E402
+from cloudops.migration import balance  # noqa: E402
 
 HOST_CLASSES = (  # (memory MiB, threads): three hardware generations, 4 GiB per thread
     (262144, 64),

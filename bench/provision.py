@@ -29,7 +29,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloudops import guest, imagebuild, images, inventory, lab, vms  # noqa: E402
+from cloudops import inventory
+from cloudops.compute import (
+    guest,
+    vms,  # noqa: E402
+)
+from cloudops.imaging import build as imagebuild
+from cloudops.imaging import store as images
+from cloudops.lab import hosts as lab
 from cloudops.ssh import connect  # noqa: E402
 from cloudops.templating import render  # noqa: E402
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import paramiko
 
-from . import inventory, paths, ssh
-from .errors import CloudopsError
+from cloudops import inventory, paths, ssh
+from cloudops.errors import CloudopsError
 
 KEY_TYPES = "ed25519,ecdsa,rsa"
 KEY_PRESENT = "migration key present"

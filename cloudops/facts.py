@@ -6,8 +6,8 @@ libvirt facts. A host without a libvirtd (a bare lab host) still has system fact
 
 import libvirt
 
-from . import virt
-from .ssh import connect
+from cloudops import virt
+from cloudops.ssh import connect
 
 # One round trip: every fact in a line "key<TAB>value".
 _SYSTEM_SCRIPT = r"""

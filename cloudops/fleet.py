@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import output
-from .errors import CloudopsError
-from .ssh import describe
+from cloudops import output
+from cloudops.errors import CloudopsError
+from cloudops.ssh import describe
 
 OK, CHANGED, FAILED = "ok", "changed", "failed"
 
@@ -225,7 +225,7 @@ class CommandFailed(CloudopsError):
 def run_command(hosts: list, command: str, *, workers: int = 16, timeout: float = 60,
                 connect=None, progress=None) -> FleetResult:
     """Run a shell command on every host through Fabric; a non-zero exit marks that host failed."""
-    from .ssh import connect as ssh_connect
+    from cloudops.ssh import connect as ssh_connect
 
     connect = connect or ssh_connect
     live: dict[str, Bounded] = {}

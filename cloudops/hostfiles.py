@@ -14,7 +14,7 @@ import secrets
 import shlex
 from dataclasses import dataclass
 
-from .errors import CloudopsError
+from cloudops.errors import CloudopsError
 
 
 @dataclass(frozen=True)

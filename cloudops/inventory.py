@@ -10,8 +10,8 @@ from urllib.parse import quote
 
 import yaml
 
-from . import paths
-from .errors import CloudopsError
+from cloudops import paths
+from cloudops.errors import CloudopsError
 
 ENV_VAR = "CLOUDOPS_INVENTORY"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -73,7 +73,7 @@ def ssh_uri(user: str, address: str, port: int, key: str | None, *, command: str
 def derived_libvirt_uri(user: str, address: str, port: int, key: str | None, known_hosts: str | None = None) -> str:
     """The operator's URI for a host: OpenSSH through ``sshcommand``'s script, which checks the host key
     against the trusted known_hosts only (the one Fabric connections use too)."""
-    from . import sshcommand
+    from cloudops import sshcommand
 
     return ssh_uri(user, address, port, key, command=str(sshcommand.path_for(known_hosts or known_hosts_file(None))))
 

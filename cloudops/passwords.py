@@ -16,7 +16,7 @@ import sys
 import warnings
 from functools import lru_cache
 
-from .errors import CloudopsError
+from cloudops.errors import CloudopsError
 
 _SALT_CHARS = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # What may stand in the password field of /etc/shadow: a crypt hash, nothing that

@@ -15,7 +15,7 @@ from pathlib import Path
 import paramiko
 from fabric import Config, Connection
 
-from .errors import CloudopsError
+from cloudops.errors import CloudopsError
 
 SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 

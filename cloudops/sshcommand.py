@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import paths, templating
+from cloudops import paths, templating
 
 CONNECT_TIMEOUT = 10
 ALIVE_INTERVAL = 5  # seconds between keepalives; the connection ends after ALIVE_COUNT unanswered

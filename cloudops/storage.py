@@ -4,8 +4,8 @@ import xml.etree.ElementTree as ET
 
 import libvirt
 
-from .errors import CloudopsError
-from .templating import render
+from cloudops.errors import CloudopsError
+from cloudops.templating import render
 
 POOL_NAME = "cloudops"
 

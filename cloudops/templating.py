@@ -9,8 +9,8 @@ from functools import lru_cache
 
 import jinja2
 
-from . import paths
-from .errors import CloudopsError
+from cloudops import paths
+from cloudops.errors import CloudopsError
 
 
 @lru_cache(maxsize=None)

@@ -13,8 +13,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import libvirt
 
-from . import inventory, sshcommand
-from .errors import CloudopsError
+from cloudops import inventory, sshcommand
+from cloudops.errors import CloudopsError
 
 
 class LibvirtUnavailable(CloudopsError):

@@ -43,7 +43,7 @@ def require_root() -> None:
 @pytest.fixture(scope="session")
 def lab():
     """A 3-host lab of full hypervisor hosts (sshd + libvirtd), taken down at the end of the session."""
-    from cloudops import lab as lab_lib
+    from cloudops.lab import hosts as lab_lib
 
     require_root()
     the_lab = lab_lib.up(3, prefix=TEST_PREFIX)
@@ -57,7 +57,7 @@ def own_lab(suffix: str, hosts: int = 3):
 
     @pytest.fixture(scope="module")
     def fixture():
-        from cloudops import lab as lab_lib
+        from cloudops.lab import hosts as lab_lib
 
         require_root()
         the_lab = lab_lib.up(hosts, prefix=TEST_PREFIX + suffix)
@@ -87,7 +87,8 @@ def lab_inventory(lab):
 @pytest.fixture(scope="session")
 def tiny_image():
     """The tiny image, built once per session (cached by recipe hash) and in the store as "tiny"."""
-    from cloudops import imagebuild, images
+    from cloudops.imaging import build as imagebuild
+    from cloudops.imaging import store as images
 
     image, _changed = images.add_image(imagebuild.build_image("tiny"), name="tiny", replace=True)
     return image

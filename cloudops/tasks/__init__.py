@@ -3,7 +3,6 @@
 from invoke import Collection, task
 
 from cloudops import passwords as _passwords
-
 from cloudops.tasks import cloud, fleet, graphite, host, image, lab, metrics, net, vm
 from cloudops.tasks import deploy as deploy_module  # the module; `deploy` is its root-level task
 from cloudops.tasks._cli import user_errors
@@ -38,9 +37,10 @@ def demo(c, hosts=2):
     import secrets
     import subprocess
 
-    from cloudops import lab as lab_lib
-    from cloudops import paths, vms
+    from cloudops import paths
+    from cloudops.compute import vms
     from cloudops.errors import CloudopsError
+    from cloudops.lab import hosts as lab_lib
 
     def step(title, command):
         print(f"\n== {title}\n$ {command}", flush=True)
@@ -82,7 +82,7 @@ def demo(c, hosts=2):
 def _print_cpu_series(c, vm):
     import time
 
-    from cloudops import graphite
+    from cloudops.metrics import graphite
 
     path = f"{c.metrics.prefix}.vm.{vm}.cpu.util_percent"
     storage = graphite.whisper_dir(c.graphite.directory or graphite.default_dir())

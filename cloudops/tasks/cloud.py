@@ -2,7 +2,7 @@
 
 from invoke import task
 
-from cloudops import stack
+from cloudops.compute import stack
 from cloudops.tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, user_errors
 
 
@@ -43,8 +43,9 @@ def rebalance(c, dry_run=False, apply=False, max_moves=None, margin=0.0, cpu_int
     """Migrations that even out memory and CPU load across hosts: --dry-run plans, --apply moves."""
     from invoke import Exit
 
-    from cloudops import migrate, rebalance as balancing
     from cloudops.errors import CloudopsError
+    from cloudops.migration import migrate
+    from cloudops.migration import rebalance as balancing
 
     if dry_run and apply:
         raise CloudopsError("choose --dry-run or --apply, not both")

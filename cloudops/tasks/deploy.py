@@ -16,9 +16,9 @@ from pathlib import Path
 from fabric import Connection
 from invoke import Exit, task
 
-from cloudops import deploy as deploy_lib
 from cloudops import fleet, output, ssh
 from cloudops.errors import CloudopsError
+from cloudops.hosts import deploy as deploy_lib
 from cloudops.tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, user_errors
 
 HELP = {

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from invoke import task
 
-from cloudops import graphite
+from cloudops.metrics import graphite
 from cloudops.tasks._cli import emit_json, user_errors
 
 _HELP = {

@@ -23,8 +23,8 @@ def facts_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, 
 @user_errors
 def maintenance(c, host, state, inventory=None, json=False):
     """Put a host in maintenance (placement gives it no new VMs) or take it out: host.maintenance HV on|off."""
-    from cloudops import maintenance as maintenance_lib
     from cloudops.errors import CloudopsError
+    from cloudops.hosts import maintenance as maintenance_lib
     from cloudops.tasks._cli import emit_json, load_inventory
 
     if state not in ("on", "off"):
@@ -59,7 +59,8 @@ def evacuate(c, host, parallel=1, dry_run=False, timeout=None, inventory=None, j
     """Maintenance on, then live-migrate every VM of the host to hosts the scheduler chooses."""
     from invoke import Exit
 
-    from cloudops import evacuate as evacuation, migrate
+    from cloudops.migration import evacuate as evacuation
+    from cloudops.migration import migrate
     from cloudops.tasks._cli import emit_json, load_inventory, progress
 
     policy = migrate.policy_from(c.config.get("migrate") or {}, timeout=timeout)

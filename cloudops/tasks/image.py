@@ -39,7 +39,7 @@ def _files(specs) -> dict:
 
 @task(
     help={
-        "recipe": "recipe name in cloudops/recipes (default: image.recipe from the configuration, else tiny)",
+        "recipe": "recipe name in cloudops/imaging/recipes (default: image.recipe from the configuration, else tiny)",
         "force": "rebuild even if a cached image with the same inputs exists",
         "add": "also add it to the image store under the recipe's name (replacing an older build)",
         "json": "print the result as JSON",
@@ -48,13 +48,13 @@ def _files(specs) -> dict:
 @user_errors
 def build(c, recipe=None, force=False, add=False, json=False):
     """Build a bootable qcow2 image from a recipe (cached by content hash; prints its path, or its id with --add)."""
-    from cloudops.imagebuild import build_image
+    from cloudops.imaging.build import build_image
 
     name = recipe or (c.config.get("image") or {}).get("recipe") or "tiny"
     path = build_image(name, force=force, progress=_progress)
     result = {"recipe": name, "path": str(path), "size": path.stat().st_size}
     if add:
-        from cloudops import images
+        from cloudops.imaging import store as images
 
         image, changed = images.add_image(path, name=name, replace=True)
         result.update(id=image.id, added=changed)
@@ -81,8 +81,8 @@ def build(c, recipe=None, force=False, add=False, json=False):
 def customize(c, disk, root_password_file=None, password_stdin=False, password=None, ssh_key=None, hostname=None,
               file=None, json=False):  # fmt: skip
     """Edit disk images offline: hostname, root SSH keys, root password, files (one libguestfs launch)."""
-    from cloudops.customize import customize_image
-    from cloudops.guestconfig import read_ssh_key_files
+    from cloudops.compute.guestconfig import read_ssh_key_files
+    from cloudops.imaging.customize import customize_image
 
     disks = _split(disk)
     keys = read_ssh_key_files(_split(ssh_key)) if ssh_key else []
@@ -110,7 +110,7 @@ def customize(c, disk, root_password_file=None, password_stdin=False, password=N
 def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=None, group=None, inventory=None,
         json=False):
     """Add a disk image to the content-addressed store; prints its id (no change when already there)."""
-    from cloudops import images
+    from cloudops.imaging import store as images
     from cloudops.tasks._cli import finish, progress, select_hosts
 
     image, changed = images.add_image(path, name=name, sha256=sha256, replace=replace, progress=progress)
@@ -129,7 +129,8 @@ def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=
 @user_errors
 def list_(c, hosts=None, group=None, inventory=None, json=False, local=False):
     """Images in the store: name, id, format, virtual size, and the hosts that hold them."""
-    from cloudops import images, output
+    from cloudops import output
+    from cloudops.imaging import store as images
     from cloudops.tasks._cli import select_hosts
 
     held = {}
@@ -151,7 +152,9 @@ def list_(c, hosts=None, group=None, inventory=None, json=False, local=False):
 @user_errors
 def rm(c, image, inventory=None, json=False):
     """Remove an image from every host and the store; refused while a VM uses it."""
-    from cloudops import fleet, images, vms
+    from cloudops import fleet
+    from cloudops.compute import vms
+    from cloudops.imaging import store as images
     from cloudops.tasks._cli import finish, load_inventory
 
     hosts = [h for h in load_inventory(c, inventory).hosts.values() if "bare" not in h.tags]

@@ -2,7 +2,8 @@
 
 from invoke import task
 
-from cloudops import lab, output
+from cloudops import output
+from cloudops.lab import hosts as lab
 from cloudops.tasks._cli import emit_json, progress, user_errors
 
 

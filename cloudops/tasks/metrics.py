@@ -13,10 +13,12 @@ import sys
 
 from invoke import Collection, Exit, task
 
-from cloudops import fleet, metrics, metrics_cron
-from cloudops.carbon import CarbonClient
+from cloudops import fleet
 from cloudops.errors import CloudopsError
-from cloudops.spool import Spool
+from cloudops.metrics import cron as metrics_cron
+from cloudops.metrics import cycle as metrics
+from cloudops.metrics.carbon import CarbonClient
+from cloudops.metrics.spool import Spool
 from cloudops.tasks._cli import SELECT_HELP, finish, select_hosts, user_errors
 
 EXIT_CARBON_DOWN = 3

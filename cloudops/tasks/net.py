@@ -2,7 +2,8 @@
 
 from invoke import Exit, task
 
-from cloudops import fleet, networks, output, virt
+from cloudops import fleet, output, virt
+from cloudops.net import networks
 from cloudops.tasks._cli import SELECT_HELP, emit_json, finish, select_hosts, user_errors
 
 CHECK_HELP = "only say what would change; change nothing"

@@ -4,9 +4,11 @@ import sys
 
 from invoke import Exit, task
 
-from cloudops import fleet, guest, output, passwords, vms
+from cloudops import fleet, output, passwords
+from cloudops.compute import guest, vms
 from cloudops.errors import CloudopsError
 from cloudops.tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, select_hosts, user_errors
+
 
 def _password(password, password_file, password_stdin):
     """The root password from a file, stdin or $CLOUDOPS_ROOT_PASSWORD; --password is refused (visible in ps)."""
@@ -16,7 +18,7 @@ def _password(password, password_file, password_stdin):
 def _keys(ssh_key):
     if not ssh_key:
         return ()
-    from cloudops.guestconfig import read_ssh_key_files
+    from cloudops.compute.guestconfig import read_ssh_key_files
 
     return tuple(read_ssh_key_files([p for p in ssh_key.split(",") if p]))
 
@@ -156,7 +158,7 @@ def console(c, name, log=False, inventory=None):
 
 def _ship_migration_figures(c, result) -> dict:
     """Duration, downtime and bytes to Graphite (spooled when carbon is down: never fails the migration)."""
-    from cloudops import metrics
+    from cloudops.metrics import cycle as metrics
 
     return metrics.record_migration(result.name, result.duration, result.downtime_ms or 0, result.bytes_moved or 0,
                                     carbon=c.metrics.carbon, prefix=c.metrics.prefix)
@@ -194,10 +196,10 @@ def migrate(c, name, to=None, timeout=None, copy_storage=True, postcopy_after=No
             max_downtime=None, bandwidth=None, recover=False, restart=False, inventory=None, json=False):
     """Live-migrate a VM to another host (offline when it is stopped); prints duration, downtime, bytes moved."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
-    from cloudops import migrate as migration
+    from cloudops.migration import migrate as migration
 
     if recover:
-        from cloudops.migrate_recover import recover_vm
+        from cloudops.migration.recover import recover_vm
 
         report = recover_vm(name, load_inventory(c, inventory), timeout=float(timeout or 300), restart=restart,
                             message=progress)

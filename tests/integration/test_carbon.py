@@ -14,11 +14,11 @@ from collections import defaultdict
 import libvirt
 import pytest
 
-from cloudops import graphite
-from cloudops.carbon import CarbonClient, CarbonUnreachable, parse_address
 from cloudops.errors import CloudopsError
-from cloudops.metrics import cron_entry, ship_cycle
-from cloudops.spool import Spool
+from cloudops.metrics import graphite
+from cloudops.metrics.carbon import CarbonClient, CarbonUnreachable, parse_address
+from cloudops.metrics.cycle import cron_entry, ship_cycle
+from cloudops.metrics.spool import Spool
 
 SELF_METRICS = 7  # collected, sent, replayed, spooled, dropped, hosts_failed, cycle_time
 READ_DEADLINE = 60.0

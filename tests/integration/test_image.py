@@ -57,7 +57,7 @@ def timings():
 @pytest.fixture(scope="session")
 def tiny_image(timings):
     """The tiny image, built once per session (CLOUDOPS_TEST_REBUILD=1 forces a fresh build)."""
-    from cloudops.imagebuild import build_image
+    from cloudops.imaging.build import build_image
 
     started = time.monotonic()
     path = build_image("tiny", force=os.environ.get("CLOUDOPS_TEST_REBUILD") == "1")
@@ -181,7 +181,7 @@ def shadow_hash(guest: Guest) -> str:
 
 
 def test_build_is_cached_and_clean(tiny_image):
-    from cloudops.imagebuild import build_image
+    from cloudops.imaging.build import build_image
 
     started = time.monotonic()
     assert build_image("tiny") == tiny_image
@@ -195,7 +195,7 @@ def test_build_is_cached_and_clean(tiny_image):
 
 
 def test_unknown_recipe_is_one_line_error():
-    from cloudops.imagebuild import build_image
+    from cloudops.imaging.build import build_image
 
     with pytest.raises(CloudopsError, match="no recipe 'nope'"):
         build_image("nope")
@@ -205,7 +205,7 @@ def test_unknown_recipe_is_one_line_error():
 
 
 def test_boot_with_seed(tiny_image, ssh_key, guests, tmp_path, timings):
-    from cloudops.seed import make_seed
+    from cloudops.compute.seed import make_seed
 
     password = "correct horse battery"
     seed = make_seed(tmp_path / "seed.iso", "seeded-vm", [ssh_key.with_suffix(".pub").read_text()],
@@ -234,7 +234,7 @@ def test_boot_with_seed(tiny_image, ssh_key, guests, tmp_path, timings):
 
 
 def test_customize_two_disks_then_boot_without_seed(tiny_image, ssh_key, guests, tmp_path, timings):
-    from cloudops.customize import customize_image
+    from cloudops.imaging.customize import customize_image
 
     password = "tr0ub4dor&3"
     disks = [overlay(tiny_image, tmp_path / f"disk{i}.qcow2") for i in (1, 2)]
@@ -268,7 +268,7 @@ def test_customize_two_disks_then_boot_without_seed(tiny_image, ssh_key, guests,
 
 
 def test_customize_refuses_batch_when_one_disk_has_no_os(tiny_image, tmp_path):
-    from cloudops.customize import customize_image
+    from cloudops.imaging.customize import customize_image
 
     good = overlay(tiny_image, tmp_path / "good.qcow2")
     blank = tmp_path / "blank.qcow2"
@@ -285,8 +285,8 @@ def test_customize_refuses_batch_when_one_disk_has_no_os(tiny_image, tmp_path):
 @pytest.mark.skipif(os.environ.get("CLOUDOPS_TEST_DEBIAN") != "1",
                     reason="set CLOUDOPS_TEST_DEBIAN=1: needs root, a Debian mirror and ~15 min")  # fmt: skip
 def test_debian_image_boots_with_seed(ssh_key, guests, tmp_path, timings):
-    from cloudops.imagebuild import build_image
-    from cloudops.seed import make_seed
+    from cloudops.compute.seed import make_seed
+    from cloudops.imaging.build import build_image
 
     started = time.monotonic()
     image = build_image("debian")

@@ -42,7 +42,7 @@ def test_the_cloudops_command_works_from_any_directory(installed, tmp_path):
 
 
 def test_templates_and_recipes_come_from_the_installed_package(installed, tmp_path):
-    code = ("import cloudops, sys; from cloudops import paths, sshcommand, imagebuild; "
+    code = ("import cloudops, sys; from cloudops import paths, sshcommand; from cloudops.imaging import build; "
             "print(cloudops.__file__); print(paths.TEMPLATES); print(sshcommand.render('/k/h').splitlines()[0])")
     proc = run(installed, str(installed / "bin" / "python"), "-c", code, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

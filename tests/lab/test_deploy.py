@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloudops import fleet, lab as lab_lib, migrate
+from cloudops import fleet
+from cloudops.lab import hosts as lab_lib
+from cloudops.migration import migrate
 from tests.conftest import ROOT, invoke, own_inventory, own_lab
 
 SNAPSHOT = ("cat /etc/libvirt/libvirtd.conf /etc/motd; ls -la ~/.ssh; cat ~/.ssh/known_hosts ~/.ssh/authorized_keys "

@@ -5,7 +5,9 @@ Maintenance state is kept in a temporary file per test, apart from the developer
 
 import pytest
 
-from cloudops import evacuate, maintenance, rebalance, vms
+from cloudops.compute import vms
+from cloudops.hosts import maintenance
+from cloudops.migration import evacuate, rebalance
 from tests.lab.test_migration import _answers, holders, start
 
 

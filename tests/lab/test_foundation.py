@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from cloudops import facts, fleet, inventory, lab as lab_lib, virt
+from cloudops import facts, fleet, inventory, virt
 from cloudops.errors import CloudopsError
+from cloudops.lab import hosts as lab_lib
 from tests.conftest import ROOT, TEST_PREFIX, invoke
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cloudops import images, vms
+from cloudops.compute import vms
+from cloudops.imaging import store as images
 from cloudops.ssh import connect
 from tests.conftest import invoke
 
@@ -224,7 +225,7 @@ def test_deploy_and_install_cron_agree_on_the_metrics_cron_file(lab, lab_invento
 
     import yaml
 
-    from cloudops import metrics_cron
+    from cloudops.metrics import cron as metrics_cron
 
     data = yaml.safe_load(lab.inventory_path.read_text())
     data.setdefault("vars", {})["metrics"] = {"carbon": "127.0.0.1:2004", "prefix": "hylab"}

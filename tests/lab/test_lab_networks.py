@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cloudops import fleet, ipam, networks, virt
-from cloudops.networks import NetworkSpec
+from cloudops import fleet, virt
+from cloudops.net import ipam, networks
+from cloudops.net.networks import NetworkSpec
 from tests.conftest import ROOT, TEST_PREFIX, invoke
 
 # Names carry the lab prefix: processes of every lab share one PID space, so a test that looks

@@ -19,9 +19,15 @@ import libvirt
 import pytest
 import yaml
 
-from cloudops import graphite, images, metrics, metrics_cron, networks, vms, virt
-from cloudops.carbon import CarbonClient
-from cloudops.spool import Spool
+from cloudops import virt
+from cloudops.compute import vms
+from cloudops.imaging import store as images
+from cloudops.metrics import cron as metrics_cron
+from cloudops.metrics import cycle as metrics
+from cloudops.metrics import graphite
+from cloudops.metrics.carbon import CarbonClient
+from cloudops.metrics.spool import Spool
+from cloudops.net import networks
 from cloudops.ssh import connect
 from tests.conftest import TEST_PREFIX, invoke
 

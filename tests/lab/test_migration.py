@@ -9,8 +9,11 @@ import json
 import libvirt
 import pytest
 
-from cloudops import guest, maintenance, migrate, virt, vms
+from cloudops import virt
+from cloudops.compute import guest, vms
 from cloudops.errors import CloudopsError
+from cloudops.hosts import maintenance
+from cloudops.migration import migrate
 from cloudops.ssh import connect
 from tests.conftest import invoke, own_inventory, own_lab
 

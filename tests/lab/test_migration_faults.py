@@ -19,15 +19,20 @@ import contextlib
 import os
 import signal
 import subprocess
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cloudops import guest, lab as lab_lib, maintenance, migrate, migrate_journal, virt, vms
+from cloudops import virt
+from cloudops.compute import guest, vms
 from cloudops.errors import CloudopsError
+from cloudops.hosts import maintenance
+from cloudops.lab import hosts as lab_lib
+from cloudops.migration import journal as migrate_journal
+from cloudops.migration import migrate
 from cloudops.ssh import connect
 from tests.conftest import ROOT, invoke, own_inventory, own_lab
 

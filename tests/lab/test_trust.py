@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cloudops import lab as lab_lib, maintenance, migrate, vms
+from cloudops.compute import vms
+from cloudops.hosts import maintenance
+from cloudops.lab import hosts as lab_lib
+from cloudops.migration import migrate
 from tests.conftest import invoke, own_inventory, own_lab
 
 # changes host keys and restarts sshd: a lab of its own, not the session's

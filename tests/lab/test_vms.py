@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cloudops import guest, images, ipam, passwords, vms, virt
+from cloudops import passwords, virt
+from cloudops.compute import guest, vms
 from cloudops.errors import CloudopsError
+from cloudops.imaging import store as images
+from cloudops.net import ipam
 from cloudops.ssh import connect
 from tests.conftest import invoke
 

@@ -1,4 +1,4 @@
-"""cloudops.balance: the rebalance planner, its exhaustive reference and evacuation."""
+"""cloudops.migration.balance: the rebalance planner, its exhaustive reference and evacuation."""
 
 import random
 from collections import Counter, defaultdict
@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloudops.balance import (
+from cloudops.errors import CloudopsError
+from cloudops.migration.balance import (
     VM,
     Cluster,
     Host,
@@ -21,7 +22,6 @@ from cloudops.balance import (
     next_move,
     plan,
 )
-from cloudops.errors import CloudopsError
 
 GiB = 1024
 

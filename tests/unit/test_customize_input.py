@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from cloudops.customize import customize_image
 from cloudops.errors import CloudopsError
+from cloudops.imaging.customize import customize_image
 
 pytestmark = pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-img missing")
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN4pNdNv8QP28E7WAe+OW2ENjWJFUtNXuZ8PpdQpHb3w alice@example"

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import libvirt
 import pytest
 
-from cloudops import stack, virt, vms
+from cloudops import virt
+from cloudops.compute import stack, vms
 from cloudops.errors import CloudopsError
 
 DOMAIN = """<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>

@@ -2,8 +2,9 @@
 
 import pytest
 
-from cloudops import cloudkeys, deploy, hostfiles, inventory
+from cloudops import cloudkeys, hostfiles, inventory
 from cloudops.errors import CloudopsError
+from cloudops.hosts import deploy
 from cloudops.inventory import Host
 
 KEY_A = "AAAAC3NzaC1lZDI1NTE5AAAAIGx1Z0lAfL0Yo0Ws1pVmLU0tWMxBj2eZ6dQ2cW9T3d0a"

@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 
-from cloudops import images
 from cloudops.errors import CloudopsError
+from cloudops.imaging import store as images
 
 
 @pytest.fixture(autouse=True)

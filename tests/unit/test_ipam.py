@@ -6,9 +6,9 @@ import multiprocessing
 
 import pytest
 
-from cloudops import ipam
 from cloudops.errors import CloudopsError
-from cloudops.networks import NetworkSpec
+from cloudops.net import ipam
+from cloudops.net.networks import NetworkSpec
 
 NET = NetworkSpec(name="front", cidr="10.20.0.0/24")
 
@@ -108,7 +108,7 @@ def test_concurrent_processes_never_share_an_address(tmp_path):
 
 
 def test_a_released_address_rests_so_a_stale_dhcp_lease_cannot_steal_it(tmp_path):
-    from cloudops.networks import NetworkSpec
+    from cloudops.net.networks import NetworkSpec
 
     spec = NetworkSpec(name="rest", mode="nat", cidr="192.168.77.0/24")
     first = ipam.allocate(spec, "a", state_dir=tmp_path)

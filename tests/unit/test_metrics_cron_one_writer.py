@@ -3,7 +3,9 @@
 import pytest
 import yaml
 
-from cloudops import deploy, inventory, metrics_cron
+from cloudops import inventory
+from cloudops.hosts import deploy
+from cloudops.metrics import cron as metrics_cron
 
 CONFIG = {"carbon": "127.0.0.1:2004", "prefix": "cloudops", "cron_minutes": 1}  # tasks/__init__.py's defaults
 

@@ -3,12 +3,12 @@
 import json
 
 import pytest
-
-from cloudops.carbon import CarbonUnreachable
-from cloudops.errors import CloudopsError
-from cloudops.metrics import cron_entry, migration_datapoints, ship_cycle, summary_line
-from cloudops.spool import Spool
 from libvirt_fake import FakeConnection, vm_stats
+
+from cloudops.errors import CloudopsError
+from cloudops.metrics.carbon import CarbonUnreachable
+from cloudops.metrics.cycle import cron_entry, migration_datapoints, ship_cycle, summary_line
+from cloudops.metrics.spool import Spool
 
 T0 = 1_700_000_000
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
@@ -136,7 +136,7 @@ def test_a_vm_active_on_two_hosts_is_shipped_once_from_where_it_runs(tmp_path):
 
 
 def test_samples_collected_elsewhere_are_shipped_like_connections(tmp_path):
-    from cloudops.metrics_collect import collect_host
+    from cloudops.metrics.collect import collect_host
 
     sample = collect_host(FakeConnection(vms={"web": (UUID, 3, vm_stats())}), "hv1", taken_at=T0)
     carbon = FakeCarbon()

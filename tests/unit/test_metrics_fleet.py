@@ -6,12 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 from invoke import Context
-
-from cloudops import metrics, metrics_cron
-from cloudops.carbon import CarbonUnreachable
-from cloudops.errors import CloudopsError
-from cloudops.spool import Spool
 from libvirt_fake import FakeConnection, vm_stats
+
+from cloudops.errors import CloudopsError
+from cloudops.metrics import cron as metrics_cron
+from cloudops.metrics import cycle as metrics
+from cloudops.metrics.carbon import CarbonUnreachable
+from cloudops.metrics.spool import Spool
 
 T0 = 1_700_000_000
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"

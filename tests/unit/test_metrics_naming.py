@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloudops import metrics_naming as naming
 from cloudops.errors import CloudopsError
+from cloudops.metrics import naming
 
 SAFE = re.compile(r"^[A-Za-z0-9_\-]+$")
 

@@ -6,9 +6,9 @@ cases pin the decisions themselves, with the hosts' answers given as data.
 
 import pytest
 
-from cloudops import migrate, migrate_journal as journal, migrate_outcome as outcome, migrate_recover as recover
 from cloudops.errors import CloudopsError
 from cloudops.inventory import Host
+from cloudops.migration import journal, migrate, outcome, recover
 
 
 @pytest.fixture(autouse=True)

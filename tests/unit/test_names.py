@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudops import vms
+from cloudops.compute import vms
 from cloudops.errors import CloudopsError
 
 ROOT = Path(__file__).resolve().parents[2]

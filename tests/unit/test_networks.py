@@ -4,9 +4,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from cloudops import networks
 from cloudops.errors import CloudopsError
-from cloudops.networks import DEFAULT_NETWORK, NetworkSpec
+from cloudops.net import networks
+from cloudops.net.networks import DEFAULT_NETWORK, NetworkSpec
 
 
 def xml_of(spec, **kwargs) -> ET.Element:

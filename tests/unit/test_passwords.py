@@ -146,7 +146,7 @@ def test_ensure_file_creates_the_temporary_file_0600_before_writing():
 
 @pytest.mark.skipif(not __import__("shutil").which("genisoimage"), reason="genisoimage missing")
 def test_seed_iso_is_0600_whatever_the_umask(tmp_path):
-    from cloudops import seed
+    from cloudops.compute import seed
 
     old = os.umask(0)
     try:

@@ -4,11 +4,11 @@ import json
 
 import libvirt
 import pytest
-
-from cloudops import metrics_rates as rates
-from cloudops.errors import CloudopsError
-from cloudops.metrics_collect import FLAGS, STATS, HostSample, VmSample, collect_host
 from libvirt_fake import FakeConnection, vm_stats
+
+from cloudops.errors import CloudopsError
+from cloudops.metrics import rates
+from cloudops.metrics.collect import FLAGS, STATS, HostSample, VmSample, collect_host
 
 UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 T0 = 1_700_000_000.0
@@ -216,7 +216,7 @@ def test_collect_host_shape_with_the_libvirt_test_driver():
 
 
 def test_the_top_layer_counts_even_with_a_backing_index_and_backing_layers_do_not():
-    from cloudops.metrics_rates import vm_counters
+    from cloudops.metrics.rates import vm_counters
 
     stats = {
         "block.count": 2,

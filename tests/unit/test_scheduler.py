@@ -1,11 +1,10 @@
-"""cloudops.scheduler: filters, weighers, tie-breaks and the one-line failure."""
+"""cloudops.compute.scheduler: filters, weighers, tie-breaks and the one-line failure."""
 
 import random
 
 import pytest
 
-from cloudops.errors import CloudopsError
-from cloudops.scheduler import (
+from cloudops.compute.scheduler import (
     HostState,
     PlacementRequest,
     check,
@@ -13,6 +12,7 @@ from cloudops.scheduler import (
     place,
     rank,
 )
+from cloudops.errors import CloudopsError
 
 
 def host(name, total=8192, free=None, committed=0, vcpus=8, vcpus_committed=0, **kw):

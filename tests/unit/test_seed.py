@@ -7,9 +7,10 @@ import subprocess
 import pytest
 import yaml
 
-from cloudops import passwords, seed
+from cloudops import passwords
+from cloudops.compute import seed
+from cloudops.compute.guestconfig import normalize_ssh_keys, validate_hostname
 from cloudops.errors import CloudopsError
-from cloudops.guestconfig import normalize_ssh_keys, validate_hostname
 from cloudops.templating import render
 
 KEY1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN4pNdNv8QP28E7WAe+OW2ENjWJFUtNXuZ8PpdQpHb3w alice@example"

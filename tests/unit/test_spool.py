@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudops.carbon import CarbonUnreachable
 from cloudops.errors import CloudopsError
-from cloudops.spool import Spool
+from cloudops.metrics.carbon import CarbonUnreachable
+from cloudops.metrics.spool import Spool
 
 
 def points(start, count, path="test.m"):

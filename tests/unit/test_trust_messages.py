@@ -3,9 +3,10 @@
 import paramiko
 import pytest
 
-from cloudops import cloudkeys, migrate, ssh, virt
+from cloudops import cloudkeys, ssh, virt
 from cloudops.errors import CloudopsError
 from cloudops.inventory import Host
+from cloudops.migration import migrate
 
 HV2 = Host("hv2", "10.0.0.2", key="/ops/id", vars={"known_hosts": "/ops/known_hosts"})
 

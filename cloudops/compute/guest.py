@@ -1,0 +1,130 @@
+"""Reaching a VM: the cloud's SSH key, the VM's host key from its console, and Fabric through the hypervisor.
+
+VMs sit on networks private to their hypervisor, so every SSH connection to a VM
+goes through the hypervisor as a jump host (itself verified). The VM's own host
+key is read from its serial console log on the hypervisor, where the image prints
+it at boot (the cloudops tiny image's ``hostkey`` line, or cloud-init's
+``BEGIN SSH HOST KEY KEYS`` block), and kept in ``var/cloud/known_hosts``:
+never accepted blindly.
+"""
+
+import fcntl
+import re
+import shlex
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import paramiko
+from fabric import Config, Connection
+
+from cloudops import paths
+from cloudops.errors import CloudopsError
+from cloudops.ssh import verify_host_keys
+
+_TINY_HOSTKEY = re.compile(r"cloudops-tiny: hostkey (ssh-ed25519) (\S+)")
+_CLOUD_INIT_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
+
+
+def cloud_dir() -> Path:
+    path = paths.var_dir() / "cloud"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cloud_key() -> Path:
+    """The cloud's own SSH key (made once), put into every VM so the toolkit can always reach it."""
+    key = cloud_dir() / "id_ed25519"
+    if not key.exists():
+        with open(cloud_dir() / "id_ed25519.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not key.exists():
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cloudops", "-f", str(key)],
+                               check=True)
+    return key
+
+
+def cloud_public_key() -> str:
+    return (cloud_key().parent / "id_ed25519.pub").read_text().strip()
+
+
+def known_hosts() -> Path:
+    return cloud_dir() / "known_hosts"
+
+
+def console_log_path(name: str) -> str:
+    return f"/var/log/libvirt/qemu/{name}-console.log"
+
+
+def host_keys_from_console(text: str) -> list[tuple[str, str]]:
+    """(type, base64) host keys printed on a console by the tiny image or by cloud-init."""
+    keys = _TINY_HOSTKEY.findall(text)
+    for block in _CLOUD_INIT_KEYS.findall(text):
+        for line in block.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].startswith(("ssh-", "ecdsa-")):
+                keys.append((parts[0], parts[1]))
+    return keys
+
+
+def read_console(hv_conn: Connection, name: str) -> str:
+    path = shlex.quote(console_log_path(name))
+    return hv_conn.run(f"cat {path} 2>/dev/null || true", hide=True, in_stream=False).stdout
+
+
+def record_host_keys(name: str, ip: str, keys: list[tuple[str, str]]) -> None:
+    """Replace whatever known_hosts said about this VM name or IP with ``keys``."""
+    path = known_hosts()
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lines = path.read_text().splitlines() if path.exists() else []
+        keep = [ln for ln in lines if not ({name, ip} & set(ln.split(" ", 1)[0].split(",")))]
+        keep += [f"{name},{ip} {ktype} {kdata}" for ktype, kdata in keys]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("\n".join(keep) + ("\n" if keep else ""))
+        tmp.rename(path)
+
+
+def forget_host_keys(name: str, ip: str | None) -> None:
+    record_host_keys(name, ip or name, [])
+
+
+def ssh_banner(hv_conn: Connection, ip: str, port: int = 22, timeout: float = 2.0) -> bool:
+    """True when an SSH server answers at ip:port, seen from the hypervisor (a direct-tcpip channel)."""
+    try:
+        transport = hv_conn.client.get_transport() if hv_conn.is_connected else None
+        if transport is None:
+            hv_conn.open()
+            transport = hv_conn.client.get_transport()
+        chan = transport.open_channel("direct-tcpip", (ip, port), ("127.0.0.1", 0), timeout=timeout)
+    except (paramiko.ChannelException, paramiko.SSHException, socket.error, EOFError):
+        return False
+    try:
+        chan.settimeout(timeout)
+        return chan.recv(64).startswith(b"SSH-")
+    except (socket.timeout, OSError):
+        return False
+    finally:
+        chan.close()
+
+
+def connect_vm(hv_conn: Connection, ip: str, user: str = "root", key: Path | None = None,
+               timeout: float = 15) -> Connection:
+    """A Fabric Connection to a VM through its hypervisor, its host key checked against var/cloud/known_hosts."""
+    conn = Connection(ip, user=user, gateway=hv_conn, connect_timeout=timeout, config=Config(lazy=True),
+                      connect_kwargs={"key_filename": str(key or cloud_key()), "look_for_keys": False,
+                                      "allow_agent": False, "banner_timeout": timeout, "auth_timeout": timeout})
+    return verify_host_keys(conn, [str(known_hosts())])
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy; CloudopsError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise CloudopsError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)

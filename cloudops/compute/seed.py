@@ -1,0 +1,98 @@
+"""NoCloud seed ISOs (volume label ``cidata``): meta-data, user-data, network-config for a new guest.
+
+The files are what real cloud-init accepts, and they are written one value a line
+(strings as JSON-quoted YAML scalars) so the tiny image's busybox boot script can
+read them too. Only a password *hash* ever goes into a seed.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from cloudops import passwords
+from cloudops.compute.guestconfig import normalize_ssh_keys, validate_hostname
+from cloudops.errors import CloudopsError
+from cloudops.templating import render
+
+VOLUME_ID = "cidata"
+DEFAULT_NETWORK_CONFIG = {
+    "version": 2,
+    "ethernets": {"all-en": {"match": {"name": "e*"}, "dhcp4": True}},
+}
+
+
+def _quote(value: str) -> str:
+    """A YAML double-quoted scalar (JSON string syntax is a subset of YAML)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _network_yaml(network_config) -> str:
+    config = DEFAULT_NETWORK_CONFIG if network_config is None else network_config
+    if isinstance(config, str):
+        try:
+            config = yaml.safe_load(config)
+        except yaml.YAMLError as exc:
+            raise CloudopsError(f"network-config is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict) or not ({"version", "network"} & set(config)):
+        raise CloudopsError("network-config must be a mapping with 'version: 1|2' (or a 'network:' key)")
+    return yaml.safe_dump(config, default_flow_style=False, sort_keys=False).rstrip("\n")
+
+
+def seed_files(hostname, ssh_keys=(), password_hash=None, network_config=None, instance_id=None) -> dict:
+    """The three seed files as {name: text}; validates every value first."""
+    validate_hostname(hostname)
+    keys = normalize_ssh_keys(ssh_keys)
+    if password_hash is not None and not passwords.is_hash(password_hash):
+        raise CloudopsError("password_hash is not a crypt hash ($6$...); hash it with passwords.hash_password")
+    network_yaml = _network_yaml(network_config)
+    if instance_id is None:
+        digest = hashlib.sha256(
+            json.dumps([hostname, keys, password_hash, network_yaml]).encode()
+        ).hexdigest()[:12]
+        instance_id = f"iid-{hostname}-{digest}"
+    elif not isinstance(instance_id, str) or not instance_id.replace("-", "").replace(".", "").isalnum():
+        raise CloudopsError(f"bad instance-id {instance_id!r}: use letters, digits, '-' and '.'")
+    return {
+        "meta-data": render("seed/meta-data.j2", instance_id=instance_id, hostname=hostname),
+        "user-data": render(
+            "seed/user-data.j2",
+            hostname=_quote(hostname),
+            ssh_keys=[_quote(k) for k in keys],
+            password_hash=_quote(password_hash) if password_hash else None,
+        ),
+        "network-config": render("seed/network-config.j2", network_yaml=network_yaml),
+    }
+
+
+def make_seed(path, hostname, ssh_keys=(), password_hash=None, network_config=None, *, instance_id=None) -> Path:
+    """Write a NoCloud seed ISO at ``path`` (mode 0600, replaced atomically) and return its path."""
+    path = Path(path).resolve()
+    files = seed_files(hostname, ssh_keys, password_hash, network_config, instance_id)
+    if shutil.which("genisoimage") is None:
+        raise CloudopsError("genisoimage is not installed (apt-get install genisoimage)")
+    if not path.parent.is_dir():
+        raise CloudopsError(f"directory {path.parent} does not exist")
+    # Stage next to the target (mkdtemp makes it 0700) so the final rename is atomic.
+    stage = Path(tempfile.mkdtemp(prefix=".seed-", dir=path.parent))
+    try:
+        content = stage / "content"
+        content.mkdir()
+        for name, text in files.items():
+            passwords.write_private(content / name, text)  # user-data may hold a hash: 0600 from creation
+        iso = stage / "seed.iso"
+        cmd = ["genisoimage", "-quiet", "-output", str(iso), "-volid", VOLUME_ID, "-joliet", "-rock",
+               *files]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=content, capture_output=True, text=True, umask=0o077)  # the ISO: 0600
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise CloudopsError(f"genisoimage failed: {last}")
+        os.replace(iso, path)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return path

@@ -1,0 +1,146 @@
+"""Declarative stacks: bring a YAML description of networks and VMs to the described state.
+
+    networks:
+      - {name: web, mode: nat, cidr: 192.168.160.0/24}
+    vms:
+      - {name: web1, image: tiny, memory: 128, network: web}
+      - {name: web2, image: tiny, network: web, host: hv2, group: web}
+
+``up`` makes what is missing (networks on every hypervisor, VMs where the
+scheduler or ``host`` puts them) and starts what is stopped; a second ``up``
+changes nothing and says so. ``down`` deletes the stack's VMs, then its networks.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cloudops import fleet, virt
+from cloudops.compute import vms
+from cloudops.errors import CloudopsError
+from cloudops.net import networks
+
+VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group"}
+
+
+@dataclass
+class Stack:
+    path: Path
+    networks: list
+    vms: list[vms.VMSpec]
+
+
+@dataclass
+class Report:
+    changes: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    def to_dict(self) -> dict:
+        return {"changed": self.changed, "changes": self.changes, "unchanged": self.unchanged}
+
+
+def load(path) -> Stack:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise CloudopsError(f"stack file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise CloudopsError(f"stack {path}:{where}: not valid YAML") from None
+    if not isinstance(data, dict) or not set(data) <= {"networks", "vms"}:
+        raise CloudopsError(f"stack {path}: top level must be a mapping with 'networks' and/or 'vms'")
+    specs = networks.specs_from(data.get("networks") or [])
+    vm_specs, seen = [], set()
+    for i, item in enumerate(data.get("vms") or []):
+        where = f"stack {path}: vms[{i}]"
+        if not isinstance(item, dict) or "name" not in item:
+            raise CloudopsError(f"{where}: must be a mapping with at least 'name'")
+        unknown = set(item) - VM_KEYS
+        if unknown:
+            raise CloudopsError(f"{where}: unknown key {sorted(unknown)[0]!r} (expected: {', '.join(sorted(VM_KEYS))})")
+        if item["name"] in seen:
+            raise CloudopsError(f"{where}: duplicate VM name {item['name']!r}")
+        seen.add(item["name"])
+        spec = vms.VMSpec(**{k: v for k, v in item.items() if k != "ssh_keys"},
+                          ssh_keys=tuple(item.get("ssh_keys") or ()))
+        try:
+            vms.validate(spec)
+        except CloudopsError as exc:
+            raise CloudopsError(f"{where}: {exc}") from None
+        vm_specs.append(spec)
+    return Stack(path, specs, vm_specs)
+
+
+def up(stack: Stack, inventory, progress=lambda m: None) -> Report:
+    report = Report()
+    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    for spec in stack.networks:
+        result = fleet.run(hypervisors, lambda h, s=spec: _ensure_network(h, s))
+        _collect(result, report, f"network {spec.name}")
+    for spec in stack.vms:
+        try:
+            host = vms.locate(spec.name, hypervisors)
+        except CloudopsError as exc:
+            if "no selected host has it" not in str(exc):
+                raise
+            progress(f"starting {spec.name}")
+            vm = vms.start_vm(spec, inventory, progress=progress, extra_networks=stack.networks)
+            report.changes.append(f"vm {spec.name}: started on {vm.host} at {vm.ip}")
+            continue
+        with virt.open_host(host) as conn:
+            dom = conn.lookupByName(spec.name)
+            if dom.isActive():
+                report.unchanged.append(f"vm {spec.name}: running on {host.name}")
+            else:
+                dom.create()
+                report.changes.append(f"vm {spec.name}: was stopped on {host.name}, started")
+    return report
+
+
+def down(stack: Stack, inventory, progress=lambda m: None, force: bool = False) -> Report:
+    """Delete the stack's VMs, then its networks. Every VM is checked first: when one of the
+    stack's names is a domain cloudops did not make, nothing is deleted (``force``: see vms.delete_vm)."""
+    report = Report()
+    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    for spec in stack.vms:
+        vms.check_deletable(spec.name, hypervisors, force=force)
+    for spec in stack.vms:
+        try:
+            vm = vms.delete_vm(spec.name, inventory, hypervisors, progress=progress, extra_networks=stack.networks,
+                               force=force)
+            report.changes.append(f"vm {spec.name}: deleted from {vm.host}")
+        except CloudopsError as exc:
+            if "no selected host has it" not in str(exc):
+                raise
+            report.unchanged.append(f"vm {spec.name}: not present")
+    for spec in stack.networks:
+        result = fleet.run(hypervisors, lambda h, s=spec: _delete_network(h, s))
+        _collect(result, report, f"network {spec.name}")
+    return report
+
+
+def _ensure_network(host, spec):
+    with virt.open_host(host) as conn:
+        changed, message = networks.ensure_network(conn, spec)
+    return fleet.Changed(message) if changed else message
+
+
+def _delete_network(host, spec):
+    with virt.open_host(host) as conn:
+        changed, message = networks.delete_network(conn, spec.name)
+    return fleet.Changed(message) if changed else message
+
+
+def _collect(result: fleet.FleetResult, report: Report, what: str) -> None:
+    if result.failed:
+        reasons = "; ".join(f"{r.host}: {r.error}" for r in result.failed)
+        raise CloudopsError(f"{what}: {reasons}")
+    for r in result:
+        (report.changes if r.status == fleet.CHANGED else report.unchanged).append(f"{what} on {r.host}: {r.value}")

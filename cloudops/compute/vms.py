@@ -1,0 +1,485 @@
+"""The VM lifecycle: start a VM from an image on a host of the inventory, stop it, delete it.
+
+``start_vm`` validates everything first, then places the VM (scheduler), and
+builds it step by step: image on the host, network, address (cloud-wide IPAM and
+a static DHCP reservation), a qcow2 overlay, customization (a NoCloud seed, or
+libguestfs on the overlay), the domain from the template, and waits for the IP
+and for SSH. Every step registers its undo; any failure undoes what was made, so
+a failed start leaves no overlay, definition or reservation behind.
+"""
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import shlex
+import subprocess
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+
+from cloudops import hostfiles, passwords, storage, virt
+from cloudops.compute import guest, placement, seed
+from cloudops.errors import CloudopsError
+from cloudops.imaging import store as images
+from cloudops.net import ipam, networks
+from cloudops.ssh import connect
+from cloudops.templating import render
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+METADATA_NS = "https://cloudops.example/xmlns/vm/1"
+MEMORY_RANGE = (32, 1 << 20)  # MiB
+VCPU_RANGE = (1, 64)
+CUSTOMIZE_WAYS = ("seed", "guestfs")
+
+
+@dataclass
+class VMSpec:
+    name: str
+    image: str
+    memory: int = 128
+    vcpus: int = 1
+    host: str | None = None
+    network: str | None = None
+    root_password: str | None = field(default=None, repr=False)  # plain text: hashed at once, never stored
+    ssh_keys: tuple[str, ...] = ()
+    hostname: str | None = None
+    customize: str = "seed"
+    group: str | None = None  # anti-affinity group
+    wait: bool = True
+    timeout: float = 180
+
+
+@dataclass
+class VM:
+    name: str
+    host: str
+    ip: str | None
+    state: str = "running"
+    memory: int = 0
+    vcpus: int = 0
+    image: str | None = None
+    network: str | None = None
+    mac: str | None = None
+    customize: str | None = None
+    group: str | None = None
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "timings" or v}
+
+
+# ---------------------------------------------------------------- validation
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise CloudopsError(f"invalid VM name {name!r}: 1-40 of a-z 0-9 -, starting with a letter")
+    return name
+
+
+def validate(spec: VMSpec) -> VMSpec:
+    validate_name(spec.name)
+    for what, value, (low, high) in (("memory (MiB)", spec.memory, MEMORY_RANGE), ("vCPUs", spec.vcpus, VCPU_RANGE)):
+        if not isinstance(value, int) or not low <= value <= high:
+            raise CloudopsError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+    if spec.customize not in CUSTOMIZE_WAYS:
+        raise CloudopsError(f"customize must be one of {', '.join(CUSTOMIZE_WAYS)}, got {spec.customize!r}")
+    if spec.group is not None:
+        validate_name(spec.group)
+    if spec.hostname is not None:
+        from cloudops.compute.guestconfig import validate_hostname
+        validate_hostname(spec.hostname)
+    if spec.ssh_keys:
+        from cloudops.compute.guestconfig import normalize_ssh_keys
+        spec.ssh_keys = tuple(normalize_ssh_keys(spec.ssh_keys))
+    return spec
+
+
+def network_spec(name: str | None, host, extra=()) -> "networks.NetworkSpec":
+    """The network called ``name``: a stack's (``extra``), the inventory's, or the built-in "cloudops" (default)."""
+    specs = [*extra, *networks.specs_from(host.vars)]
+    if name is None:
+        return specs[len(extra)]
+    for spec in specs + [networks.DEFAULT_NETWORK]:
+        if spec.name == name:
+            return spec
+    raise CloudopsError(f"unknown network {name!r} (known: {', '.join(s.name for s in specs)})")
+
+
+# ---------------------------------------------------------------- finding VMs
+
+def metadata(dom: libvirt.virDomain) -> dict:
+    """The cloudops metadata of a domain ({} for a domain cloudops did not make)."""
+    try:
+        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+    except libvirt.libvirtError:
+        return {}
+    root = ET.fromstring(xml)
+    return {child.tag.split("}")[-1]: (child.text or "") for child in root}
+
+
+STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+          libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+          libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
+
+
+def describe(dom: libvirt.virDomain, host_name: str) -> VM:
+    state, max_mem_kib, _mem, vcpus, _cpu = dom.info()
+    meta = metadata(dom)
+    return VM(name=dom.name(), host=host_name, ip=meta.get("ip") or None, state=STATES.get(state, str(state)),
+              memory=max_mem_kib // 1024, vcpus=vcpus, image=meta.get("image"), network=meta.get("network"),
+              mac=meta.get("mac"), customize=meta.get("customize"), group=meta.get("group"))
+
+
+def list_on_host(host) -> list[VM]:
+    with virt.open_host(host) as conn:
+        return [describe(d, host.name) for d in conn.listAllDomains()]
+
+
+def defined_on(conn, name: str) -> bool:
+    """Whether ``conn``'s libvirtd has a domain ``name`` (other libvirt errors propagate)."""
+    try:
+        conn.lookupByName(name)
+        return True
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False
+        raise
+
+
+def find(name: str, hosts: list) -> tuple[list, list[str]]:
+    """(the hosts that have a domain ``name``, each host that could not be asked as "name: why"), in parallel.
+
+    The reason goes along (a changed host key, say), so a caller's one-line error can say it."""
+    from cloudops import fleet
+
+    validate_name(name)  # before any host is asked: names reach virsh and shells on the hosts
+
+    def has(host):
+        with virt.open_host(host) as conn:
+            return defined_on(conn, name)
+
+    result = fleet.run(hosts, has, timeout=60)
+    why = [r.error if (r.error or "").startswith(f"{r.host}: ") else f"{r.host}: {r.error}" for r in result.failed]
+    return [h for h, r in zip(hosts, result) if r.value], why
+
+
+def locate(name: str, hosts: list):
+    """The inventory host that has a domain called ``name``; CloudopsError when none or several have."""
+    found, unreachable = find(name, hosts)
+    if not found:
+        extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
+        raise CloudopsError(f"unknown VM {name!r}: no selected host has it{extra}")
+    if len(found) > 1:
+        raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h in found)}")
+    return found[0]
+
+
+# ---------------------------------------------------------------- start
+
+@contextlib.contextmanager
+def _name_lock(name: str):
+    """One start/delete of a VM name at a time on this control machine."""
+    lock_dir = guest.cloud_dir() / "locks"
+    lock_dir.mkdir(exist_ok=True)
+    with open(lock_dir / f"vm-{name}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CloudopsError(f"VM {name!r} is being changed by another cloudops command right now") from None
+        yield
+
+
+class _Undo:
+    """Undo steps, run newest first when the start fails."""
+
+    def __init__(self):
+        self.steps = []
+
+    def push(self, func, *args):
+        self.steps.append((func, args))
+
+    def run(self):
+        for func, args in reversed(self.steps):
+            with contextlib.suppress(Exception):
+                func(*args)
+
+
+def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()) -> VM:
+    """Start a VM from an image; returns it with its host and IP once SSH answers."""
+    validate(spec)
+    image = images.resolve(spec.image)
+    all_hosts = list(inventory.hosts.values())
+    if spec.host and spec.host not in inventory.hosts:
+        raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
+    candidates = [inventory.hosts[spec.host]] if spec.host else [h for h in all_hosts if "bare" not in h.tags]
+    net = network_spec(spec.network, candidates[0], extra_networks)
+    password_hash = passwords.hash_password(spec.root_password) if spec.root_password else None
+    keys = (*spec.ssh_keys, guest.cloud_public_key())
+    timings = {}
+    t0 = time.monotonic()
+
+    with _name_lock(spec.name):
+        progress(f"checking that the name {spec.name} is free on {len(all_hosts)} hosts")
+        _ensure_name_free(spec.name, [h for h in all_hosts if "bare" not in h.tags])
+        timings["name_check"] = round(time.monotonic() - t0, 3)
+        progress("placing the VM")
+        host = placement.choose(spec, candidates)
+        timings["placement"] = round(time.monotonic() - t0, 3)
+        progress(f"building {spec.name} on {host.name}")
+        undo = _Undo()
+        try:
+            vm = _build(spec, image, host, net, password_hash, keys, undo, progress, timings, t0)
+        except BaseException:
+            progress("start failed; removing what was made")
+            undo.run()
+            raise
+    timings["total"] = round(time.monotonic() - t0, 3)
+    vm.timings = timings
+    return vm
+
+
+def _ensure_name_free(name: str, hosts: list) -> None:
+    try:
+        holder = locate(name, hosts)
+    except CloudopsError as exc:
+        if "no selected host has it" in str(exc) and "unreachable" not in str(exc):
+            return
+        if "unreachable" in str(exc):
+            raise CloudopsError(f"cannot check that VM name {name!r} is free: {str(exc).split('(', 1)[1].rstrip(')')}") from None
+        raise
+    raise CloudopsError(f"VM {name!r} already exists on {holder.name}")
+
+
+def _build(spec, image, host, net, password_hash, keys, undo, progress, timings, t0) -> VM:
+    def checkpoint(name):  # timings: seconds since the start began, at the end of each phase
+        timings[name] = round(time.monotonic() - t0, 3)
+
+    with connect(host) as hv, virt.open_host(host) as conn:
+        if images.ensure_on_host(image, host, hv):
+            progress(f"copied image {image.name} to {host.name}")
+        networks.ensure_network(conn, net)
+        pool, _ = storage.ensure_pool(conn, storage.disks_dir(images.pool_path(host)))
+        pool_dir = storage.target_path(pool)
+        checkpoint("host_ready")
+
+        allocation = ipam.allocate(net, spec.name)
+        undo.push(ipam.release, net, spec.name)
+        networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, spec.name)
+        undo.push(networks.remove_reservation, conn, net.name, allocation.mac, allocation.ip, spec.name)
+
+        checkpoint("address")
+        disk_name = f"{spec.name}.qcow2"
+        seed_path = None
+        hostname = spec.hostname or spec.name
+        if spec.customize == "guestfs":
+            _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress)
+            undo.push(storage.delete_volume, pool, disk_name)
+            pool.refresh(0)
+            disk_path = pool.storageVolLookupByName(disk_name).path()
+        else:
+            disk_path = storage.create_overlay(pool, disk_name, image.remote_path(host), image.format,
+                                               image.virtual_size).path()
+            undo.push(storage.delete_volume, pool, disk_name)
+            seed_path = f"{pool_dir}/{spec.name}-seed.iso"
+            _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name)
+            undo.push(storage.delete_volume, pool, f"{spec.name}-seed.iso")
+            pool.refresh(0)
+
+        checkpoint("disks")
+        vm_vars = dict(
+            name=spec.name, uuid=str(uuid.uuid4()), virt_type=placement.virt_type(conn), memory=spec.memory,
+            vcpus=spec.vcpus, image_id=image.id, network=net.name, ip=allocation.ip, mac=allocation.mac,
+            customize=spec.customize, group=spec.group, created=int(time.time()),
+            disk_path=disk_path, seed_path=seed_path, console_log=guest.console_log_path(spec.name),
+            boot=image.remote_boot(host))
+        xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=METADATA_NS)
+        dom = conn.defineXML(xml)
+        undo.push(_undefine, dom)
+        dom.create()
+        undo.push(_destroy, dom)
+        checkpoint("started")
+        progress(f"{spec.name} started on {host.name}; waiting for its address {allocation.ip}")
+        vm = describe(dom, host.name)
+        if spec.wait:
+            wait_ready(dom, conn, hv, net.name, allocation, spec.name, spec.timeout)
+            checkpoint("ssh")
+    return vm
+
+
+def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress):
+    """Overlay made and customized here with libguestfs, then rebased onto the host's image and uploaded."""
+    from cloudops.imaging.customize import customize_image
+
+    with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
+        local = Path(tmp) / disk_name
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", image.format, "-b",
+                        str(image.local_path), str(local)], check=True, umask=0o077)  # it will hold a hash
+        progress("customizing the disk with libguestfs (one appliance launch)")
+        customize_image(local, root_password=spec.root_password, ssh_keys=keys, hostname=hostname)
+        subprocess.run(["qemu-img", "rebase", "-u", "-F", image.format, "-b", image.remote_path(host), str(local)],
+                       check=True)
+        hv.run(f"mkdir -p {shlex.quote(pool_dir)}", hide=True, in_stream=False)
+        hostfiles.put_private(hv, str(local), f"{pool_dir}/{disk_name}")  # holds root's hash: 0600 from creation
+
+
+def _upload_seed(hv, remote_path, hostname, keys, password_hash, name):
+    with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
+        local = Path(tmp) / "seed.iso"
+        seed.make_seed(local, hostname, ssh_keys=keys, password_hash=password_hash, instance_id=f"{name}-{secrets.token_hex(4)}")
+        hv.run(f"mkdir -p {shlex.quote(os.path.dirname(remote_path))}", hide=True, in_stream=False)
+        hostfiles.put_private(hv, str(local), remote_path)  # may hold root's hash: 0600 from creation
+
+
+def wait_ready(dom, conn, hv, net_name, allocation, name, timeout) -> str:
+    """Wait for the VM's IP (DHCP lease, then guest agent, then ARP), its host key, and SSH."""
+    start = time.monotonic()
+    ip = guest.wait_until(lambda: _address(dom, conn, net_name, allocation.mac), timeout, f"an IP address for {name}")
+    if ip != allocation.ip:
+        raise CloudopsError(f"{name} got {ip}, not its reserved address {allocation.ip}")
+    remaining = max(5.0, timeout - (time.monotonic() - start))
+    keys = guest.wait_until(lambda: guest.host_keys_from_console(guest.read_console(hv, name)), remaining,
+                            f"{name}'s SSH host key on its console", interval=0.3)
+    guest.record_host_keys(name, ip, keys)
+    remaining = max(5.0, timeout - (time.monotonic() - start))
+    guest.wait_until(lambda: guest.ssh_banner(hv, ip), remaining, f"SSH on {name} ({ip})")
+    return ip
+
+
+def _address(dom, conn, net_name, mac) -> str | None:
+    with contextlib.suppress(libvirt.libvirtError):
+        for lease in conn.networkLookupByName(net_name).DHCPLeases(mac):
+            if lease.get("ipaddr") and lease.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                return lease["ipaddr"]
+    for source in (libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT, libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP):
+        with contextlib.suppress(libvirt.libvirtError):
+            for iface in dom.interfaceAddresses(source).values():
+                if (iface.get("hwaddr") or "").lower() == mac.lower():
+                    for addr in iface.get("addrs") or []:
+                        if addr.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV4:
+                            return addr["addr"]
+    return None
+
+
+def _undefine(dom):
+    with contextlib.suppress(libvirt.libvirtError):
+        try:
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+        except libvirt.libvirtError:
+            dom.undefine()  # a driver that knows neither flag (libvirt's test driver)
+
+
+def _destroy(dom):
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isActive():
+            dom.destroy()
+
+
+# ---------------------------------------------------------------- stop and delete
+
+def stop_vm(name: str, hosts: list, timeout: float = 60, progress=lambda m: None) -> tuple[VM, bool]:
+    """ACPI shutdown, destroy after ``timeout``. Returns (vm, changed); a stopped VM changes nothing."""
+    validate_name(name)
+    host = locate(name, hosts)
+    with virt.open_host(host) as conn:
+        dom = conn.lookupByName(name)
+        if not dom.isActive():
+            return describe(dom, host.name), False
+        progress(f"shutting {name} down on {host.name}")
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.shutdown()
+        deadline = time.monotonic() + timeout
+        while dom.isActive() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        if dom.isActive():
+            progress(f"{name} did not shut down within {timeout:g}s; destroying it")
+            _destroy(dom)
+        return describe(dom, host.name), True
+
+
+def made_by_cloudops(dom) -> bool:
+    """Whether cloudops defined this domain (its metadata element is there)."""
+    return bool(metadata(dom))
+
+
+def foreign_refusal(name: str, host_name: str) -> CloudopsError:
+    return CloudopsError(f"VM {name!r} on {host_name} was not made by cloudops (no cloudops metadata): refusing to "
+                         "delete it; --force undefines it and still leaves its disks alone")
+
+
+def check_deletable(name: str, hosts: list, force: bool = False):
+    """The host that has ``name`` (None when no host has it); refused when cloudops did not make it, unless ``force``."""
+    found, unreachable = find(name, hosts)
+    if not found:
+        if unreachable:
+            raise CloudopsError(f"cannot check VM {name!r}: unreachable: {', '.join(unreachable)}")
+        return None
+    if len(found) > 1:
+        raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h in found)}")
+    host = found[0]
+    if not force:
+        with virt.open_host(host) as conn:
+            if not made_by_cloudops(conn.lookupByName(name)):
+                raise foreign_refusal(name, host.name)
+    return host
+
+
+def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m: None, extra_networks=(),
+              force: bool = False) -> VM:
+    """Destroy and undefine a VM cloudops made, remove its disks, its reservation and its address.
+
+    A domain without cloudops metadata is refused; with ``force`` it is destroyed and
+    undefined, but its disks (which cloudops did not create) are never deleted. Even for a
+    cloudops VM only the disks cloudops makes (``<name>.qcow2``, ``<name>-seed.iso``) are
+    deleted: a disk attached by hand stays."""
+    validate_name(name)
+    hosts = hosts or [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    with _name_lock(name):
+        host = locate(name, hosts)
+        with virt.open_host(host) as conn:
+            dom = conn.lookupByName(name)
+            ours = made_by_cloudops(dom)
+            if not ours and not force:
+                raise foreign_refusal(name, host.name)
+            vm = describe(dom, host.name)
+            disks = [p for p in _disk_paths(dom) if ours and os.path.basename(p) in _own_disk_names(name)]
+            _destroy(dom)
+            _undefine(dom)
+            if not ours:
+                progress(f"undefined {name} on {host.name} (--force; not made by cloudops: its disks are left alone)")
+                return vm
+            progress(f"undefined {name} on {host.name}; removing its disks and address")
+            for path in disks:
+                _delete_path(conn, path)
+            if vm.network and vm.mac and vm.ip:
+                net = network_spec(vm.network, host, extra_networks)
+                with contextlib.suppress(CloudopsError, libvirt.libvirtError):
+                    networks.remove_reservation(conn, vm.network, vm.mac, vm.ip, name)
+                ipam.release(net, name)
+        guest.forget_host_keys(name, vm.ip)
+    return vm
+
+
+def _own_disk_names(name: str) -> set[str]:
+    """The file names of the disks ``start_vm`` makes for a VM."""
+    return {f"{name}.qcow2", f"{name}-seed.iso"}
+
+
+def _disk_paths(dom) -> list[str]:
+    root = ET.fromstring(dom.XMLDesc(0))
+    return [s.get("file") for s in root.findall("./devices/disk/source") if s.get("file")]
+
+
+def _delete_path(conn, path: str) -> None:
+    try:
+        vol = conn.storageVolLookupByPath(path)
+    except libvirt.libvirtError:
+        return
+    with contextlib.suppress(libvirt.libvirtError):
+        vol.delete(0)

@@ -1,0 +1,1 @@
+"""Hypervisor hosts as the cloud manages them: idempotent ``deploy`` and ``maintenance`` flags."""

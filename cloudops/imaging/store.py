@@ -1,0 +1,299 @@
+"""The image store: add a disk image once, get its id (sha256), copy it to hosts only where missing.
+
+Local store (on the operator's machine): ``var/images/store/<id>.<format>`` plus a
+catalog ``var/images/catalog.json`` of names -> ids. On every hypervisor an image
+lives at ``<pool_path>/images/<id>.<format>``. Copies are atomic: upload to a
+temporary name, verify the sha256 on the host, then rename; an interrupted copy
+is never used. Formats: qcow2 and raw, detected by ``qemu-img info``.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cloudops import fleet, paths
+from cloudops.errors import CloudopsError
+from cloudops.ssh import connect
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+FORMATS = ("qcow2", "raw")
+DEFAULT_POOL = "/var/lib/cloudops"
+
+
+@dataclass
+class Image:
+    id: str
+    name: str
+    format: str
+    virtual_size: int
+    size: int
+    added: float
+    # Direct kernel boot, when the image came with its kernel and initrd (recipe builds do):
+    # {"cmdline": ..., "kernel": sha256, "initrd": sha256}; None boots through the image's bootloader.
+    boot: dict | None = None
+
+    @property
+    def filename(self) -> str:
+        return f"{self.id}.{self.format}"
+
+    def files(self) -> dict[str, tuple[str, str]]:
+        """What a host needs of this image: local file name -> (remote file name, sha256)."""
+        files = {self.filename: (self.filename, self.id)}
+        if self.direct_boot:
+            for part in ("kernel", "initrd"):
+                files[f"{self.id}.{part}"] = (f"{self.id}.{part}", self.boot[part])
+        return files
+
+    @property
+    def direct_boot(self) -> bool:
+        return bool(self.boot) and {"kernel", "initrd", "cmdline"} <= set(self.boot)
+
+    def remote_boot(self, host) -> dict | None:
+        """Kernel, initrd and command line on ``host``, for the domain template (None: bootloader)."""
+        if not self.direct_boot:
+            return None
+        base = f"{pool_path(host)}/images/{self.id}"
+        return {"kernel": f"{base}.kernel", "initrd": f"{base}.initrd", "cmdline": self.boot["cmdline"]}
+
+    @property
+    def local_path(self) -> Path:
+        return store_dir() / self.filename
+
+    def remote_path(self, host) -> str:
+        return f"{pool_path(host)}/images/{self.filename}"
+
+
+def store_dir() -> Path:
+    return paths.var_dir() / "images" / "store"
+
+
+def pool_path(host) -> str:
+    return str(host.vars.get("pool_path") or DEFAULT_POOL)
+
+
+def validate_name(name: str, what: str = "image") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise CloudopsError(f"invalid {what} name {name!r}: use 1-63 of a-z 0-9 . _ -, starting with a letter or digit")
+    return name
+
+
+# ---------------------------------------------------------------- catalog
+
+@contextlib.contextmanager
+def _catalog(write: bool = False):
+    """The catalog {id: Image fields}, locked; saved atomically when ``write``."""
+    path = paths.var_dir() / "images" / "catalog.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+        try:
+            data = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            raise CloudopsError(f"image catalog {path} is corrupt") from None
+        yield data
+        if write:
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+            tmp.rename(path)
+
+
+def list_images() -> list[Image]:
+    with _catalog() as data:
+        return sorted((Image(**v) for v in data.values()), key=lambda i: i.name)
+
+
+def resolve(ref: str) -> Image:
+    """An image by name, full id, or an id prefix of at least 8 characters."""
+    images = list_images()
+    for image in images:
+        if ref in (image.name, image.id):
+            return image
+    matches = [i for i in images if len(ref) >= 8 and i.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(i.name for i in images) or "none (add one with `invoke image.add`)"
+    raise CloudopsError(f"unknown image {ref!r} (known: {known})")
+
+
+# ---------------------------------------------------------------- inspection
+
+def inspect(path: Path) -> dict:
+    """Format and virtual size from qemu-img; refuses what is not a standalone qcow2 or raw disk."""
+    if not path.is_file():
+        raise CloudopsError(f"image file {path} does not exist")
+    proc = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CloudopsError(f"{path} is not a disk image qemu-img can read: {proc.stderr.strip().splitlines()[-1:]}")
+    info = json.loads(proc.stdout)
+    fmt = info.get("format")
+    if fmt not in FORMATS:
+        raise CloudopsError(f"{path}: format {fmt!r} is not supported (use qcow2 or raw)")
+    if info.get("backing-filename"):
+        raise CloudopsError(f"{path} has a backing file; add a standalone image (qemu-img convert it first)")
+    if fmt == "raw" and not _has_partition_table_or_fs(path):
+        raise CloudopsError(f"{path} is not a disk image: no partition table or filesystem found")
+    if fmt == "qcow2":
+        check = subprocess.run(["qemu-img", "check", "-q", str(path)], capture_output=True, text=True)
+        if check.returncode not in (0, 3):  # 3: leaked clusters only, harmless
+            raise CloudopsError(f"{path}: qcow2 image is corrupt (qemu-img check exit {check.returncode})")
+    return {"format": fmt, "virtual_size": int(info["virtual-size"]), "size": path.stat().st_size}
+
+
+def _has_partition_table_or_fs(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if len(head) >= 512 and head[510:512] == b"\x55\xaa":
+        return True  # MBR (or protective MBR of GPT)
+    if len(head) > 1082 and head[1080:1082] == b"\x53\xef":
+        return True  # ext2/3/4 superblock magic
+    return False
+
+
+def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- add and remove
+
+def _store_boot_files(path: Path, image_id: str) -> dict | None:
+    """Copy ``<image>.boot/{kernel,initrd.img,cmdline}`` (written by image builds) into the store."""
+    source = path.with_name(path.name + ".boot")
+    if not all((source / f).is_file() for f in ("kernel", "initrd.img", "cmdline")):
+        return None
+    store_dir().mkdir(parents=True, exist_ok=True)
+    boot = {"cmdline": " ".join((source / "cmdline").read_text().split())}
+    for part, src in (("kernel", "kernel"), ("initrd", "initrd.img")):
+        target = store_dir() / f"{image_id}.{part}"
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
+        shutil.copyfile(source / src, tmp)
+        tmp.rename(target)
+        boot[part] = sha256_file(target)
+    return boot
+
+
+def add_image(path, name: str | None = None, sha256: str | None = None, replace: bool = False,
+              progress=lambda m: None) -> tuple[Image, bool]:
+    """Add a local image file to the store. Returns (image, changed); the same content twice changes nothing.
+
+    A name belongs to one image; ``replace`` moves it to the new content and renames the
+    old image ``<name>-<id[:8]>`` (still usable by id by the VMs made from it).
+    """
+    path = Path(path)
+    name = validate_name(name or path.name.split(".")[0])
+    info = inspect(path)
+    progress(f"checksumming {path.name} ({info['size'] // (1 << 20)} MiB)")
+    digest = sha256_file(path)
+    if sha256 and sha256.lower() != digest:
+        raise CloudopsError(f"checksum mismatch for {path}: expected {sha256}, got {digest}")
+    with _catalog(write=True) as data:
+        holder = next((v for v in data.values() if v["name"] == name), None)
+        if holder and holder["id"] != digest:
+            if not replace:
+                raise CloudopsError(f"image name {name!r} is taken by {holder['id'][:12]}; "
+                                    "choose another name, remove it, or replace it")
+            holder["name"] = f"{name}-{holder['id'][:8]}"
+        if digest in data and data[digest]["name"] == name and Image(**data[digest]).local_path.exists() \
+                and (data[digest].get("boot") or not path.with_name(path.name + ".boot").exists()):
+            return Image(**data[digest]), False
+        image = Image(id=digest, name=name, added=time.time(), boot=_store_boot_files(path, digest), **info)
+        store_dir().mkdir(parents=True, exist_ok=True)
+        if not image.local_path.exists():
+            tmp = image.local_path.with_name(f".{image.filename}.{secrets.token_hex(4)}")
+            try:
+                shutil.copyfile(path, tmp)
+                if sha256_file(tmp) != digest:
+                    raise CloudopsError(f"copy of {path} into the store does not match its checksum")
+                tmp.rename(image.local_path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        data[digest] = asdict(image)
+    return image, True
+
+
+def remove_image(ref: str, hosts: list, in_use: dict[str, list[str]]) -> fleet.FleetResult:
+    """Remove an image from the hosts and the store; refused while a VM uses it (``in_use``: image id -> VMs)."""
+    image = resolve(ref)
+    users = in_use.get(image.id, [])
+    if users:
+        raise CloudopsError(f"image {image.name!r} is used by VM(s) {', '.join(sorted(users))}; delete them first")
+
+    def one(host):
+        directory = f"{pool_path(host)}/images"
+        paths_ = " ".join(shlex.quote(f"{directory}/{remote}") for remote, _sum in image.files().values())
+        with connect(host) as conn:
+            res = conn.run(f"ls {paths_} >/dev/null 2>&1 && echo removed; rm -f {paths_}", hide=True, in_stream=False)
+        return fleet.Changed("removed") if "removed" in res.stdout else "not present"
+
+    result = fleet.run(hosts, one)
+    if not result.failed:
+        with _catalog(write=True) as data:
+            data.pop(image.id, None)
+        for local in image.files():
+            (store_dir() / local).unlink(missing_ok=True)
+    return result
+
+
+# ---------------------------------------------------------------- distribution
+
+def ensure_on_host(image: Image, host, conn=None) -> bool:
+    """Copy the image (and its boot files) to ``host`` where missing. Atomic: temp name, verify sha256 there,
+    rename; an interrupted copy is never used. True when anything was copied."""
+    if conn is None:
+        with connect(host) as c:
+            return ensure_on_host(image, host, c)
+    directory = f"{pool_path(host)}/images"
+    wanted = image.files()
+    present = conn.run(f"cd {shlex.quote(directory)} 2>/dev/null && ls", warn=True, hide=True, in_stream=False).stdout.split()
+    missing = {local: spec for local, spec in wanted.items() if spec[0] not in present}
+    if not missing:
+        return False
+    conn.run(f"mkdir -p {shlex.quote(directory)}", hide=True, in_stream=False)
+    for local, (remote, digest) in missing.items():
+        source = store_dir() / local
+        if not source.exists():
+            raise CloudopsError(f"image {image.name} is missing {local} in the local store; add it again")
+        final, tmp = f"{directory}/{remote}", f"{directory}/.{remote}.partial-{secrets.token_hex(4)}"
+        try:
+            conn.put(str(source), tmp)
+            remote_sum = conn.run(f"sha256sum {shlex.quote(tmp)}", hide=True, in_stream=False).stdout.split()[0]
+            if remote_sum != digest:
+                raise CloudopsError(f"{host.name}: copy of {remote} failed verification (sha256 {remote_sum[:12]})")
+            conn.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(final)}", hide=True, in_stream=False)
+        finally:
+            conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
+    return True
+
+
+def distribute(image: Image, hosts: list, workers: int = 16) -> fleet.FleetResult:
+    """Copy the image to every host that lacks it, in parallel."""
+    return fleet.run(hosts, lambda h: fleet.Changed("copied") if ensure_on_host(image, h) else "present",
+                     workers=workers, timeout=1800)
+
+
+def holders(hosts: list) -> dict[str, list[str]]:
+    """image id -> names of the hosts that hold it (one `ls` per host, in parallel)."""
+    def one(host):
+        with connect(host) as conn:
+            out = conn.run(f"ls {shlex.quote(pool_path(host) + '/images')} 2>/dev/null || true",
+                           hide=True, in_stream=False).stdout
+        return [n.split(".")[0] for n in out.split() if not n.startswith(".")]
+
+    found: dict[str, list[str]] = {}
+    for r in fleet.run(hosts, one):
+        for image_id in r.value or []:
+            found.setdefault(image_id, []).append(r.host)
+    return found

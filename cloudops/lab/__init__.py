@@ -1,0 +1,1 @@
+"""The local lab: hypervisor hosts in network namespaces of this machine (``hosts``)."""

@@ -1,0 +1,126 @@
+"""The metrics cron job on a hypervisor host: render it, compare, install over SSH only when it differs.
+
+Each hypervisor ships itself: its ``/etc/cron.d/cloudops-metrics`` runs
+``invoke metrics.ship --once --json --local`` under ``flock -n`` every minute, with its
+state, spool, lock and log under the host's own cloudops directory (``pool_path``,
+default /var/lib/cloudops): never shared with another host, even when hosts share
+the toolkit's checkout (the lab does).
+
+    changed, message = ensure_cron(conn, host_entry(host, "graphite:2004", "cloudops"))
+
+``conn`` is anything with Fabric's ``run``/``put`` (a Connection to the host); the
+deploy step calls ``install_cron(host, carbon, prefix)`` which opens one itself.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import secrets
+import shlex
+from pathlib import Path
+
+from cloudops import paths
+from cloudops.errors import CloudopsError
+from cloudops.metrics.cycle import cron_entry
+
+CRON_PATH = "/etc/cron.d/cloudops-metrics"
+DEFAULT_HOST_VAR = "/var/lib/cloudops"
+
+
+def host_var(host) -> str:
+    """Where a host's metrics job keeps its files: ``metrics_var``, else the host's ``pool_path``."""
+    host_vars = getattr(host, "vars", None) or {}
+    return str(host_vars.get("metrics_var") or host_vars.get("pool_path") or DEFAULT_HOST_VAR)
+
+
+def host_entry(host, carbon: str, prefix: str, interval_minutes: int = 1, root: Path | None = None) -> str:
+    """The cron file for ``host``: it collects only itself (``--local``), its files under ``host_var``.
+
+    The one renderer of ``/etc/cron.d/cloudops-metrics``: ``deploy`` and ``metrics.install-cron``
+    both call it (through ``host_settings`` for the values), so running both never flips the file."""
+    return cron_entry(carbon, prefix, interval_minutes=interval_minutes, root=root, var=Path(host_var(host)), local=True)
+
+
+def host_settings(host, carbon=None, prefix=None, interval_minutes=None, defaults=None) -> tuple[str, str, int]:
+    """(carbon, prefix, interval_minutes) of ``host``'s metrics job: each value as given, else from the host's
+    inventory variable ``metrics`` (what ``deploy`` installs), else from ``defaults`` (the ``metrics``
+    configuration: ``carbon``, ``prefix``, ``cron_minutes``)."""
+    host_vars = getattr(host, "vars", None) or {}
+    configured = host_vars.get("metrics") if isinstance(host_vars.get("metrics"), dict) else {}
+    defaults = defaults or {}
+
+    def pick(value, key, default_key, fallback=None):
+        for candidate in (value, configured.get(key), defaults.get(default_key), fallback):
+            if candidate is not None:
+                return candidate
+        raise CloudopsError(f"{getattr(host, 'name', host)}: no metrics {key}: give it, or set the inventory "
+                            f"variable metrics.{key} or the configuration metrics.{default_key}")
+
+    minutes = pick(interval_minutes, "interval_minutes", "cron_minutes", 1)
+    try:
+        minutes = int(minutes)
+    except (TypeError, ValueError):
+        raise CloudopsError(f"metrics interval must be a whole number of minutes, got {minutes!r}") from None
+    return str(pick(carbon, "carbon", "carbon")), str(pick(prefix, "prefix", "prefix")), minutes
+
+
+def ensure_cron(conn, content: str, path: str = CRON_PATH, root: Path | None = None, check: bool = False) -> tuple[bool, str]:
+    """Make ``path`` on the host hold exactly ``content``; return (changed, what happened).
+
+    Nothing is written when the file already matches. A new file is uploaded under a
+    dotted temporary name (cron ignores names with dots), made 0644 and renamed over the
+    old one, so cron never reads half a file. Refused when the toolkit the entry runs
+    (``<root>/.venv/bin/invoke``) or ``flock``/``timeout`` are missing on the host: the job
+    would fail every minute, silently. ``check`` only says what would change.
+    """
+    invoke = Path(root or paths.ROOT) / ".venv" / "bin" / "invoke"
+    probe = conn.run(
+        f"test -x {shlex.quote(str(invoke))} || echo missing-invoke; "
+        "command -v flock >/dev/null || echo missing-flock; command -v timeout >/dev/null || echo missing-timeout; "
+        f"cat {shlex.quote(path)} 2>/dev/null && echo '#cloudops-present'",
+        warn=True, hide=True, in_stream=False,
+    ).stdout
+    missing = [w.split("-", 1)[1] for w in probe.splitlines() if w.startswith("missing-")]
+    if missing:
+        raise CloudopsError(
+            f"cannot install {path}: {', '.join(missing)} not found on the host "
+            f"(the entry runs {invoke}); install cloudops there first"
+        )
+    present = probe.endswith("#cloudops-present\n")
+    current = probe[: -len("#cloudops-present\n")] if present else None
+    if current == content:
+        return False, f"{path} already up to date"
+    action = "updated" if present else "installed"
+    if check:
+        return True, f"{path} would be {action}"
+    directory = posixpath.dirname(path)
+    tmp = f"{directory}/.{posixpath.basename(path)}.{secrets.token_hex(4)}"
+    conn.run(f"mkdir -p {shlex.quote(directory)}", hide=True, in_stream=False)
+    try:
+        conn.put(io.BytesIO(content.encode()), tmp)
+        conn.run(f"chmod 0644 {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} {shlex.quote(path)}", hide=True, in_stream=False)
+    finally:
+        conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
+    return True, f"{path} {action}"
+
+
+def install_cron(host, carbon: str, prefix: str, interval_minutes: int = 1, check: bool = False,
+                 connect=None) -> tuple[bool, str]:
+    """Install (or update) ``host``'s metrics cron job over SSH; (changed, message). For the deploy step."""
+    from cloudops.ssh import connect as ssh_connect
+
+    content = host_entry(host, carbon, prefix, interval_minutes)
+    with (connect or ssh_connect)(host) as conn:
+        return ensure_cron(conn, content, check=check)
+
+
+def remove_cron(conn, path: str = CRON_PATH, check: bool = False) -> tuple[bool, str]:
+    """Remove the metrics cron job if it is there; (changed, message)."""
+    present = conn.run(f"test -e {shlex.quote(path)}", warn=True, hide=True, in_stream=False).ok
+    if not present:
+        return False, f"{path} not installed"
+    if check:
+        return True, f"{path} would be removed"
+    conn.run(f"rm -f {shlex.quote(path)}", hide=True, in_stream=False)
+    return True, f"{path} removed"

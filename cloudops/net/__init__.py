@@ -1,0 +1,1 @@
+"""Networks: libvirt networks from validated specs (``networks``) and cloud-wide addresses (``ipam``)."""
