@@ -6,7 +6,7 @@ installed, the directory above the package).
 
 The state directory (``var_dir``: what belongs to this control machine, caches, spool, the
 lab's files) is, first match wins: ``$CLOUDOPS_STATE_DIR``, ``$CLOUDOPS_VAR`` (the older name),
-``<checkout>/var`` when running from a checkout (a ``pyproject.toml`` beside the package), else
+``state_dir`` in the configuration, ``<checkout>/var`` when running from a checkout (a ``pyproject.toml`` beside the package), else
 ``/var/lib/cloudops`` for root and ``$XDG_STATE_HOME/cloudops`` (``~/.local/state/cloudops``)
 for anyone else.
 """
@@ -33,9 +33,18 @@ def default_state_dir() -> Path:
     return Path(base) / "cloudops"
 
 
+_configured: str | None = None  # ``state_dir`` from the configuration (see ``configure``)
+
+
+def configure(state_dir) -> None:
+    """Use ``state_dir`` (the configuration's key) unless $CLOUDOPS_STATE_DIR or $CLOUDOPS_VAR is set."""
+    global _configured
+    _configured = str(state_dir) if state_dir else None
+
+
 def var_dir() -> Path:
     """This control machine's state directory (see the module docstring for the order)."""
-    chosen = os.environ.get("CLOUDOPS_STATE_DIR") or os.environ.get("CLOUDOPS_VAR")
+    chosen = os.environ.get("CLOUDOPS_STATE_DIR") or os.environ.get("CLOUDOPS_VAR") or _configured
     return Path(chosen).expanduser().resolve() if chosen else default_state_dir().resolve()
 
 

@@ -18,6 +18,10 @@ ns.add_task(deploy_module.deploy)
 # Defaults live here; override them in invoke.yaml / fabric.yaml, ~/.invoke.yaml or INVOKE_* variables.
 ns.configure({
     "inventory": None,
+    "state_dir": None,  # this control machine's files (cloudops/paths.py); None: the default
+    # The cloud's shared state (cloudops/state): sqlite in the state directory, or etcd for a team:
+    # {backend: etcd, endpoints: [https://10.0.0.1:2379, ...], ca: ..., cert: ..., key: ...}
+    "state": {"backend": "sqlite"},
     "lab": {"prefix": "co"},
     "fleet": {"workers": 16, "timeout": 60},
     "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180},

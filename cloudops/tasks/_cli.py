@@ -6,6 +6,7 @@ import sys
 
 from invoke import Exit
 
+from cloudops import state
 from cloudops.errors import CloudopsError
 
 
@@ -15,6 +16,8 @@ def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
+            if args and hasattr(args[0], "config"):  # the task's Context: state_dir and the state store
+                state.configure(args[0].config)
             return func(*args, **kwargs)
         except CloudopsError as exc:
             raise Exit(f"cloudops: {exc}", code=exc.exit_code) from None
