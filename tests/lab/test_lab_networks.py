@@ -131,11 +131,11 @@ def test_reservation_add_and_remove_reach_xml_and_dnsmasq(lab, lab_inventory, cl
 
 def test_ipam_address_is_the_same_on_every_host(lab, lab_inventory, clean, tmp_path):
     """A VM that moves between hosts keeps its cloud-wide allocation and its reservation."""
-    allocation = ipam.allocate(NAT, "mover", state_dir=tmp_path)
+    allocation = ipam.allocate(NAT, "mover", store=SqliteStore(tmp_path / "s.sqlite"))
     for host in hosts(lab_inventory, "hv1", "hv2"):
         on_host(host, networks.ensure_network, NAT)
         assert on_host(host, networks.add_reservation, NAT.name, allocation.mac, allocation.ip, "mover")[0]
-    assert ipam.allocate(NAT, "mover", state_dir=tmp_path) == allocation
+    assert ipam.allocate(NAT, "mover", store=SqliteStore(tmp_path / "s.sqlite")) == allocation
     for host in hosts(lab_inventory, "hv1", "hv2"):
         assert sh(host, f"cat /var/lib/libvirt/dnsmasq/{NAT.name}.hostsfile").split() == \
             [f"{allocation.mac},{allocation.ip},mover"]

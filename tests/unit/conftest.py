@@ -31,6 +31,19 @@ def _only_test_driver(real, name):
 
 
 @pytest.fixture(autouse=True)
+def _own_state_store(tmp_path_factory):
+    """Each unit test gets an empty state store of its own (never the checkout's var/cloud.sqlite)."""
+    from cloudops import state
+    from cloudops.state.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path_factory.mktemp("state") / "state.sqlite")
+    state.use(store)
+    yield store
+    state.use(None)
+    store.close()
+
+
+@pytest.fixture(autouse=True)
 def _no_qemu_libguestfs_or_lab(monkeypatch):
     try:
         import guestfs
