@@ -40,6 +40,21 @@ def require_root() -> None:
         pytest.skip("the lab needs root")
 
 
+@pytest.fixture
+def no_maintenance():
+    """Every maintenance flag of the state store cleared before and after the test."""
+    from cloudops import state
+    from cloudops.hosts import maintenance
+
+    def clear():
+        for host in maintenance.hosts_in_maintenance():
+            maintenance.set_maintenance(host, False)
+
+    clear()
+    yield
+    clear()
+
+
 @pytest.fixture(scope="session")
 def lab():
     """A 3-host lab of full hypervisor hosts (sshd + libvirtd), taken down at the end of the session."""

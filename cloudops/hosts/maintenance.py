@@ -1,42 +1,32 @@
-"""Which hosts are in maintenance (no new VMs go there): a small locked state file under var/cloud."""
+"""Which hosts are in maintenance (no new VMs go there): ``maintenance/<host>`` in the state store.
 
-import fcntl
-import json
-from contextlib import contextmanager
+The flag is shared state: with a team on one store, a host one operator puts in maintenance is
+skipped by everyone's next ``vm.start`` and migration. The record says who set it and when.
+"""
 
-from cloudops import paths
+import time
 
+from cloudops import state
+from cloudops.state.store import owner
 
-def _path():
-    path = paths.var_dir() / "cloud" / "maintenance.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@contextmanager
-def _state(write: bool = False):
-    path = _path()
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
-        data = json.loads(path.read_text()) if path.exists() else {}
-        yield data
-        if write:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-            tmp.rename(path)
+PREFIX = "maintenance/"
 
 
-def hosts_in_maintenance() -> set[str]:
-    with _state() as data:
-        return {name for name, on in data.items() if on}
+def hosts_in_maintenance(store=None) -> set[str]:
+    store = store or state.current()
+    return {key[len(PREFIX):] for key, entry in store.items(PREFIX).items() if entry.value.get("on")}
 
 
-def set_maintenance(host: str, on: bool) -> bool:
+def set_maintenance(host: str, on: bool, store=None) -> bool:
     """Turn maintenance on or off; True when that changed anything."""
-    with _state(write=True) as data:
-        before = bool(data.get(host))
-        if on:
-            data[host] = True
-        else:
-            data.pop(host, None)
+    store = store or state.current()
+
+    def change(record):
+        before = bool(record.get("on"))
+        if on and not before:
+            record.update({"on": True, "by": owner(), "at": round(time.time(), 3)})
+        elif not on:
+            record.clear()  # an emptied record is removed from the store
         return before != on
+
+    return store.update(PREFIX + host, change)

@@ -155,10 +155,10 @@ class Store(ABC):
         raise StoreError(f"state store: {key} kept changing under {attempts} attempts to update it")
 
     @contextlib.contextmanager
-    def lock(self, name: str, ttl: float = 30.0, owner: str = "", busy_message: str | None = None):
+    def lock(self, name: str, ttl: float = 30.0, holder: str = "", busy_message: str | None = None):
         """Hold lock ``name`` while the block runs; LockBusy at once when someone else holds it."""
         check_key(f"locks/{name}")
-        handle = self._acquire(name, owner or _owner(), ttl)
+        handle = self._acquire(name, holder or owner(), ttl)
         if handle is None:
             raise LockBusy(busy_message or f"lock {name} is held by another cloudops command")
         stop = threading.Event()
@@ -184,7 +184,8 @@ class Store(ABC):
                 self._release(handle)
 
 
-def _owner() -> str:
+def owner() -> str:
+    """Who holds a lock or set a flag: this machine and process."""
     import os
     import socket
 

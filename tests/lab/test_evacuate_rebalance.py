@@ -12,8 +12,8 @@ from tests.lab.test_migration import _answers, holders, start
 
 
 @pytest.fixture(autouse=True)
-def own_maintenance(tmp_path, monkeypatch):
-    monkeypatch.setattr(maintenance, "_path", lambda: tmp_path / "maintenance.json")
+def own_maintenance(no_maintenance):
+    """No host of the test lab starts (or stays) in maintenance."""
 
 
 @pytest.fixture

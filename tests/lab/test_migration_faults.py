@@ -53,8 +53,8 @@ CASES = [
 
 
 @pytest.fixture(autouse=True)
-def own_maintenance(tmp_path, monkeypatch):
-    monkeypatch.setattr(maintenance, "_path", lambda: tmp_path / "maintenance.json")
+def own_maintenance(no_maintenance):
+    """No host of the test lab starts (or stays) in maintenance."""
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ lab_inventory = own_inventory()
 
 
 @pytest.fixture(autouse=True)
-def own_maintenance(tmp_path, monkeypatch):
-    monkeypatch.setattr(maintenance, "_path", lambda: tmp_path / "maintenance.json")
+def own_maintenance(no_maintenance):
+    """No host of the test lab starts (or stays) in maintenance."""
 
 
 def on_host(lab, name, *argv, timeout=60) -> subprocess.CompletedProcess:
