@@ -9,7 +9,6 @@ a failed start leaves no overlay, definition or reservation behind.
 """
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import libvirt
 
-from cloudops import hostfiles, passwords, storage, virt
+from cloudops import hostfiles, passwords, state, storage, virt
 from cloudops.compute import guest, placement, seed
 from cloudops.errors import CloudopsError
 from cloudops.imaging import store as images
@@ -37,6 +36,7 @@ METADATA_NS = "https://cloudops.example/xmlns/vm/1"
 MEMORY_RANGE = (32, 1 << 20)  # MiB
 VCPU_RANGE = (1, 64)
 CUSTOMIZE_WAYS = ("seed", "guestfs")
+NAME_LOCK_TTL = 30  # seconds a dead holder can block a VM name
 
 
 @dataclass
@@ -183,17 +183,14 @@ def locate(name: str, hosts: list):
 
 # ---------------------------------------------------------------- start
 
-@contextlib.contextmanager
 def _name_lock(name: str):
-    """One start/delete of a VM name at a time on this control machine."""
-    lock_dir = guest.cloud_dir() / "locks"
-    lock_dir.mkdir(exist_ok=True)
-    with open(lock_dir / f"vm-{name}.lock", "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CloudopsError(f"VM {name!r} is being changed by another cloudops command right now") from None
-        yield
+    """One start/delete of a VM name at a time in the whole cloud: a leased lock in the state store.
+
+    The lease expires by itself when the holder dies, so a killed ``vm.start`` never blocks the
+    name for longer than ``NAME_LOCK_TTL``.
+    """
+    return state.current().lock(f"vm/{name}", ttl=NAME_LOCK_TTL,
+                                busy_message=f"VM {name!r} is being changed by another cloudops command right now")
 
 
 class _Undo:
