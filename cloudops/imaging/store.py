@@ -1,17 +1,16 @@
 """The image store: add a disk image once, get its id (sha256), copy it to hosts only where missing.
 
-Local store (on the operator's machine): ``var/images/store/<id>.<format>`` plus a
-catalog ``var/images/catalog.json`` of names -> ids. On every hypervisor an image
+Local store (on the operator's machine): ``<state_dir>/images/store/<id>.<format>``. The
+catalog (id -> name, format, sizes, boot files, the hosts it was copied to) is one document
+of the cloud's state store, ``images/catalog``, so every operator of the cloud resolves the
+same names to the same ids. On every hypervisor an image
 lives at ``<pool_path>/images/<id>.<format>``. Copies are atomic: upload to a
 temporary name, verify the sha256 on the host, then rename; an interrupted copy
 is never used. Formats: qcow2 and raw, detected by ``qemu-img info``.
 """
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import re
 import secrets
 import shlex
@@ -21,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cloudops import fleet, paths
+from cloudops import fleet, paths, state
 from cloudops.errors import CloudopsError
 from cloudops.ssh import connect
 
@@ -89,27 +88,39 @@ def validate_name(name: str, what: str = "image") -> str:
 
 # ---------------------------------------------------------------- catalog
 
-@contextlib.contextmanager
-def _catalog(write: bool = False):
-    """The catalog {id: Image fields}, locked; saved atomically when ``write``."""
-    path = paths.var_dir() / "images" / "catalog.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
-        try:
-            data = json.loads(path.read_text()) if path.exists() else {}
-        except ValueError:
-            raise CloudopsError(f"image catalog {path} is corrupt") from None
-        yield data
-        if write:
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-            tmp.rename(path)
+CATALOG_KEY = "images/catalog"
+
+
+def _images_of(data: dict) -> list[Image]:
+    try:
+        return [Image(**{k: v for k, v in fields.items() if k != "hosts"}) for fields in data.values()]
+    except TypeError:
+        raise state.StoreCorrupt(f"state store: {CATALOG_KEY} holds an entry that is not an image") from None
+
+
+def _catalog() -> dict:
+    """The catalog {id: Image fields + hosts}, as stored."""
+    data = state.current().value(CATALOG_KEY, {})
+    _images_of(data)
+    return data
+
+
+def _change_catalog(change):
+    """Compare-and-swap ``change(data)`` into the catalog (it may run more than once: no side effects)."""
+    def checked(data):
+        _images_of(data)
+        return change(data)
+
+    return state.current().update(CATALOG_KEY, checked)
 
 
 def list_images() -> list[Image]:
-    with _catalog() as data:
-        return sorted((Image(**v) for v in data.values()), key=lambda i: i.name)
+    return sorted(_images_of(_catalog()), key=lambda i: i.name)
+
+
+def recorded_hosts(image: Image) -> list[str]:
+    """The hosts the catalog says this image was copied to (``holders`` asks the hosts themselves)."""
+    return sorted(_catalog().get(image.id, {}).get("hosts", []))
 
 
 def resolve(ref: str) -> Image:
@@ -199,29 +210,42 @@ def add_image(path, name: str | None = None, sha256: str | None = None, replace:
     digest = sha256_file(path)
     if sha256 and sha256.lower() != digest:
         raise CloudopsError(f"checksum mismatch for {path}: expected {sha256}, got {digest}")
-    with _catalog(write=True) as data:
-        holder = next((v for v in data.values() if v["name"] == name), None)
-        if holder and holder["id"] != digest:
-            if not replace:
-                raise CloudopsError(f"image name {name!r} is taken by {holder['id'][:12]}; "
-                                    "choose another name, remove it, or replace it")
+    _name_is_free(_catalog(), name, digest, replace)
+    known = _catalog().get(digest)
+    if known and known["name"] == name and (store_dir() / f"{digest}.{known['format']}").exists() \
+            and (known.get("boot") or not path.with_name(path.name + ".boot").exists()):
+        return _images_of({digest: known})[0], False
+    image = Image(id=digest, name=name, added=time.time(), boot=_store_boot_files(path, digest), **info)
+    store_dir().mkdir(parents=True, exist_ok=True)
+    if not image.local_path.exists():
+        tmp = image.local_path.with_name(f".{image.filename}.{secrets.token_hex(4)}")
+        try:
+            shutil.copyfile(path, tmp)
+            if sha256_file(tmp) != digest:
+                raise CloudopsError(f"copy of {path} into the store does not match its checksum")
+            tmp.rename(image.local_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def record(data):
+        holder = _name_is_free(data, name, digest, replace)
+        if holder:
             holder["name"] = f"{name}-{holder['id'][:8]}"
-        if digest in data and data[digest]["name"] == name and Image(**data[digest]).local_path.exists() \
-                and (data[digest].get("boot") or not path.with_name(path.name + ".boot").exists()):
-            return Image(**data[digest]), False
-        image = Image(id=digest, name=name, added=time.time(), boot=_store_boot_files(path, digest), **info)
-        store_dir().mkdir(parents=True, exist_ok=True)
-        if not image.local_path.exists():
-            tmp = image.local_path.with_name(f".{image.filename}.{secrets.token_hex(4)}")
-            try:
-                shutil.copyfile(path, tmp)
-                if sha256_file(tmp) != digest:
-                    raise CloudopsError(f"copy of {path} into the store does not match its checksum")
-                tmp.rename(image.local_path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        data[digest] = asdict(image)
+        data[digest] = {**asdict(image), "hosts": data.get(digest, {}).get("hosts", [])}
+
+    _change_catalog(record)
     return image, True
+
+
+def _name_is_free(data: dict, name: str, digest: str, replace: bool) -> dict | None:
+    """The entry of another image that holds ``name`` (to be renamed: ``replace``), else None; refused otherwise."""
+    holder = next((v for v in data.values() if v["name"] == name), None)
+    if holder and holder["id"] != digest:
+        if not replace:
+            raise CloudopsError(f"image name {name!r} is taken by {holder['id'][:12]}; "
+                                "choose another name, remove it, or replace it")
+        return holder
+    return None
 
 
 def remove_image(ref: str, hosts: list, in_use: dict[str, list[str]]) -> fleet.FleetResult:
@@ -240,8 +264,7 @@ def remove_image(ref: str, hosts: list, in_use: dict[str, list[str]]) -> fleet.F
 
     result = fleet.run(hosts, one)
     if not result.failed:
-        with _catalog(write=True) as data:
-            data.pop(image.id, None)
+        _change_catalog(lambda data: data.pop(image.id, None))
         for local in image.files():
             (store_dir() / local).unlink(missing_ok=True)
     return result
@@ -265,7 +288,10 @@ def ensure_on_host(image: Image, host, conn=None) -> bool:
     for local, (remote, digest) in missing.items():
         source = store_dir() / local
         if not source.exists():
-            raise CloudopsError(f"image {image.name} is missing {local} in the local store; add it again")
+            where = ", ".join(recorded_hosts(image)) or "none recorded"
+            raise CloudopsError(f"image {image.name} is not in this machine's image store ({local} missing), so it "
+                                f"cannot be copied to {host.name}; hosts that hold it: {where}. Add it here with "
+                                "`invoke image.add`, or start the VM on one of those hosts")
         final, tmp = f"{directory}/{remote}", f"{directory}/.{remote}.partial-{secrets.token_hex(4)}"
         try:
             conn.put(str(source), tmp)
@@ -275,7 +301,17 @@ def ensure_on_host(image: Image, host, conn=None) -> bool:
             conn.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(final)}", hide=True, in_stream=False)
         finally:
             conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
+    _record_host(image, host.name)
     return True
+
+
+def _record_host(image: Image, host_name: str) -> None:
+    def add(data):
+        entry = data.get(image.id)
+        if entry is not None and host_name not in entry.setdefault("hosts", []):
+            entry["hosts"] = sorted([*entry["hosts"], host_name])
+
+    _change_catalog(add)
 
 
 def distribute(image: Image, hosts: list, workers: int = 16) -> fleet.FleetResult:
