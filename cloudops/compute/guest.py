@@ -4,11 +4,19 @@ VMs sit on networks private to their hypervisor, so every SSH connection to a VM
 goes through the hypervisor as a jump host (itself verified). The VM's own host
 key is read from its serial console log on the hypervisor, where the image prints
 it at boot (the cloudops tiny image's ``hostkey`` line, or cloud-init's
-``BEGIN SSH HOST KEY KEYS`` block), and kept in ``var/cloud/known_hosts``:
-never accepted blindly.
+``BEGIN SSH HOST KEY KEYS`` block), and kept in the cloud's state store
+(``hostkeys/<vm>``), so every operator verifies it: never accepted blindly. SSH
+libraries read a file, so ``known_hosts()`` writes the store's keys to
+``<state_dir>/cloud/known_hosts`` before each use.
+
+Each control machine has its own cloud key (the private half never leaves it); its
+public half is registered in the store (``trust/<fingerprint>``) and every new VM
+trusts all the registered keys, so any operator of the cloud can reach any VM.
 """
 
 import fcntl
+import hashlib
+import os
 import re
 import shlex
 import socket
@@ -19,11 +27,12 @@ from pathlib import Path
 import paramiko
 from fabric import Config, Connection
 
-from cloudops import paths
+from cloudops import paths, state
 from cloudops.errors import CloudopsError
 from cloudops.ssh import verify_host_keys
 
 _TINY_HOSTKEY = re.compile(r"cloudops-tiny: hostkey (ssh-ed25519) (\S+)")
+HOSTKEYS = "hostkeys/"
 _CLOUD_INIT_KEYS = re.compile(r"-----BEGIN SSH HOST KEY KEYS-----(.*?)-----END SSH HOST KEY KEYS-----", re.S)
 
 
@@ -49,8 +58,34 @@ def cloud_public_key() -> str:
     return (cloud_key().parent / "id_ed25519.pub").read_text().strip()
 
 
+def trusted_public_keys() -> list[str]:
+    """Every control machine's cloud key (this one's registered first): what a new VM must trust."""
+    own = cloud_public_key()
+    blob = own.split()[1]
+    key = f"trust/{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
+    store = state.current()
+    store.update(key, lambda v: v.update({"key": own}) if v.get("key") != own else None)
+    keys = [entry.value.get("key") for entry in store.items("trust/").values()]
+    if not all(isinstance(k, str) and k.startswith("ssh-") for k in keys):
+        raise state.StoreCorrupt("state store: an entry under trust/ is not an SSH public key")
+    return sorted(set(keys), key=lambda k: (k != own, k))
+
+
 def known_hosts() -> Path:
-    return cloud_dir() / "known_hosts"
+    """``<state_dir>/cloud/known_hosts`` with every VM host key of the store (rewritten when they changed)."""
+    lines = []
+    for key, entry in sorted(state.current().items(HOSTKEYS).items()):
+        name, ip, keys = key[len(HOSTKEYS):], entry.value.get("ip"), entry.value.get("keys")
+        if not isinstance(ip, str) or not isinstance(keys, list):
+            raise state.StoreCorrupt(f"state store: {key} is not a VM's host keys")
+        lines += [f"{name},{ip} {ktype} {kdata}" for ktype, kdata in keys]
+    path = cloud_dir() / "known_hosts"
+    text = "\n".join(lines) + ("\n" if lines else "")
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_name(f".known_hosts.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.rename(path)
+    return path
 
 
 def console_log_path(name: str) -> str:
@@ -74,16 +109,15 @@ def read_console(hv_conn: Connection, name: str) -> str:
 
 
 def record_host_keys(name: str, ip: str, keys: list[tuple[str, str]]) -> None:
-    """Replace whatever known_hosts said about this VM name or IP with ``keys``."""
-    path = known_hosts()
-    with open(path.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        lines = path.read_text().splitlines() if path.exists() else []
-        keep = [ln for ln in lines if not ({name, ip} & set(ln.split(" ", 1)[0].split(",")))]
-        keep += [f"{name},{ip} {ktype} {kdata}" for ktype, kdata in keys]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(keep) + ("\n" if keep else ""))
-        tmp.rename(path)
+    """Replace whatever the store said about this VM name or IP with ``keys`` (none: forget)."""
+    store = state.current()
+    for key, entry in store.items(HOSTKEYS).items():
+        if entry.value.get("ip") == ip and key != HOSTKEYS + name:
+            store.delete(key, entry.version)  # an address now used by another VM
+    if keys:
+        store.put(HOSTKEYS + name, {"ip": ip, "keys": [list(k) for k in keys]})
+    else:
+        store.delete(HOSTKEYS + name)
 
 
 def forget_host_keys(name: str, ip: str | None) -> None:

@@ -218,7 +218,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     candidates = [inventory.hosts[spec.host]] if spec.host else [h for h in all_hosts if "bare" not in h.tags]
     net = network_spec(spec.network, candidates[0], extra_networks)
     password_hash = passwords.hash_password(spec.root_password) if spec.root_password else None
-    keys = (*spec.ssh_keys, guest.cloud_public_key())
+    keys = (*spec.ssh_keys, *guest.trusted_public_keys())
     timings = {}
     t0 = time.monotonic()
 
