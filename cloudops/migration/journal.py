@@ -8,64 +8,52 @@ record; any other fault leaves it, so ``vm.migrate NAME --recover`` knows which
 two hosts were involved and what may be left where, and a new migration of that
 VM is refused until it is recovered.
 
-Records live in ``var/cloud/migrating/<name>.json``, written atomically.
+Records are ``migrating/<name>`` in the cloud's state store: shared, so a VM one operator is
+moving (or left unsettled) cannot be migrated by another, and ``begin`` is a create that
+only one of two concurrent migrations of a VM wins.
 """
 
-import json
-import os
 import time
-from pathlib import Path
 
-from cloudops.compute import guest
+from cloudops import state
+from cloudops.errors import CloudopsError
 
-
-def _dir() -> Path:
-    path = guest.cloud_dir() / "migrating"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-def _path(name: str) -> Path:
-    return _dir() / f"{name}.json"
+PREFIX = "migrating/"
 
 
 def read(name: str) -> dict | None:
     """The record of ``name``'s unfinished migration, or None."""
     try:
-        return json.loads(_path(name).read_text())
-    except FileNotFoundError:
-        return None
-    except ValueError:
+        return state.current().value(PREFIX + name)
+    except state.StoreCorrupt:
         return {"name": name, "corrupt": True}
-
-
-def _write(record: dict) -> None:
-    path = _path(record["name"])
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def begin(name: str, source: str, target: str, *, live: bool, shared: bool, disks: list[str]) -> dict:
     record = {"name": name, "source": source, "target": target, "live": live, "shared": shared,
               "disks": list(disks), "prepared_files": [], "reservation": None, "postcopy": False,
-              "phase": "preparing", "started": round(time.time(), 3)}
-    _write(record)
+              "phase": "preparing", "started": round(time.time(), 3), "by": state.store.owner()}
+    if not state.current().create(PREFIX + name, record):
+        other = read(name) or {}
+        raise CloudopsError(f"VM {name} is being migrated by {other.get('by', 'another cloudops command')} "
+                            f"({other.get('source')} -> {other.get('target')}); if that command died, "
+                            f"run `invoke vm.migrate {name} --recover`")
     return record
 
 
 def update(name: str, **fields) -> None:
-    record = read(name)
-    if record is None:
-        return
-    record.update(fields)
-    _write(record)
+    state.current().update(PREFIX + name, lambda record: record.update(fields) if record else None)
 
 
 def end(name: str) -> None:
-    _path(name).unlink(missing_ok=True)
+    state.current().delete(PREFIX + name)
 
 
 def unfinished() -> list[dict]:
     """Every record left by a migration whose outcome was not settled."""
-    return [r for r in (read(p.stem) for p in sorted(_dir().glob("*.json"))) if r]
+    found = []
+    for key in state.current().items(PREFIX):
+        record = read(key[len(PREFIX):])
+        if record:
+            found.append(record)
+    return found

@@ -20,7 +20,6 @@ destination and undefined on the source.
 """
 
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -35,8 +34,8 @@ from pathlib import Path
 
 import libvirt
 
-from cloudops import cloudkeys, storage, virt
-from cloudops.compute import guest, placement, scheduler, vms
+from cloudops import cloudkeys, state, storage, virt
+from cloudops.compute import placement, scheduler, vms
 from cloudops.errors import CloudopsError
 from cloudops.hosts import maintenance
 from cloudops.imaging import store as images
@@ -760,14 +759,19 @@ def _offline(dom, disks, shared, source, dest, src_conn, dst_conn, message) -> R
 
 # ---------------------------------------------------------------- record
 
-def history_path() -> Path:
-    return guest.cloud_dir() / "migrations.jsonl"
+HISTORY = "migrations/"
 
 
 def _record(result: Result) -> None:
-    """Append the result to var/cloud/migrations.jsonl (one JSON object a line)."""
-    with open(history_path(), "a") as f:
-        f.write(json.dumps({"time": round(time.time(), 3), **result.to_dict()}) + "\n")
+    """Keep the result in the state store's history (``migrations/<time>-<name>``), for every operator."""
+    now = round(time.time(), 3)
+    state.current().create(f"{HISTORY}{now:.3f}-{result.name}", {"time": now, **result.to_dict()})
+
+
+def history(name: str | None = None) -> list[dict]:
+    """Past migrations, oldest first (of one VM when ``name`` is given)."""
+    records = [entry.value for entry in state.current().items(HISTORY).values()]
+    return sorted((r for r in records if name is None or r.get("name") == name), key=lambda r: r.get("time", 0))
 
 
 def policy_from(config: dict, **given) -> Policy:
