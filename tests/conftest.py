@@ -43,7 +43,6 @@ def require_root() -> None:
 @pytest.fixture
 def no_maintenance():
     """Every maintenance flag of the state store cleared before and after the test."""
-    from cloudops import state
     from cloudops.hosts import maintenance
 
     def clear():

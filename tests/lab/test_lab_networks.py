@@ -10,6 +10,7 @@ import yaml
 from cloudops import fleet, virt
 from cloudops.net import ipam, networks
 from cloudops.net.networks import NetworkSpec
+from cloudops.state.sqlite import SqliteStore
 from tests.conftest import ROOT, TEST_PREFIX, invoke
 
 # Names carry the lab prefix: processes of every lab share one PID space, so a test that looks

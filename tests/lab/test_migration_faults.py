@@ -29,7 +29,6 @@ import pytest
 from cloudops import virt
 from cloudops.compute import guest, vms
 from cloudops.errors import CloudopsError
-from cloudops.hosts import maintenance
 from cloudops.lab import hosts as lab_lib
 from cloudops.migration import journal as migrate_journal
 from cloudops.migration import migrate

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from cloudops.compute import vms
-from cloudops.hosts import maintenance
 from cloudops.lab import hosts as lab_lib
 from cloudops.migration import migrate
 from tests.conftest import invoke, own_inventory, own_lab
