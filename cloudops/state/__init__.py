@@ -22,6 +22,7 @@ import os
 import threading
 
 from cloudops import paths
+from cloudops.state import keys  # noqa: F401  (the key prefixes, for state.show)
 from cloudops.state.store import LockBusy, Store, StoreCorrupt, StoreError, StoreUnavailable
 
 __all__ = ["LockBusy", "Store", "StoreCorrupt", "StoreError", "StoreUnavailable", "configure", "current",

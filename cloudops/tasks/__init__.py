@@ -3,7 +3,7 @@
 from invoke import Collection, task
 
 from cloudops import passwords as _passwords
-from cloudops.tasks import cloud, fleet, graphite, host, image, lab, metrics, net, vm
+from cloudops.tasks import cloud, fleet, graphite, host, image, lab, metrics, net, state, vm
 from cloudops.tasks import deploy as deploy_module  # the module; `deploy` is its root-level task
 from cloudops.tasks._cli import user_errors
 
@@ -11,7 +11,7 @@ from cloudops.tasks._cli import user_errors
 _passwords.take_from_environment()
 
 ns = Collection()
-for module in (lab, fleet, host, image, net, vm, cloud, graphite, metrics):
+for module in (lab, fleet, host, image, net, vm, cloud, graphite, metrics, state):
     ns.add_collection(Collection.from_module(module))
 ns.add_task(deploy_module.deploy)
 
