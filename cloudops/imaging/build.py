@@ -407,13 +407,6 @@ def cache_key(recipe: Recipe, kernel: str) -> str:
     return h.hexdigest()[:12]
 
 
-def image_path(recipe_name: str) -> Path:
-    """Where ``build_image(recipe_name)`` puts (or finds) its image, without building."""
-    recipe = load_recipe(recipe_name)
-    kernel = find_kernel(recipe.kernel) if recipe.builder == "tiny" else "debootstrap"
-    return build_dir() / f"{recipe.name}-{cache_key(recipe, kernel)}.qcow2"
-
-
 def _write_disk(disk: Path, recipe: Recipe, plan: dict, tarball: Path, progress) -> None:
     mbr = MBR_BIN.read_bytes()[:440]
     if len(mbr) != 440:

@@ -487,7 +487,7 @@ def _cleanup_source(src_conn, source, meta, disks, shared, name, message):
 
 # ---------------------------------------------------------------- live
 
-def _flags(shared, policy, disks) -> int:
+def _flags(shared, policy) -> int:
     # No UNDEFINE_SOURCE: the source's definition goes only after cloudops has seen the VM run on the
     # destination (_cleanup_source), so no fault can leave the VM defined nowhere.
     flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
@@ -520,7 +520,7 @@ def _params(dest, shared, disks, policy) -> dict:
 
 def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message, job, cancel) -> Result:
     name = dom.name()
-    flags, params = _flags(shared, policy, disks), _params(dest, shared, disks, policy)
+    flags, params = _flags(shared, policy), _params(dest, shared, disks, policy)
     outcome = {}
 
     def run():
