@@ -12,8 +12,6 @@ from cloudops.hosts import maintenance
 
 def host_state(host, in_maintenance: set[str]) -> scheduler.HostState:
     """What the scheduler needs of one host, read with one libvirt connection."""
-    from cloudops.compute.vms import metadata
-
     with virt.open_host(host) as conn:
         _model, memory_mb, cpus, *_ = conn.getInfo()
         stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
@@ -25,7 +23,7 @@ def host_state(host, in_maintenance: set[str]) -> scheduler.HostState:
             _state, max_kib, _cur, vcpus, _t = dom.info()
             committed_mb += max_kib // 1024
             committed_vcpus += vcpus
-            group = metadata(dom).get("group")
+            group = virt.metadata(dom).get("group")
             if group:
                 groups.add(group)
     return scheduler.HostState(

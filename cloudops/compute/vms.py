@@ -33,7 +33,6 @@ from cloudops.ssh import connect
 from cloudops.templating import render
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
-METADATA_NS = "https://cloudops.example/xmlns/vm/1"
 MEMORY_RANGE = (32, 1 << 20)  # MiB
 VCPU_RANGE = (1, 64)
 CUSTOMIZE_WAYS = ("seed", "guestfs")
@@ -114,16 +113,6 @@ def network_spec(name: str | None, host, extra=()) -> "networks.NetworkSpec":
 
 # ---------------------------------------------------------------- finding VMs
 
-def metadata(dom: libvirt.virDomain) -> dict:
-    """The cloudops metadata of a domain ({} for a domain cloudops did not make)."""
-    try:
-        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
-    except libvirt.libvirtError:
-        return {}
-    root = ET.fromstring(xml)
-    return {child.tag.split("}")[-1]: (child.text or "") for child in root}
-
-
 STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
           libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
           libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
@@ -131,7 +120,7 @@ STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_SHUTOFF: "sh
 
 def describe(dom: libvirt.virDomain, host_name: str) -> VM:
     state, max_mem_kib, _mem, vcpus, _cpu = dom.info()
-    meta = metadata(dom)
+    meta = virt.metadata(dom)
     return VM(name=dom.name(), host=host_name, ip=meta.get("ip") or None, state=STATES.get(state, str(state)),
               memory=max_mem_kib // 1024, vcpus=vcpus, image=meta.get("image"), network=meta.get("network"),
               mac=meta.get("mac"), customize=meta.get("customize"), group=meta.get("group"))
@@ -299,7 +288,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
             customize=spec.customize, group=spec.group, created=int(time.time()),
             disk_path=disk_path, seed_path=seed_path, console_log=guest.console_log_path(spec.name),
             boot=image.remote_boot(host))
-        xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=METADATA_NS)
+        xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=virt.METADATA_NS)
         dom = conn.defineXML(xml)
         undo.push(_undefine, dom)
         dom.create()
@@ -405,7 +394,7 @@ def stop_vm(name: str, hosts: list, timeout: float = 60, progress=lambda m: None
 
 def made_by_cloudops(dom) -> bool:
     """Whether cloudops defined this domain (its metadata element is there)."""
-    return bool(metadata(dom))
+    return bool(virt.metadata(dom))
 
 
 def foreign_refusal(name: str, host_name: str) -> CloudopsError:

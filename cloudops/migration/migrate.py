@@ -160,7 +160,7 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
             dom = src_conn.lookupByName(name)
             running = dom.isActive()
             disks = _disks(src_conn, dom)
-            meta = vms.metadata(dom)
+            meta = virt.metadata(dom)
             message(f"checking {dest.name} can take {name}")
             shared = preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage)
             image = _image(meta)

@@ -16,7 +16,7 @@ DOMAIN = """<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory
 <os><type>hvm</type></os>{metadata}<devices>
 <disk type='file' device='disk'><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
 </devices></domain>"""
-META = f"<metadata><cloudops:vm xmlns:cloudops='{vms.METADATA_NS}'><cloudops:image>x</cloudops:image></cloudops:vm></metadata>"
+META = f"<metadata><cloudops:vm xmlns:cloudops='{virt.METADATA_NS}'><cloudops:image>x</cloudops:image></cloudops:vm></metadata>"
 
 
 @pytest.fixture
