@@ -6,7 +6,7 @@ libvirt facts. A host without a libvirtd (a bare lab host) still has system fact
 
 import libvirt
 
-from cloudops import virt
+from cloudops import inventory, virt
 from cloudops.ssh import connect
 
 # One round trip: every fact in a line "key<TAB>value".
@@ -56,7 +56,7 @@ def libvirt_facts(conn: libvirt.virConnect) -> dict:
 def host_facts(host, timeout: float = 10) -> dict:
     """System facts over SSH plus libvirt facts, or ``libvirt_error`` when libvirtd does not answer."""
     facts = {"host": host.name, "address": host.address, **system_facts(host, timeout)}
-    if "bare" in host.tags:
+    if not inventory.is_hypervisor(host):
         facts["libvirt_error"] = "bare host (no libvirtd)"
         return facts
     try:

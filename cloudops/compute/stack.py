@@ -80,7 +80,7 @@ def load(path) -> Stack:
 
 def up(stack: Stack, inventory, progress=lambda m: None) -> Report:
     report = Report()
-    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hypervisors = inventory.hypervisors()
     for spec in stack.networks:
         result = fleet.run(hypervisors, lambda h, s=spec: _ensure_network(h, s))
         _collect(result, report, f"network {spec.name}")
@@ -108,7 +108,7 @@ def down(stack: Stack, inventory, progress=lambda m: None, force: bool = False) 
     """Delete the stack's VMs, then its networks. Every VM is checked first: when one of the
     stack's names is a domain cloudops did not make, nothing is deleted (``force``: see vms.delete_vm)."""
     report = Report()
-    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hypervisors = inventory.hypervisors()
     for spec in stack.vms:
         vms.check_deletable(spec.name, hypervisors, force=force)
     for spec in stack.vms:

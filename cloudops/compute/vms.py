@@ -207,7 +207,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     all_hosts = list(inventory.hosts.values())
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
-    candidates = [inventory.hosts[spec.host]] if spec.host else [h for h in all_hosts if "bare" not in h.tags]
+    candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
     net = network_spec(spec.network, candidates[0], extra_networks)
     password_hash = passwords.hash_password(spec.root_password) if spec.root_password else None
     keys = (*spec.ssh_keys, guest.cloud_public_key())
@@ -216,7 +216,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
 
     with _name_lock(spec.name):
         progress(f"checking that the name {spec.name} is free on {len(all_hosts)} hosts")
-        _ensure_name_free(spec.name, [h for h in all_hosts if "bare" not in h.tags])
+        _ensure_name_free(spec.name, inventory.hypervisors())
         timings["name_check"] = round(time.monotonic() - t0, 3)
         progress("placing the VM")
         host = placement.choose(spec, candidates)
@@ -428,7 +428,7 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
     cloudops VM only the disks cloudops makes (``<name>.qcow2``, ``<name>-seed.iso``) are
     deleted: a disk attached by hand stays."""
     validate_name(name)
-    hosts = hosts or [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hosts = hosts or inventory.hypervisors()
     with _name_lock(name):
         host = locate(name, hosts)
         with virt.open_host(host) as conn:

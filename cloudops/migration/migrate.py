@@ -40,6 +40,7 @@ from cloudops.compute import guest, placement, scheduler, vms
 from cloudops.errors import CloudopsError
 from cloudops.hosts import maintenance
 from cloudops.imaging import store as images
+from cloudops.inventory import is_hypervisor
 from cloudops.migration import journal, outcome
 from cloudops.net import networks
 from cloudops.ssh import connect
@@ -143,11 +144,11 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
     policy = policy or Policy()
     progress = progress if progress is not None else ProgressBar()
     vms.validate_name(name)
-    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hypervisors = inventory.hypervisors()
     if to_host not in inventory.hosts:
         raise CloudopsError(f"unknown host {to_host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     dest = inventory.hosts[to_host]
-    if "bare" in dest.tags:
+    if not is_hypervisor(dest):
         raise CloudopsError(f"host {to_host} is a bare host: it runs no VMs")
     t0 = time.monotonic()
     with vms._name_lock(name):

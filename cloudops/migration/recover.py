@@ -72,7 +72,7 @@ def recover_vm(name: str, inventory, *, timeout: float = 300, restart: bool = Fa
 
 def _recover(name, inventory, timeout, restart, message) -> Recovery:
     vms.validate_name(name)
-    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hypervisors = inventory.hypervisors()
     record = journal.read(name) or {}
     involved = [h for h in hypervisors if h.name in (record.get("source"), record.get("target"))] or hypervisors
     actions: list[str] = []
