@@ -1,7 +1,5 @@
 """Facts for placement: read each candidate host's capacity and commitments from libvirt, then ask the scheduler."""
 
-import xml.etree.ElementTree as ET
-
 import libvirt
 
 from cloudops import fleet, virt
@@ -62,17 +60,3 @@ def choose(spec, candidates: list):
     chosen = scheduler.place(request, states)
     return next(h for h in candidates if h.name == chosen.name)
 
-
-def virt_type(conn) -> str:
-    """``kvm`` where the host offers a kvm domain type and its CPU has VMX/SVM, else ``qemu`` (TCG).
-
-    /dev/kvm alone is not enough: a paravirtual KVM (as on the machines this was built on)
-    lists the kvm domain type, yet guests hang; its CPU shows no VMX/SVM flag.
-    """
-    try:
-        caps = ET.fromstring(conn.getCapabilities())
-    except libvirt.libvirtError:
-        return "qemu"
-    kvm_listed = any(d.get("type") == "kvm" for d in caps.findall("./guest/arch/domain"))
-    virt_flags = any(f.get("name") in ("vmx", "svm") for f in caps.findall("./host/cpu/feature"))
-    return "kvm" if kvm_listed and virt_flags else "qemu"

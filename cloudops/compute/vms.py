@@ -24,7 +24,7 @@ from pathlib import Path
 
 import libvirt
 
-from cloudops import hostfiles, passwords, storage, virt
+from cloudops import hostfiles, kvm, passwords, storage, virt
 from cloudops.compute import guest, placement, seed
 from cloudops.errors import CloudopsError
 from cloudops.imaging import store as images
@@ -283,7 +283,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
 
         checkpoint("disks")
         vm_vars = dict(
-            name=spec.name, uuid=str(uuid.uuid4()), virt_type=placement.virt_type(conn), memory=spec.memory,
+            name=spec.name, uuid=str(uuid.uuid4()), virt_type=kvm.domain_type(conn), memory=spec.memory,
             vcpus=spec.vcpus, image_id=image.id, network=net.name, ip=allocation.ip, mac=allocation.mac,
             customize=spec.customize, group=spec.group, created=int(time.time()),
             disk_path=disk_path, seed_path=seed_path, console_log=guest.console_log_path(spec.name),

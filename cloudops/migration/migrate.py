@@ -35,7 +35,7 @@ from pathlib import Path
 
 import libvirt
 
-from cloudops import cloudkeys, storage, virt
+from cloudops import cloudkeys, kvm, storage, virt
 from cloudops.compute import guest, placement, scheduler, vms
 from cloudops.errors import CloudopsError
 from cloudops.hosts import maintenance
@@ -333,7 +333,7 @@ def preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage) 
 
 def _check_cpu(dom, src_conn, dst_conn, dest) -> None:
     root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
-    if root.get("type") == "kvm" and placement.virt_type(dst_conn) != "kvm":
+    if root.get("type") == "kvm" and kvm.domain_type(dst_conn) != "kvm":
         raise CloudopsError(f"cannot migrate {dom.name()} to {dest.name}: it runs with KVM, "
                             f"and {dest.name} has no usable KVM")
     cpu = root.find("./cpu")
