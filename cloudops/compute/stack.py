@@ -18,7 +18,7 @@ import yaml
 
 from cloudops import fleet, virt
 from cloudops.compute import vms
-from cloudops.errors import CloudopsError
+from cloudops.errors import CloudopsError, NotFound
 from cloudops.net import networks
 
 VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group"}
@@ -87,9 +87,7 @@ def up(stack: Stack, inventory, progress=lambda m: None) -> Report:
     for spec in stack.vms:
         try:
             host = vms.locate(spec.name, hypervisors)
-        except CloudopsError as exc:
-            if "no selected host has it" not in str(exc):
-                raise
+        except NotFound:
             progress(f"starting {spec.name}")
             vm = vms.start_vm(spec, inventory, progress=progress, extra_networks=stack.networks)
             report.changes.append(f"vm {spec.name}: started on {vm.host} at {vm.ip}")
@@ -116,9 +114,7 @@ def down(stack: Stack, inventory, progress=lambda m: None, force: bool = False) 
             vm = vms.delete_vm(spec.name, inventory, hypervisors, progress=progress, extra_networks=stack.networks,
                                force=force)
             report.changes.append(f"vm {spec.name}: deleted from {vm.host}")
-        except CloudopsError as exc:
-            if "no selected host has it" not in str(exc):
-                raise
+        except NotFound:
             report.unchanged.append(f"vm {spec.name}: not present")
     for spec in stack.networks:
         result = fleet.run(hypervisors, lambda h, s=spec: _delete_network(h, s))

@@ -26,7 +26,7 @@ import libvirt
 
 from cloudops import hostfiles, kvm, passwords, storage, virt
 from cloudops.compute import guest, placement, seed
-from cloudops.errors import CloudopsError
+from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
 from cloudops.net import ipam, networks
 from cloudops.ssh import connect
@@ -160,11 +160,11 @@ def find(name: str, hosts: list) -> tuple[list, list[str]]:
 
 
 def locate(name: str, hosts: list):
-    """The inventory host that has a domain called ``name``; CloudopsError when none or several have."""
+    """The inventory host that has a domain called ``name``; NotFound when none has, CloudopsError when several have."""
     found, unreachable = find(name, hosts)
     if not found:
         extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
-        raise CloudopsError(f"unknown VM {name!r}: no selected host has it{extra}")
+        raise NotFound(f"unknown VM {name!r}: no selected host has it{extra}", unreachable=unreachable)
     if len(found) > 1:
         raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h in found)}")
     return found[0]
@@ -237,12 +237,10 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
 def _ensure_name_free(name: str, hosts: list) -> None:
     try:
         holder = locate(name, hosts)
-    except CloudopsError as exc:
-        if "no selected host has it" in str(exc) and "unreachable" not in str(exc):
+    except NotFound as exc:
+        if not exc.unreachable:
             return
-        if "unreachable" in str(exc):
-            raise CloudopsError(f"cannot check that VM name {name!r} is free: {str(exc).split('(', 1)[1].rstrip(')')}") from None
-        raise
+        raise CloudopsError(f"cannot check that VM name {name!r} is free: unreachable: {', '.join(exc.unreachable)}") from None
     raise CloudopsError(f"VM {name!r} already exists on {holder.name}")
 
 

@@ -37,7 +37,7 @@ import libvirt
 
 from cloudops import cloudkeys, kvm, storage, virt
 from cloudops.compute import guest, placement, scheduler, vms
-from cloudops.errors import CloudopsError
+from cloudops.errors import CloudopsError, NotFound
 from cloudops.hosts import maintenance
 from cloudops.imaging import store as images
 from cloudops.inventory import is_hypervisor
@@ -289,7 +289,7 @@ def _locate(name, hypervisors, dest):
         raise CloudopsError(f"VM {name!r} is already on {dest.name}: the destination is its host")
     if not found:
         extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
-        raise CloudopsError(f"unknown VM {name!r}: no host has it{extra}")
+        raise NotFound(f"unknown VM {name!r}: no host has it{extra}", unreachable=unreachable)
     if len(found) > 1:
         raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h in found)}")
     return found[0]
