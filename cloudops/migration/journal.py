@@ -12,10 +12,10 @@ Records live in ``var/cloud/migrating/<name>.json``, written atomically.
 """
 
 import json
-import os
 import time
 from pathlib import Path
 
+from cloudops import atomicfile
 from cloudops.compute import guest
 
 
@@ -40,10 +40,7 @@ def read(name: str) -> dict | None:
 
 
 def _write(record: dict) -> None:
-    path = _path(record["name"])
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomicfile.write(_path(record["name"]), json.dumps(record, indent=1) + "\n")
 
 
 def begin(name: str, source: str, target: str, *, live: bool, shared: bool, disks: list[str]) -> dict:
