@@ -143,7 +143,7 @@ def main() -> None:
     brought_up = not status["up"]
     the_lab = lab.up(args.hosts, prefix=args.prefix) if brought_up else lab.load(args.prefix)
     inv = inventory.load(the_lab.inventory_path)
-    hosts = [h for h in inv.hosts.values() if "bare" not in h.tags][: args.hosts]
+    hosts = inv.hypervisors()[: args.hosts]
     try:
         made = time.monotonic()
         list(fleet.run(hosts, lambda h: make_domains(h, args.vms), workers=len(hosts), timeout=900))

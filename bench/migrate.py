@@ -63,7 +63,7 @@ def run_virsh(inv, source, dest, give_up: float) -> dict:
     """Prepare the destination as migrate_vm would, then time plain `virsh migrate --live` on the source."""
     with virt.open_host(source) as src_conn, virt.open_host(dest) as dst_conn:
         dom = src_conn.lookupByName(NAME)
-        meta, disks = vms.metadata(dom), migrate._disks(src_conn, dom)
+        meta, disks = virt.metadata(dom), migrate._disks(src_conn, dom)
         migrate._prepare(dom, meta, disks, False, migrate._image(meta), source, dest, dst_conn,
                          migrate._Prepared(), lambda m: None)
     cmd = (f"virsh -c qemu:///system migrate --live --p2p --persistent --undefinesource --copy-storage-inc "

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloudops import inventory
+from cloudops import inventory, virt
 from cloudops.compute import (
     guest,
     vms,  # noqa: E402
@@ -65,7 +65,7 @@ def run_cloudops(inv, host, key_pub: str, n: int) -> dict:
 def run_naive(inv, host, image, key_pub_path: Path, n: int) -> dict:
     name = f"b-naive{n}"
     remote_disk = f"{images.pool_path(host)}/disks/{name}.qcow2"
-    xml = render("libvirt/domain.xml.j2", metadata_ns=vms.METADATA_NS, vm=dict(
+    xml = render("libvirt/domain.xml.j2", metadata_ns=virt.METADATA_NS, vm=dict(
         name=name, uuid=str(uuid.uuid4()), virt_type="qemu", memory=128, vcpus=1, image_id=image.id,
         network="cloudops", ip="", mac="52:54:00:be:ec:%02x" % n, customize="naive", group=None, created=0,
         disk_path=remote_disk, seed_path=None, console_log=guest.console_log_path(name), boot=None))

@@ -29,7 +29,6 @@ from cloudops.errors import CloudopsError
 KEY_TYPES = "ed25519,ecdsa,rsa"
 KEY_PRESENT = "migration key present"
 HOST_MIGRATION_KEY = ".ssh/cloudops_migration"  # under the home of the user libvirtd runs as, on every host
-HOST_KNOWN_HOSTS = ".ssh/known_hosts"
 HOST_HOME = "/root"  # libvirtd runs as root: its ssh transport reads root's files (inventory var migration_home)
 REMOTE_HELPER = "virt-ssh-helper qemu:///system"  # what libvirt's ssh transports run on the far side
 SOURCE_RE = re.compile(r"^[A-Za-z0-9.:_*?/\[\]-]+$")  # an sshd from= pattern: no quotes, commas or spaces

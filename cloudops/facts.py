@@ -6,7 +6,7 @@ libvirt facts. A host without a libvirtd (a bare lab host) still has system fact
 
 import libvirt
 
-from cloudops import virt
+from cloudops import inventory, kvm, virt
 from cloudops.ssh import connect
 
 # One round trip: every fact in a line "key<TAB>value".
@@ -14,8 +14,7 @@ _SYSTEM_SCRIPT = r"""
 printf 'hostname\t%s\n' "$(hostname)"
 printf 'cpus\t%s\n' "$(nproc)"
 awk '/^MemTotal:/ {print "mem_total_kb\t" $2} /^MemAvailable:/ {print "mem_available_kb\t" $2}' /proc/meminfo
-if [ -c /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo && ! grep -q '^kvm_pvm ' /proc/modules 2>/dev/null; then
-  printf 'kvm\tyes\n'; else printf 'kvm\tno\n'; fi
+""" + kvm.PROBE_SH + r"""
 printf 'kernel\t%s\n' "$(uname -r)"
 """
 
@@ -56,7 +55,7 @@ def libvirt_facts(conn: libvirt.virConnect) -> dict:
 def host_facts(host, timeout: float = 10) -> dict:
     """System facts over SSH plus libvirt facts, or ``libvirt_error`` when libvirtd does not answer."""
     facts = {"host": host.name, "address": host.address, **system_facts(host, timeout)}
-    if "bare" in host.tags:
+    if not inventory.is_hypervisor(host):
         facts["libvirt_error"] = "bare host (no libvirtd)"
         return facts
     try:

@@ -28,6 +28,9 @@ class Capacity:
     vcpus: int | None = None
 
 
+BARE_TAG = "bare"  # a host that runs sshd only, no libvirtd (a lab's --bare hosts): never a hypervisor
+
+
 @dataclass(frozen=True)
 class Host:
     """One hypervisor host after precedence: connection fields, capacity, tags, groups and merged vars."""
@@ -52,6 +55,16 @@ class Host:
         data = dataclasses.asdict(self)
         data["tags"], data["groups"] = list(self.tags), list(self.groups)
         return data
+
+
+def is_hypervisor(host) -> bool:
+    """Whether ``host`` runs libvirtd and VMs: every host but those tagged ``bare``."""
+    return BARE_TAG not in host.tags
+
+
+def hypervisors(hosts) -> list:
+    """The hypervisors among ``hosts`` (a selection), in their order."""
+    return [h for h in hosts if is_hypervisor(h)]
 
 
 def known_hosts_file(host_vars: dict | None) -> str:
@@ -106,6 +119,10 @@ class Inventory:
             if not chosen:
                 raise CloudopsError(f"limit {','.join(limit_entries)!r} leaves no host selected (inventory {self.path})")
         return [host for name, host in self.hosts.items() if name in chosen]
+
+    def hypervisors(self) -> list[Host]:
+        """Every host that runs libvirtd and VMs (not tagged ``bare``), in file order."""
+        return hypervisors(self.hosts.values())
 
     def _expand(self, entries, *, by_host, by_group, what) -> set[str]:
         universe: dict[str, set[str]] = {}

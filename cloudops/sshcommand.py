@@ -15,10 +15,9 @@ for the operator's connections and for a source host's peer-to-peer migration co
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
-from cloudops import paths, templating
+from cloudops import atomicfile, paths, templating
 
 CONNECT_TIMEOUT = 10
 ALIVE_INTERVAL = 5  # seconds between keepalives; the connection ends after ALIVE_COUNT unanswered
@@ -46,10 +45,5 @@ def ensure(known_hosts: str) -> Path:
     except OSError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # unique per thread and process
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o755)
-    os.replace(tmp, path)  # atomic: hosts opened in parallel never see half a script
-    return path
+    return atomicfile.write(path, text, mode=0o755)  # hosts opened in parallel never see half a script
 

@@ -5,10 +5,12 @@ against the inventory's known_hosts only, the same trust as cloudops.ssh) costs 
 (~0.5-1 s here); a command that checks names, places a VM and builds it would pay it three times
 per host. Connections are cached by URI and checked with ``isAlive()`` and one cheap RPC before reuse.
 A host key that is not the trusted one is one line naming the host (``open_error``).
+Also what cloudops writes into the domains it makes: its metadata element (``metadata``).
 """
 
 import contextlib
 import threading
+import xml.etree.ElementTree as ET
 from urllib.parse import parse_qs, urlsplit
 
 import libvirt
@@ -26,6 +28,8 @@ def _quiet(_ctx, _err):
 
 
 libvirt.registerErrorHandler(_quiet, None)
+
+METADATA_NS = "https://cloudops.example/xmlns/vm/1"  # the cloudops metadata element of a domain
 
 
 def version_string(number: int) -> str:
@@ -117,3 +121,13 @@ def forget(host, uri: str | None = None) -> None:
     if conn is not None:
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
+
+
+def metadata(dom: libvirt.virDomain) -> dict:
+    """The cloudops metadata of a domain ({} for a domain cloudops did not make)."""
+    try:
+        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
+    except libvirt.libvirtError:
+        return {}
+    root = ET.fromstring(xml)
+    return {child.tag.split("}")[-1]: (child.text or "") for child in root}

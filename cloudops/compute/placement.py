@@ -1,7 +1,5 @@
 """Facts for placement: read each candidate host's capacity and commitments from libvirt, then ask the scheduler."""
 
-import xml.etree.ElementTree as ET
-
 import libvirt
 
 from cloudops import fleet, virt
@@ -12,8 +10,6 @@ from cloudops.hosts import maintenance
 
 def host_state(host, in_maintenance: set[str]) -> scheduler.HostState:
     """What the scheduler needs of one host, read with one libvirt connection."""
-    from cloudops.compute.vms import metadata
-
     with virt.open_host(host) as conn:
         _model, memory_mb, cpus, *_ = conn.getInfo()
         stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
@@ -25,7 +21,7 @@ def host_state(host, in_maintenance: set[str]) -> scheduler.HostState:
             _state, max_kib, _cur, vcpus, _t = dom.info()
             committed_mb += max_kib // 1024
             committed_vcpus += vcpus
-            group = metadata(dom).get("group")
+            group = virt.metadata(dom).get("group")
             if group:
                 groups.add(group)
     return scheduler.HostState(
@@ -64,17 +60,3 @@ def choose(spec, candidates: list):
     chosen = scheduler.place(request, states)
     return next(h for h in candidates if h.name == chosen.name)
 
-
-def virt_type(conn) -> str:
-    """``kvm`` where the host offers a kvm domain type and its CPU has VMX/SVM, else ``qemu`` (TCG).
-
-    /dev/kvm alone is not enough: a paravirtual KVM (as on the machines this was built on)
-    lists the kvm domain type, yet guests hang; its CPU shows no VMX/SVM flag.
-    """
-    try:
-        caps = ET.fromstring(conn.getCapabilities())
-    except libvirt.libvirtError:
-        return "qemu"
-    kvm_listed = any(d.get("type") == "kvm" for d in caps.findall("./guest/arch/domain"))
-    virt_flags = any(f.get("name") in ("vmx", "svm") for f in caps.findall("./host/cpu/feature"))
-    return "kvm" if kvm_listed and virt_flags else "qemu"

@@ -7,7 +7,6 @@ read them too. Only a password *hash* ever goes into a seed.
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from cloudops import passwords
+from cloudops import atomicfile, passwords
 from cloudops.compute.guestconfig import normalize_ssh_keys, validate_hostname
 from cloudops.errors import CloudopsError
 from cloudops.templating import render
@@ -92,7 +91,7 @@ def make_seed(path, hostname, ssh_keys=(), password_hash=None, network_config=No
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise CloudopsError(f"genisoimage failed: {last}")
-        os.replace(iso, path)
+        atomicfile.replace(iso, path)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return path

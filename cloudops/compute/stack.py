@@ -18,7 +18,7 @@ import yaml
 
 from cloudops import fleet, virt
 from cloudops.compute import vms
-from cloudops.errors import CloudopsError
+from cloudops.errors import CloudopsError, NotFound
 from cloudops.net import networks
 
 VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group"}
@@ -80,16 +80,14 @@ def load(path) -> Stack:
 
 def up(stack: Stack, inventory, progress=lambda m: None) -> Report:
     report = Report()
-    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hypervisors = inventory.hypervisors()
     for spec in stack.networks:
         result = fleet.run(hypervisors, lambda h, s=spec: _ensure_network(h, s))
         _collect(result, report, f"network {spec.name}")
     for spec in stack.vms:
         try:
             host = vms.locate(spec.name, hypervisors)
-        except CloudopsError as exc:
-            if "no selected host has it" not in str(exc):
-                raise
+        except NotFound:
             progress(f"starting {spec.name}")
             vm = vms.start_vm(spec, inventory, progress=progress, extra_networks=stack.networks)
             report.changes.append(f"vm {spec.name}: started on {vm.host} at {vm.ip}")
@@ -108,7 +106,7 @@ def down(stack: Stack, inventory, progress=lambda m: None, force: bool = False) 
     """Delete the stack's VMs, then its networks. Every VM is checked first: when one of the
     stack's names is a domain cloudops did not make, nothing is deleted (``force``: see vms.delete_vm)."""
     report = Report()
-    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hypervisors = inventory.hypervisors()
     for spec in stack.vms:
         vms.check_deletable(spec.name, hypervisors, force=force)
     for spec in stack.vms:
@@ -116,9 +114,7 @@ def down(stack: Stack, inventory, progress=lambda m: None, force: bool = False) 
             vm = vms.delete_vm(spec.name, inventory, hypervisors, progress=progress, extra_networks=stack.networks,
                                force=force)
             report.changes.append(f"vm {spec.name}: deleted from {vm.host}")
-        except CloudopsError as exc:
-            if "no selected host has it" not in str(exc):
-                raise
+        except NotFound:
             report.unchanged.append(f"vm {spec.name}: not present")
     for spec in stack.networks:
         result = fleet.run(hypervisors, lambda h, s=spec: _delete_network(h, s))

@@ -23,16 +23,15 @@ from pathlib import Path
 
 import libvirt
 
-from cloudops import hostfiles, passwords, state, storage, virt
+from cloudops import hostfiles, kvm, passwords, state, storage, virt
 from cloudops.compute import guest, placement, seed
-from cloudops.errors import CloudopsError
+from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
 from cloudops.net import ipam, networks
 from cloudops.ssh import connect
 from cloudops.templating import render
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
-METADATA_NS = "https://cloudops.example/xmlns/vm/1"
 MEMORY_RANGE = (32, 1 << 20)  # MiB
 VCPU_RANGE = (1, 64)
 CUSTOMIZE_WAYS = ("seed", "guestfs")
@@ -114,16 +113,6 @@ def network_spec(name: str | None, host, extra=()) -> "networks.NetworkSpec":
 
 # ---------------------------------------------------------------- finding VMs
 
-def metadata(dom: libvirt.virDomain) -> dict:
-    """The cloudops metadata of a domain ({} for a domain cloudops did not make)."""
-    try:
-        xml = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, 0)
-    except libvirt.libvirtError:
-        return {}
-    root = ET.fromstring(xml)
-    return {child.tag.split("}")[-1]: (child.text or "") for child in root}
-
-
 STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
           libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
           libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
@@ -131,7 +120,7 @@ STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_SHUTOFF: "sh
 
 def describe(dom: libvirt.virDomain, host_name: str) -> VM:
     state, max_mem_kib, _mem, vcpus, _cpu = dom.info()
-    meta = metadata(dom)
+    meta = virt.metadata(dom)
     return VM(name=dom.name(), host=host_name, ip=meta.get("ip") or None, state=STATES.get(state, str(state)),
               memory=max_mem_kib // 1024, vcpus=vcpus, image=meta.get("image"), network=meta.get("network"),
               mac=meta.get("mac"), customize=meta.get("customize"), group=meta.get("group"))
@@ -171,11 +160,11 @@ def find(name: str, hosts: list) -> tuple[list, list[str]]:
 
 
 def locate(name: str, hosts: list):
-    """The inventory host that has a domain called ``name``; CloudopsError when none or several have."""
+    """The inventory host that has a domain called ``name``; NotFound when none has, CloudopsError when several have."""
     found, unreachable = find(name, hosts)
     if not found:
         extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
-        raise CloudopsError(f"unknown VM {name!r}: no selected host has it{extra}")
+        raise NotFound(f"unknown VM {name!r}: no selected host has it{extra}", unreachable=unreachable)
     if len(found) > 1:
         raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h in found)}")
     return found[0]
@@ -215,7 +204,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     all_hosts = list(inventory.hosts.values())
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
-    candidates = [inventory.hosts[spec.host]] if spec.host else [h for h in all_hosts if "bare" not in h.tags]
+    candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
     net = network_spec(spec.network, candidates[0], extra_networks)
     password_hash = passwords.hash_password(spec.root_password) if spec.root_password else None
     keys = (*spec.ssh_keys, *guest.trusted_public_keys())
@@ -224,7 +213,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
 
     with _name_lock(spec.name):
         progress(f"checking that the name {spec.name} is free on {len(all_hosts)} hosts")
-        _ensure_name_free(spec.name, [h for h in all_hosts if "bare" not in h.tags])
+        _ensure_name_free(spec.name, inventory.hypervisors())
         timings["name_check"] = round(time.monotonic() - t0, 3)
         progress("placing the VM")
         host = placement.choose(spec, candidates)
@@ -245,12 +234,10 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
 def _ensure_name_free(name: str, hosts: list) -> None:
     try:
         holder = locate(name, hosts)
-    except CloudopsError as exc:
-        if "no selected host has it" in str(exc) and "unreachable" not in str(exc):
+    except NotFound as exc:
+        if not exc.unreachable:
             return
-        if "unreachable" in str(exc):
-            raise CloudopsError(f"cannot check that VM name {name!r} is free: {str(exc).split('(', 1)[1].rstrip(')')}") from None
-        raise
+        raise CloudopsError(f"cannot check that VM name {name!r} is free: unreachable: {', '.join(exc.unreachable)}") from None
     raise CloudopsError(f"VM {name!r} already exists on {holder.name}")
 
 
@@ -291,12 +278,12 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
 
         checkpoint("disks")
         vm_vars = dict(
-            name=spec.name, uuid=str(uuid.uuid4()), virt_type=placement.virt_type(conn), memory=spec.memory,
+            name=spec.name, uuid=str(uuid.uuid4()), virt_type=kvm.domain_type(conn), memory=spec.memory,
             vcpus=spec.vcpus, image_id=image.id, network=net.name, ip=allocation.ip, mac=allocation.mac,
             customize=spec.customize, group=spec.group, created=int(time.time()),
             disk_path=disk_path, seed_path=seed_path, console_log=guest.console_log_path(spec.name),
             boot=image.remote_boot(host))
-        xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=METADATA_NS)
+        xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=virt.METADATA_NS)
         dom = conn.defineXML(xml)
         undo.push(_undefine, dom)
         dom.create()
@@ -402,7 +389,7 @@ def stop_vm(name: str, hosts: list, timeout: float = 60, progress=lambda m: None
 
 def made_by_cloudops(dom) -> bool:
     """Whether cloudops defined this domain (its metadata element is there)."""
-    return bool(metadata(dom))
+    return bool(virt.metadata(dom))
 
 
 def foreign_refusal(name: str, host_name: str) -> CloudopsError:
@@ -436,7 +423,7 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
     cloudops VM only the disks cloudops makes (``<name>.qcow2``, ``<name>-seed.iso``) are
     deleted: a disk attached by hand stays."""
     validate_name(name)
-    hosts = hosts or [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hosts = hosts or inventory.hypervisors()
     with _name_lock(name):
         host = locate(name, hosts)
         with virt.open_host(host) as conn:

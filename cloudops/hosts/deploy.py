@@ -452,15 +452,10 @@ def deploy_host(host, settings: Settings, cloud: Cloud, check: bool = False, con
     return fleet.Changed(value) if any(s.changed for s in steps) else value
 
 
-def hypervisors(inventory) -> list:
-    """The cloud's peers: every inventory host that runs libvirtd (lab hosts tagged ``bare`` do not)."""
-    return [h for h in inventory.hosts.values() if "bare" not in h.tags]
-
-
 def deploy(hosts: list, inventory, check: bool = False, rotate_key: bool = False, workers: int = 16,
            timeout: float = 600, progress=None) -> tuple[fleet.FleetResult, list[str]]:
     """Validate everything, prepare the cloud-wide keys, then deploy every host in parallel."""
-    peers = hypervisors(inventory)
+    peers = inventory.hypervisors()
     planned = plan(hosts, peers, Path(inventory.path).parent)
     cloud = prepare(peers, next(iter(planned.values())).cloud if planned else "cloudops", check, rotate_key)
     live = {}

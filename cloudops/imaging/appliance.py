@@ -11,22 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from cloudops import kvm
 from cloudops.errors import CloudopsError
 
 # What qemu-img may report that libguestfs can open read-write.
 WRITABLE_FORMATS = ("raw", "qcow2")
-
-
-def kvm_usable() -> bool:
-    """True if /dev/kvm opens and is a real KVM (not the paravirtual kvm_pvm of nested sandboxes)."""
-    if Path("/sys/module/kvm_pvm").exists():
-        return False
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
 
 
 def disk_format(path) -> str:
@@ -66,7 +55,7 @@ def _new_handle():
     g = guestfs.GuestFS(python_return_dict=True)
     if "LIBGUESTFS_BACKEND" not in os.environ:
         g.set_backend("direct")
-    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ and not kvm_usable():
+    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ and not kvm.usable_here():
         g.set_backend_settings(["force_tcg"])
     return g
 

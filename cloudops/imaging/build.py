@@ -13,7 +13,6 @@ writes to a temporary name and renames it on success: a failed build leaves noth
 """
 
 import datetime
-import fcntl
 import hashlib
 import io
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from cloudops import paths
+from cloudops import atomicfile, paths
 from cloudops.errors import CloudopsError
 from cloudops.imaging.appliance import appliance
 from cloudops.imaging.kernel import pvh_kernel
@@ -407,13 +406,6 @@ def cache_key(recipe: Recipe, kernel: str) -> str:
     return h.hexdigest()[:12]
 
 
-def image_path(recipe_name: str) -> Path:
-    """Where ``build_image(recipe_name)`` puts (or finds) its image, without building."""
-    recipe = load_recipe(recipe_name)
-    kernel = find_kernel(recipe.kernel) if recipe.builder == "tiny" else "debootstrap"
-    return build_dir() / f"{recipe.name}-{cache_key(recipe, kernel)}.qcow2"
-
-
 def _write_disk(disk: Path, recipe: Recipe, plan: dict, tarball: Path, progress) -> None:
     mbr = MBR_BIN.read_bytes()[:440]
     if len(mbr) != 440:
@@ -464,7 +456,7 @@ def _keep_boot_files(root: Path, recipe: Recipe, target: Path) -> None:
     shutil.copyfile(initrd, tmp / "initrd.img")
     (tmp / "cmdline").write_text(" ".join(recipe.cmdline.split()) + "\n")
     shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    atomicfile.replace(tmp, target)
 
 
 def build_image(recipe_name: str = "tiny", force: bool = False, progress=None) -> Path:
@@ -481,8 +473,7 @@ def build_image(recipe_name: str = "tiny", force: bool = False, progress=None) -
         say(f"cached: {out}")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{recipe.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent build of the same recipe finishes first
+    with atomicfile.locked(out.parent / f".{recipe.name}.lock"):  # a concurrent build of the same recipe finishes first
         if _cached(out, recipe) and not force:
             say(f"cached (built by another process): {out}")
             return out
@@ -501,7 +492,7 @@ def build_image(recipe_name: str = "tiny", force: bool = False, progress=None) -
                 )  # fmt: skip
                 _write_disk(tmp, recipe, plan, tarball, say)
                 _keep_boot_files(plan["root"], recipe, boot_dir(out))
-            os.replace(tmp, out)
+            atomicfile.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -18,7 +18,6 @@ the lab's namespaces), deletes namespaces, veths and the bridge, and removes the
 files. ``up`` over a lab that was never taken down cleans the leftovers first.
 """
 
-import fcntl
 import ipaddress
 import json
 import os
@@ -33,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cloudops import cloudkeys, paths
+from cloudops import atomicfile, cloudkeys, paths
 from cloudops.errors import CloudopsError
 from cloudops.templating import render
 
@@ -166,10 +165,7 @@ def load(prefix: str = DEFAULT_PREFIX) -> Lab | None:
 
 
 def _save(lab: Lab) -> None:
-    path = _state_file(lab.prefix)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(lab), indent=2))
-    tmp.rename(path)
+    atomicfile.write(_state_file(lab.prefix), json.dumps(asdict(lab), indent=2))
 
 
 def _namespaces(prefix: str) -> list[str]:
@@ -402,15 +398,7 @@ def _edit_ssh_config(change) -> None:
     """Read-modify-write ~/.ssh/config under a lock: labs of other prefixes may be going up or down at once."""
     config = Path.home() / ".ssh" / "config"
     config.parent.mkdir(mode=0o700, exist_ok=True)
-    with open(config.parent / ".cloudops-lab.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        text = config.read_text() if config.exists() else ""
-        new = change(text)
-        if new != text:
-            tmp = config.with_name(f".config.cloudops-{os.getpid()}")
-            tmp.write_text(new)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, config)
+    atomicfile.update(config, change, lock_path=config.parent / ".cloudops-lab.lock", mode=0o600)
 
 
 def _marks(prefix: str) -> tuple[str, str]:

@@ -9,7 +9,7 @@ the toolkit's checkout (the lab does).
     changed, message = ensure_cron(conn, host_entry(host, "graphite:2004", "cloudops"))
 
 ``conn`` is anything with Fabric's ``run``/``put`` (a Connection to the host); the
-deploy step calls ``install_cron(host, carbon, prefix)`` which opens one itself.
+deploy step and ``metrics.install-cron`` both call ``ensure_cron`` with the connection they hold.
 """
 
 from __future__ import annotations
@@ -103,16 +103,6 @@ def ensure_cron(conn, content: str, path: str = CRON_PATH, root: Path | None = N
     finally:
         conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
     return True, f"{path} {action}"
-
-
-def install_cron(host, carbon: str, prefix: str, interval_minutes: int = 1, check: bool = False,
-                 connect=None) -> tuple[bool, str]:
-    """Install (or update) ``host``'s metrics cron job over SSH; (changed, message). For the deploy step."""
-    from cloudops.ssh import connect as ssh_connect
-
-    content = host_entry(host, carbon, prefix, interval_minutes)
-    with (connect or ssh_connect)(host) as conn:
-        return ensure_cron(conn, content, check=check)
 
 
 def remove_cron(conn, path: str = CRON_PATH, check: bool = False) -> tuple[bool, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import whisper
 
-from cloudops import paths
+from cloudops import atomicfile, paths
 from cloudops.errors import CloudopsError
 from cloudops.templating import render
 
@@ -263,10 +263,7 @@ def free_loopback_ports(count: int) -> list[int]:
 
 
 def _write_state(handle: Handle) -> None:
-    state = handle.directory / STATE_FILE
-    tmp = state.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"pid": handle.pid, "ports": asdict(handle.ports)}) + "\n")
-    os.replace(tmp, state)
+    atomicfile.write(handle.directory / STATE_FILE, json.dumps({"pid": handle.pid, "ports": asdict(handle.ports)}) + "\n")
 
 
 def _running_handle(directory: Path) -> Handle | None:

@@ -15,13 +15,13 @@ A corrupt state file is reported in ``problems`` and replaced, never fatal.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
 
+from cloudops import atomicfile
 from cloudops.metrics import naming
 from cloudops.metrics.carbon import Datapoint
 from cloudops.metrics.collect import HostSample, VmSample
@@ -156,12 +156,10 @@ def load_state(path: Path) -> tuple[dict | None, str | None]:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Write the state atomically (temp + rename): a crash leaves the old or the new file."""
+    """Write the state atomically (atomicfile): a crash leaves the old or the new file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomicfile.write(path, json.dumps(state, sort_keys=True) + "\n")
 
 
 def host_figures_with_state(

@@ -14,21 +14,19 @@ when a new batch does not fit, the oldest batches are dropped and counted.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
+from cloudops import atomicfile
 from cloudops.errors import CloudopsError
 from cloudops.metrics.carbon import CarbonUnreachable, Datapoint
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_PER_FILE = 5000
 _BATCH = re.compile(r"^(\d{12})-(\d+)\.json$")
-_TMP_PREFIX = ".tmp-"
 
 
 class Spool:
@@ -49,7 +47,7 @@ class Spool:
             raise CloudopsError(f"spool directory {self.directory}: {exc.strerror}") from None
         with self._locked():
             for entry in self.directory.iterdir():
-                if entry.name.startswith(_TMP_PREFIX):
+                if entry.name.startswith(atomicfile.TMP_PREFIX):
                     entry.unlink(missing_ok=True)  # left by a crash before its rename
 
     # -- reading the state -------------------------------------------------------------
@@ -168,38 +166,17 @@ class Spool:
         return batch
 
     def _write(self, name: str, data: bytes) -> None:
-        tmp = self.directory / f"{_TMP_PREFIX}{name}"
         try:
-            with open(tmp, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.directory / name)
+            atomicfile.write(self.directory / name, data)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise CloudopsError(f"spool {self.directory}: cannot write {name}: {exc.strerror}") from None
-        _fsync_dir(self.directory)
 
     def _add_dropped(self, count: int) -> None:
         self._write("dropped", f"{self.dropped + count}\n".encode())
 
-    @contextmanager
     def _locked(self):
-        with open(self.directory / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return atomicfile.locked(self.directory / ".lock")
 
 
 def _encode(batch: Sequence[Datapoint]) -> bytes:
     return json.dumps([[p, ts, v] for p, (ts, v) in batch], separators=(",", ":")).encode()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -57,7 +57,3 @@ def model(hosts: list, cpu_interval: float = 1.0) -> balance.Cluster:
     model_hosts = [r.value[0] for r in result]
     model_vms = [vm for r in result for vm in r.value[1]]
     return balance.Cluster(tuple(model_hosts), tuple(model_vms))
-
-
-def hypervisors(inventory) -> list:
-    return [h for h in inventory.hosts.values() if "bare" not in h.tags]

@@ -69,7 +69,7 @@ def evacuate(host: str, inventory, *, parallel: int = 1, dry_run: bool = False, 
     if changed:
         message(f"{host} is now in maintenance: no new VMs go there")
     message("reading every host to plan the evacuation")
-    model = cluster.model(cluster.hypervisors(inventory), cpu_interval=0)
+    model = cluster.model(inventory.hypervisors(), cpu_interval=0)
     moves = balance.evacuation_plan(model, host, max_parallel_per_source=parallel)
     report = Report(host=host, dry_run=dry_run, maintenance_changed=changed)
     if dry_run:

@@ -34,11 +34,12 @@ from pathlib import Path
 
 import libvirt
 
-from cloudops import cloudkeys, state, storage, virt
+from cloudops import cloudkeys, kvm, state, storage, virt
 from cloudops.compute import placement, scheduler, vms
-from cloudops.errors import CloudopsError
+from cloudops.errors import CloudopsError, NotFound
 from cloudops.hosts import maintenance
 from cloudops.imaging import store as images
+from cloudops.inventory import is_hypervisor
 from cloudops.migration import journal, outcome
 from cloudops.net import networks
 from cloudops.ssh import connect
@@ -142,11 +143,11 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
     policy = policy or Policy()
     progress = progress if progress is not None else ProgressBar()
     vms.validate_name(name)
-    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hypervisors = inventory.hypervisors()
     if to_host not in inventory.hosts:
         raise CloudopsError(f"unknown host {to_host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     dest = inventory.hosts[to_host]
-    if "bare" in dest.tags:
+    if not is_hypervisor(dest):
         raise CloudopsError(f"host {to_host} is a bare host: it runs no VMs")
     t0 = time.monotonic()
     with vms._name_lock(name):
@@ -159,7 +160,7 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
             dom = src_conn.lookupByName(name)
             running = dom.isActive()
             disks = _disks(src_conn, dom)
-            meta = vms.metadata(dom)
+            meta = virt.metadata(dom)
             message(f"checking {dest.name} can take {name}")
             shared = preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage)
             image = _image(meta)
@@ -287,7 +288,7 @@ def _locate(name, hypervisors, dest):
         raise CloudopsError(f"VM {name!r} is already on {dest.name}: the destination is its host")
     if not found:
         extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
-        raise CloudopsError(f"unknown VM {name!r}: no host has it{extra}")
+        raise NotFound(f"unknown VM {name!r}: no host has it{extra}", unreachable=unreachable)
     if len(found) > 1:
         raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h in found)}")
     return found[0]
@@ -331,7 +332,7 @@ def preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage) 
 
 def _check_cpu(dom, src_conn, dst_conn, dest) -> None:
     root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
-    if root.get("type") == "kvm" and placement.virt_type(dst_conn) != "kvm":
+    if root.get("type") == "kvm" and kvm.domain_type(dst_conn) != "kvm":
         raise CloudopsError(f"cannot migrate {dom.name()} to {dest.name}: it runs with KVM, "
                             f"and {dest.name} has no usable KVM")
     cpu = root.find("./cpu")
@@ -486,7 +487,7 @@ def _cleanup_source(src_conn, source, meta, disks, shared, name, message):
 
 # ---------------------------------------------------------------- live
 
-def _flags(shared, policy, disks) -> int:
+def _flags(shared, policy) -> int:
     # No UNDEFINE_SOURCE: the source's definition goes only after cloudops has seen the VM run on the
     # destination (_cleanup_source), so no fault can leave the VM defined nowhere.
     flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
@@ -519,7 +520,7 @@ def _params(dest, shared, disks, policy) -> dict:
 
 def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message, job, cancel) -> Result:
     name = dom.name()
-    flags, params = _flags(shared, policy, disks), _params(dest, shared, disks, policy)
+    flags, params = _flags(shared, policy), _params(dest, shared, disks, policy)
     outcome = {}
 
     def run():

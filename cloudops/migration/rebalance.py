@@ -41,7 +41,7 @@ def rebalance(inventory, *, apply: bool = False, max_moves: int | None = None, m
               objective: balance.Objective = balance.Objective(), policy=None, progress=None,
               message=lambda m: None) -> Report:
     """Plan (and with ``apply``, carry out) migrations that reduce the imbalance of memory and CPU load."""
-    hosts = cluster.hypervisors(inventory)
+    hosts = inventory.hypervisors()
     message(f"measuring {len(hosts)} hosts")
     model = cluster.model(hosts, cpu_interval)
     knobs = dict(margin=margin, target_cv=target_cv, objective=objective)

@@ -72,7 +72,7 @@ def recover_vm(name: str, inventory, *, timeout: float = 300, restart: bool = Fa
 
 def _recover(name, inventory, timeout, restart, message) -> Recovery:
     vms.validate_name(name)
-    hypervisors = [h for h in inventory.hosts.values() if "bare" not in h.tags]
+    hypervisors = inventory.hypervisors()
     record = journal.read(name) or {}
     involved = [h for h in hypervisors if h.name in (record.get("source"), record.get("target"))] or hypervisors
     actions: list[str] = []
@@ -163,7 +163,7 @@ def _resume_postcopy(name, record, where, inventory, message) -> str:
         disks = migrate._disks(conn, dom)
         shared = bool(record.get("shared"))
         policy = migrate.Policy()
-        flags = migrate._flags(shared, policy, disks) | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
+        flags = migrate._flags(shared, policy) | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
         status = _qemu_migration_status(dom)
         if status == "completed":
             return "completed"
@@ -203,7 +203,7 @@ def _settle_survivor(name, host, copy, message) -> list[str]:
         if not dom.isPersistent():
             conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE))
             done.append(f"made its definition on {host.name} persistent")
-        meta = vms.metadata(dom)
+        meta = virt.metadata(dom)
         if meta.get("network") and meta.get("mac") and meta.get("ip"):
             with contextlib.suppress(CloudopsError):
                 added, _ = networks.add_reservation(conn, meta["network"], meta["mac"], meta["ip"], name)
@@ -280,7 +280,7 @@ def _clean_other(name, other, survivor, record, copy, message) -> list[str]:
     done = []
     with virt.open_host(survivor) as conn:
         live = conn.lookupByName(name)
-        meta = vms.metadata(live)
+        meta = virt.metadata(live)
         paths = set(vms._disk_paths(live))
     paths |= set(record.get("disks") or []) | set(record.get("prepared_files") or [])
     with virt.open_host(other) as conn:

@@ -577,14 +577,3 @@ def remove_reservation(conn, net_name: str, mac: str, ip: str | None = None, hos
                        -1, found.to_xml(), flags)
     return True, f"{'would remove' if check else 'removed'} reservation {found} from network {net_name}"
 
-
-def leases(conn, net_name: str) -> list[dict]:
-    """Current DHCP leases of an active network: mac, ip, prefix, hostname, expiry (epoch seconds)."""
-    net = _require(conn, net_name)
-    if not net.isActive():
-        return []
-    with _libvirt(f"reading DHCP leases of network {net_name}"):
-        raw = net.DHCPLeases()
-    return [{"mac": lease.get("mac"), "ip": lease.get("ipaddr"), "prefix": lease.get("prefix"),
-             "hostname": lease.get("hostname"), "expires": lease.get("expirytime")} for lease in raw]
-

@@ -43,7 +43,7 @@ def demo(c, hosts=2):
 
     from cloudops import paths
     from cloudops.compute import vms
-    from cloudops.errors import CloudopsError
+    from cloudops.errors import NotFound
     from cloudops.lab import hosts as lab_lib
 
     def step(title, command):
@@ -64,7 +64,7 @@ def demo(c, hosts=2):
     try:
         host = vms.locate("demo1", [h for h in _lab_hosts(c)])
         print(f"\n== demo1 already runs on {host.name}")
-    except CloudopsError:
+    except NotFound:
         step("a VM with a root password (from a 0600 file) and an SSH key",
              f"invoke vm.start --name demo1 --password-file {password_file} --ssh-key {key}.pub")
     step("a command in the VM, through its hypervisor", "invoke vm.run demo1 'uname -a'")

@@ -140,7 +140,7 @@ def _deploy_fab(c: Connection, check, rotate, inventory, timeout, as_json, verbo
         inv = load_inventory(c, inventory)
         names = _cli_hosts(c)
         hosts = [_match(inv, name) for name in names]
-        peers = deploy_lib.hypervisors(inv)
+        peers = inv.hypervisors()
         planned = deploy_lib.plan(hosts, peers, Path(inv.path).parent)
         cloud = deploy_lib.prepare(peers, planned[hosts[0].name].cloud, check, rotate)
         _fab_run = _FabRun(hosts, names, cloud, planned)

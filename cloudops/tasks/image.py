@@ -6,6 +6,7 @@ from pathlib import Path
 from invoke import task
 
 from cloudops.errors import CloudopsError
+from cloudops.inventory import hypervisors
 from cloudops.tasks._cli import emit_json, user_errors
 
 
@@ -115,7 +116,7 @@ def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=
 
     image, changed = images.add_image(path, name=name, sha256=sha256, replace=replace, progress=progress)
     if distribute:
-        targets = [h for h in select_hosts(c, hosts, group, None, inventory) if "bare" not in h.tags]
+        targets = hypervisors(select_hosts(c, hosts, group, None, inventory))
         finish(images.distribute(image, targets), json)
     if json:
         emit_json({**image.__dict__, "changed": changed})
@@ -135,7 +136,7 @@ def list_(c, hosts=None, group=None, inventory=None, json=False, local=False):
 
     held = {}
     if not local:
-        targets = [h for h in select_hosts(c, hosts, group, None, inventory) if "bare" not in h.tags]
+        targets = hypervisors(select_hosts(c, hosts, group, None, inventory))
         held = images.holders(targets)
     rows = [{"name": i.name, "id": i.id[:12], "format": i.format, "virtual_size": f"{i.virtual_size >> 20} MiB",
              "direct_boot": i.direct_boot, "hosts": ",".join(held.get(i.id, [])) or "-", "full_id": i.id}
@@ -157,7 +158,7 @@ def rm(c, image, inventory=None, json=False):
     from cloudops.imaging import store as images
     from cloudops.tasks._cli import finish, load_inventory
 
-    hosts = [h for h in load_inventory(c, inventory).hosts.values() if "bare" not in h.tags]
+    hosts = load_inventory(c, inventory).hypervisors()
     listing = fleet.run(hosts, vms.list_on_host)
     if listing.failed:
         down = ", ".join(f"{r.host} ({r.error})" for r in listing.failed)

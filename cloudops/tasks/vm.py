@@ -7,6 +7,7 @@ from invoke import Exit, task
 from cloudops import fleet, output, passwords
 from cloudops.compute import guest, vms
 from cloudops.errors import CloudopsError
+from cloudops.inventory import hypervisors
 from cloudops.tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, select_hosts, user_errors
 
 
@@ -91,7 +92,7 @@ def delete(c, name, inventory=None, json=False, force=False):
 @user_errors
 def list_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, timeout=None, json=False):
     """List VMs on every selected host, in parallel: name, host, state, memory, vCPUs, IP."""
-    selected = [h for h in select_hosts(c, hosts, group, limit, inventory) if "bare" not in h.tags]
+    selected = hypervisors(select_hosts(c, hosts, group, limit, inventory))
     result = fleet.run(selected, vms.list_on_host, workers=int(workers or c.fleet.workers),
                        timeout=float(timeout or c.fleet.timeout))
     rows = [vm.to_dict() for r in result if r.value for vm in r.value]
@@ -178,7 +179,7 @@ def _run_in_vm(c, name, command, inventory, pty=False):
 
 
 def _hypervisors(c, inventory):
-    return [h for h in load_inventory(c, inventory).hosts.values() if "bare" not in h.tags]
+    return load_inventory(c, inventory).hypervisors()
 
 
 @task(help={

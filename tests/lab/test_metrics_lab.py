@@ -89,7 +89,7 @@ def two_vms(lab, lab_inventory, tiny_image):
 
 
 def hypervisors(lab_inventory):
-    return [h for h in lab_inventory.hosts.values() if "bare" not in h.tags]
+    return lab_inventory.hypervisors()
 
 
 def base_time():

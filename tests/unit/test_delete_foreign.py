@@ -11,12 +11,13 @@ import pytest
 from cloudops import virt
 from cloudops.compute import stack, vms
 from cloudops.errors import CloudopsError
+from cloudops.inventory import Inventory
 
 DOMAIN = """<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type>hvm</type></os>{metadata}<devices>
 <disk type='file' device='disk'><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>
 </devices></domain>"""
-META = f"<metadata><cloudops:vm xmlns:cloudops='{vms.METADATA_NS}'><cloudops:image>x</cloudops:image></cloudops:vm></metadata>"
+META = f"<metadata><cloudops:vm xmlns:cloudops='{virt.METADATA_NS}'><cloudops:image>x</cloudops:image></cloudops:vm></metadata>"
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def host(monkeypatch, tmp_path):
     monkeypatch.setattr(vms.guest, "forget_host_keys", lambda *a: None)
     deleted = []
     monkeypatch.setattr(vms, "_delete_path", lambda _conn, path: deleted.append(path))
-    inventory = SimpleNamespace(hosts={"hv1": hv}, path="inv.yaml")
+    inventory = Inventory(path="inv.yaml", hosts={"hv1": hv}, groups={"all": ["hv1"]})
     return SimpleNamespace(conn=conn, hv=hv, inventory=inventory, deleted=deleted)
 
 

@@ -459,3 +459,15 @@ def test_the_ssh_script_is_written_once_even_when_hosts_open_in_parallel(tmp_pat
     path = sshcommand.path_for("/trust/kh")
     assert path.read_text() == sshcommand.render("/trust/kh") and os.access(path, os.X_OK)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_hypervisors_are_every_host_but_the_bare_ones(tmp_path):
+    inv = load_text(tmp_path, """
+hosts:
+  hv1: {address: 10.0.0.1, tags: [ssd]}
+  fan1: {address: 10.0.0.2, tags: [bare]}
+  hv2: {address: 10.0.0.3}
+""")
+    assert [h.name for h in inv.hypervisors()] == ["hv1", "hv2"]
+    assert [h.name for h in inventory.hypervisors(reversed(list(inv.hosts.values())))] == ["hv2", "hv1"]
+    assert not inventory.is_hypervisor(inv.hosts["fan1"]) and inventory.is_hypervisor(inv.hosts["hv1"])
