@@ -16,7 +16,6 @@ trusts all the registered keys, so any operator of the cloud can reach any VM.
 
 import fcntl
 import hashlib
-import os
 import re
 import shlex
 import socket
@@ -27,7 +26,7 @@ from pathlib import Path
 import paramiko
 from fabric import Config, Connection
 
-from cloudops import paths, state
+from cloudops import atomicfile, paths, state
 from cloudops.errors import CloudopsError
 from cloudops.ssh import verify_host_keys
 
@@ -82,9 +81,7 @@ def known_hosts() -> Path:
     path = cloud_dir() / "known_hosts"
     text = "\n".join(lines) + ("\n" if lines else "")
     if not path.exists() or path.read_text() != text:
-        tmp = path.with_name(f".known_hosts.{os.getpid()}")
-        tmp.write_text(text)
-        tmp.rename(path)
+        atomicfile.write(path, text)  # several processes may write it at once: each a whole file
     return path
 
 

@@ -52,7 +52,7 @@ def check(c, inventory=None, json=False):
     from cloudops.imaging import store as images
     from cloudops.state import check as checking
 
-    hosts = [h for h in load_inventory(c, inventory).hosts.values() if "bare" not in h.tags]
+    hosts = load_inventory(c, inventory).hypervisors()
     progress(f"asking {len(hosts)} hosts for their VMs and image files")
     local = {p.name.split(".")[0] for p in images.store_dir().glob("*")} if images.store_dir().is_dir() else set()
     report = checking.compare(state.current(), checking.gather(hosts, local))
