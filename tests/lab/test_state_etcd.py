@@ -1,0 +1,124 @@
+"""The etcd state store against the store contract, on a real 3-member etcd cluster with TLS, and its faults.
+
+No hypervisor lab is needed: each cluster is only the lab's etcd part (cloudops/lab/etcd.py) under a
+prefix of this test run, taken down at the end. Faults are real: members are killed by pid.
+"""
+
+import os
+import threading
+import uuid
+
+import pytest
+import yaml
+
+from cloudops.lab import etcd as lab_etcd
+from cloudops.state import open_store
+from cloudops.state.etcd import EtcdStore
+from tests import state_contract
+from tests.conftest import require_root
+
+RUN = f"et{os.getpid() % 100}"  # lab prefixes of this run: et<NN><letter>, at most 5 characters
+
+
+def _cluster(letter: str):
+    require_root()
+    prefix = RUN + letter
+    lab_etcd.up(prefix, 3)
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A healthy cluster shared by the contract checks (each check works under a prefix of its own)."""
+    prefix = _cluster("a")
+    yield prefix
+    lab_etcd.down(prefix)
+
+
+@pytest.fixture
+def broken():
+    """A cluster of one test's own, for killing members."""
+    prefix = _cluster("f")
+    yield prefix
+    lab_etcd.down(prefix)
+
+
+def _store(prefix: str, store_prefix: str, **overrides) -> EtcdStore:
+    return EtcdStore.from_settings({**lab_etcd.settings(prefix), "prefix": store_prefix, **overrides})
+
+
+def _fresh(prefix: str):
+    """An empty store (a prefix of its own) and a function that opens a second handle on it."""
+    store_prefix = f"/cloudops-test/{uuid.uuid4().hex}/"
+    return _store(prefix, store_prefix), lambda: _store(prefix, store_prefix)
+
+
+def _member_of(prefix: str, endpoint: str) -> str:
+    return next(m["name"] for m in lab_etcd.status(prefix)["members"] if m["endpoint"] == endpoint)
+
+
+def _one_line_error(exc: Exception, endpoints) -> str:
+    text = str(exc)
+    assert "\n" not in text and "Traceback" not in text, text
+    assert any(e in text for e in endpoints), text
+    return text
+
+
+def _within(seconds: float, call):
+    """Run ``call`` in a thread; fail when it has not returned or raised after ``seconds`` (a generous bound)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the call was still waiting after {seconds:.0f}s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+# ---------------------------------------------------------------- the contract
+
+@pytest.mark.parametrize("check", state_contract.CHECKS, ids=lambda f: f.__name__)
+def test_contract(check, cluster):
+    store, other = _fresh(cluster)
+    check(store, other)
+
+
+def test_corrupt_values_are_refused_naming_the_key(cluster):
+    from etcd3gw.client import Etcd3Client
+
+    store, _other = _fresh(cluster)
+    settings = lab_etcd.settings(cluster)
+    host, port = settings["endpoints"][0].removeprefix("https://").split(":")
+    raw = Etcd3Client(host=host, port=int(port), protocol="https", ca_cert=settings["ca"],
+                      cert_cert=settings["cert"], cert_key=settings["key"], timeout=5)
+    raw.session.trust_env = False  # the cluster's CA, not $REQUESTS_CA_BUNDLE
+
+    def write_raw(key, value):
+        raw.put(store.prefix + key, value)
+
+    state_contract.check_corrupt_value_names_the_key(store, None, write_raw)
+
+
+def test_the_lab_config_opens_the_store(cluster):
+    """state.yaml, as lab.up writes it, is what `invoke -f` or cloudops.yaml would give open_store."""
+    config = yaml.safe_load(lab_etcd.config_path(cluster).read_text())["state"]
+    assert config["backend"] == "etcd" and len(config["endpoints"]) == 3
+    store = open_store({**config, "prefix": f"/cloudops-test/{uuid.uuid4().hex}/"})
+    assert isinstance(store, EtcdStore)
+    assert store.create("maintenance/hv1", {"on": True}) and store.value("maintenance/hv1") == {"on": True}
+    for name in ("ca-key.pem", "client-key.pem", "etcd1/server-key.pem"):
+        assert oct((lab_etcd.etcd_dir(cluster) / name).stat().st_mode & 0o777) == "0o600", name
+
+
+def test_a_second_up_says_it_is_already_up(cluster):
+    pids = [m["pid"] for m in lab_etcd.status(cluster)["members"]]
+    again = lab_etcd.up(cluster, 3)
+    assert again["already_up"] and [m["pid"] for m in again["members"]] == pids
