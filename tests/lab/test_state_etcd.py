@@ -122,3 +122,27 @@ def test_a_second_up_says_it_is_already_up(cluster):
     pids = [m["pid"] for m in lab_etcd.status(cluster)["members"]]
     again = lab_etcd.up(cluster, 3)
     assert again["already_up"] and [m["pid"] for m in again["members"]] == pids
+
+
+def test_lab_up_etcd_from_the_command_line():
+    """`lab.up --hosts 0 --etcd 3`: a cluster and its state.yaml; again: already up; lab.down: every member gone."""
+    from tests.conftest import invoke
+
+    require_root()
+    prefix = RUN + "c"
+    try:
+        first = invoke("lab.up", "--prefix", prefix, "--hosts", "0", "--etcd", "3")
+        assert first.returncode == 0, first.stderr
+        config = lab_etcd.config_path(prefix)
+        assert str(config) in first.stdout and config.exists()
+        pids = [m["pid"] for m in lab_etcd.status(prefix)["members"]]
+        again = invoke("lab.up", "--prefix", prefix, "--hosts", "0", "--etcd", "3")
+        assert again.returncode == 0 and "etcd already up with 3 members" in again.stdout, again.stdout + again.stderr
+        assert [m["pid"] for m in lab_etcd.status(prefix)["members"]] == pids
+        shown = invoke("lab.status", "--prefix", prefix)
+        assert shown.stdout.count("https://127.") == 3 and "no hosts" in shown.stdout, shown.stdout
+    finally:
+        gone = invoke("lab.down", "--prefix", prefix)
+    assert gone.returncode == 0 and "stopped 3 etcd members" in gone.stderr, gone.stderr
+    assert not any(lab_etcd._alive(pid) for pid in pids)
+    assert not lab_etcd.etcd_dir(prefix).exists() and not config.exists()
