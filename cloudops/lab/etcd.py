@@ -315,7 +315,8 @@ def _write_pair(stem: Path, key, cert) -> None:
 def down(prefix: str, grace: float = 2.0) -> int:
     """Stop the members this lab started (by pid) and remove their files; how many were running.
 
-    Members get SIGTERM and ``grace`` seconds, then SIGKILL: their data goes with them anyway.
+    Members get SIGTERM and ``grace`` seconds, then SIGKILL (their data goes with them anyway), and
+    ``down`` returns once they are gone, so their addresses are free for the next ``up``.
     """
     members = []
     try:
@@ -332,7 +333,11 @@ def down(prefix: str, grace: float = 2.0) -> int:
     for member in running:
         if _ours(member):
             _signal(member.pid, signal.SIGKILL)
-    _reap(running)
+    # a killed etcd stuck in an fsync dies only when it returns, and holds its ports until then
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_ours(m) for m in running):
+        _reap(running)
+        time.sleep(0.1)
     shutil.rmtree(etcd_dir(prefix), ignore_errors=True)
     config_path(prefix).unlink(missing_ok=True)
     try:
@@ -348,7 +353,7 @@ def kill_member(prefix: str, name: str, sig: int = signal.SIGKILL) -> int:
     if not _ours(member):
         raise CloudopsError(f"lab etcd member {name} of lab {prefix!r} is not running")
     _signal(member.pid, sig)
-    _wait_for(lambda: (_reap([member]), not _ours(member))[1], 15, f"etcd member {name} to exit")
+    _wait_for(lambda: (_reap([member]), not _ours(member))[1], 30, f"etcd member {name} to exit")
     return member.pid
 
 

@@ -4,8 +4,12 @@ No hypervisor lab is needed: each cluster is only the lab's etcd part (cloudops/
 prefix of this test run, taken down at the end. Faults are real: members are killed by pid.
 """
 
+import json
 import os
+import subprocess
+import sys
 import threading
+import time
 import uuid
 
 import pytest
@@ -14,6 +18,7 @@ import yaml
 from cloudops.lab import etcd as lab_etcd
 from cloudops.state import open_store
 from cloudops.state.etcd import EtcdStore
+from cloudops.state.store import LockBusy, StoreError, StoreUnavailable
 from tests import state_contract
 from tests.conftest import require_root
 
@@ -122,6 +127,100 @@ def test_a_second_up_says_it_is_already_up(cluster):
     pids = [m["pid"] for m in lab_etcd.status(cluster)["members"]]
     again = lab_etcd.up(cluster, 3)
     assert again["already_up"] and [m["pid"] for m in again["members"]] == pids
+
+
+# ---------------------------------------------------------------- faults, for real
+
+def test_one_member_killed_mid_run_the_contract_still_works(broken):
+    store, other = _fresh(broken)
+    half = len(state_contract.CHECKS) // 2
+    for check in state_contract.CHECKS[:half]:
+        check(*_fresh(broken))
+    with store.lock("vm/held", ttl=2):
+        killed = store.current_endpoint  # the member this store talks to
+        lab_etcd.kill_member(broken, _member_of(broken, killed))
+        time.sleep(3.5)  # longer than the ttl: the lease thread kept the lock alive through another member
+        with pytest.raises(LockBusy):
+            with other().lock("vm/held", ttl=2):
+                pass
+    assert store.current_endpoint != killed
+    for check in state_contract.CHECKS[half:]:
+        check(*_fresh(broken))
+
+
+def test_quorum_lost_is_one_line_in_bounded_time(broken):
+    store = _store(broken, f"/cloudops-test/{uuid.uuid4().hex}/", timeout=2)
+    store.create("ipam/lan", {"n": 1})
+    for name in ("etcd1", "etcd2"):
+        lab_etcd.kill_member(broken, name)
+    for call in (lambda: store.get("ipam/lan"), lambda: store.update("ipam/lan", lambda v: v.update(n=2)),
+                 lambda: store.create("ipam/other", {"n": 1})):
+        with pytest.raises(StoreUnavailable) as caught:
+            _within(60, call)
+        _one_line_error(caught.value, store.endpoints)
+    with pytest.raises(StoreUnavailable):
+        _within(60, lambda: store.lock("vm/web", ttl=2).__enter__())
+
+
+def test_all_members_down_is_one_line(broken):
+    store, _other = _fresh(broken)
+    store.create("ipam/lan", {"n": 1})
+    for name in ("etcd1", "etcd2", "etcd3"):
+        lab_etcd.kill_member(broken, name)
+    with pytest.raises(StoreUnavailable) as caught:
+        _within(60, lambda: store.items("ipam/"))
+    text = _one_line_error(caught.value, store.endpoints)
+    assert all(e in text for e in store.endpoints), text
+
+
+def test_a_lock_of_a_killed_process_expires_after_its_lease(cluster):
+    store, _other = _fresh(cluster)
+    code = ("import json, sys, time; from cloudops.state.etcd import EtcdStore; "
+            "s = EtcdStore.from_settings(json.loads(sys.argv[1])); l = s.lock('vm/x', ttl=2); l.__enter__(); "
+            "print('held', flush=True); time.sleep(120)")
+    settings = {**lab_etcd.settings(cluster), "prefix": store.prefix}
+    child = subprocess.Popen([sys.executable, "-c", code, json.dumps(settings)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(LockBusy):
+            with store.lock("vm/x", ttl=5):
+                pass
+        time.sleep(3)  # more than the ttl: the child's lease thread keeps it alive
+        with pytest.raises(LockBusy):
+            with store.lock("vm/x", ttl=5):
+                pass
+        child.kill()
+        child.wait()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with store.lock("vm/x", ttl=5):
+                    break
+            except LockBusy:
+                assert time.monotonic() < deadline, "the killed holder's lock never expired"
+                time.sleep(0.3)
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_wrong_ca_is_one_clear_error(cluster, tmp_path):
+    lab_etcd.make_ca(tmp_path, "some other CA")
+    store = _store(cluster, "/cloudops-test/ca/", ca=str(tmp_path / "ca.pem"))
+    with pytest.raises(StoreUnavailable, match="certificate verify failed") as caught:
+        _within(60, lambda: store.get("images/a"))
+    _one_line_error(caught.value, store.endpoints)
+    with pytest.raises(StoreError, match="does not exist"):
+        _store(cluster, "/cloudops-test/ca/", ca=str(tmp_path / "missing.pem"))
+
+
+def test_requests_ca_bundle_does_not_replace_the_clusters_ca(cluster, monkeypatch):
+    """requests lets $REQUESTS_CA_BUNDLE override a session's CA; the store must keep the cluster's."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("CURL_CA_BUNDLE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    store, _other = _fresh(cluster)
+    assert store.create("images/a", {"id": "x"}) and store.value("images/a") == {"id": "x"}
 
 
 def test_lab_up_etcd_from_the_command_line():
