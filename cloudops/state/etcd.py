@@ -56,8 +56,9 @@ class EtcdStore(Store):
         self._clients = []
         for url in self.endpoints:
             parts = urlsplit(url)
+            # api_path: etcd >= 3.4's gateway (Debian 12 has 3.4.23), without etcd3gw's discovery round trip
             self._clients.append(Etcd3Client(host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
-                                             timeout=self.timeout, session=_session(ca, cert, key)))
+                                             timeout=self.timeout, session=_session(ca, cert, key), api_path="/v3/"))
         self._preferred = 0
         self._mutex = threading.Lock()
 
