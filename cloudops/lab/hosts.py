@@ -443,9 +443,14 @@ def down(prefix: str = DEFAULT_PREFIX, progress=lambda msg: None) -> dict:
     default_inventory = paths.ROOT / "inventory" / "lab.yaml"
     if prefix == DEFAULT_PREFIX and default_inventory.is_symlink():
         default_inventory.unlink()
+    from cloudops.lab import etcd  # the lab's etcd members (lab.up --etcd) live under its directory too
+
+    etcd_members = etcd.down(prefix)
     shutil.rmtree(lab_dir(prefix), ignore_errors=True)
-    summary = {"prefix": prefix, "processes": killed, "namespaces": len(namespaces), "links": len(links)}
-    progress(f"lab {prefix}: ended {killed} processes, removed {len(namespaces)} namespaces and {len(links)} links")
+    summary = {"prefix": prefix, "processes": killed, "namespaces": len(namespaces), "links": len(links),
+               "etcd_members": etcd_members}
+    progress(f"lab {prefix}: ended {killed} processes, removed {len(namespaces)} namespaces and {len(links)} links"
+             + (f", stopped {etcd_members} etcd members" if etcd_members else ""))
     return summary
 
 

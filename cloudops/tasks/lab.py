@@ -1,21 +1,63 @@
-"""The local lab: namespaced hypervisor hosts on this machine."""
+"""The local lab: namespaced hypervisor hosts on this machine, and an etcd cluster for the shared state."""
 
 from invoke import task
 
 from cloudops import output
+from cloudops.errors import CloudopsError
+from cloudops.lab import etcd as lab_etcd
 from cloudops.lab import hosts as lab
 from cloudops.tasks._cli import emit_json, progress, user_errors
 
 
-@task(help={"hosts": "how many hosts (1-32)", "bare": "sshd only, no libvirtd (cheap, for fan-out)",
-            "prefix": "lab name prefix (namespaces <prefix>-hvN)", "json": "print JSON"})
+@task(help={"hosts": "how many hosts (1-32; 0 with --etcd: the etcd cluster alone)",
+            "bare": "sshd only, no libvirtd (cheap, for fan-out)",
+            "prefix": "lab name prefix (namespaces <prefix>-hvN)",
+            "etcd": "also start an etcd cluster of N members (3 tolerates one failure) on loopback, with TLS, "
+                    "and write its state: configuration; hosts already up are kept",
+            "json": "print JSON"})
 @user_errors
-def up(c, hosts=2, bare=False, prefix=None, json=False):
-    """Bring up a lab of N hypervisor hosts in network namespaces."""
-    the_lab = lab.up(int(hosts), bare=bare, prefix=prefix or c.lab.prefix, progress=progress)
+def up(c, hosts=2, bare=False, prefix=None, etcd=0, json=False):
+    """Bring up a lab of N hypervisor hosts in network namespaces (and, with --etcd N, an etcd cluster)."""
+    prefix = prefix or c.lab.prefix
+    if int(etcd):
+        _up_with_etcd(prefix, int(hosts), bare, int(etcd), json)
+        return
+    the_lab = lab.up(int(hosts), bare=bare, prefix=prefix, progress=progress)
     if json:
         emit_json(lab.status(the_lab.prefix))
         return
+    _print_hosts(the_lab)
+
+
+def _up_with_etcd(prefix: str, hosts: int, bare: bool, members: int, json: bool) -> None:
+    """Hosts (unless 0, or already up: then they are kept), then the etcd cluster (kept too when it runs)."""
+    the_lab = None
+    if hosts:
+        current = lab.status(prefix)
+        if current["up"]:
+            the_lab = lab.load(prefix)
+            if not json:
+                print(f"lab {prefix}: {len(current['hosts'])} hosts already up")
+        elif lab_etcd.status(prefix)["members"]:
+            raise CloudopsError(f"lab {prefix!r} runs etcd without hosts; `invoke lab.down` first "
+                                f"(or `lab.up --hosts 0 --etcd {members}` to keep only etcd)")
+        else:
+            the_lab = lab.up(hosts, bare=bare, prefix=prefix, progress=progress)
+            if not json:
+                _print_hosts(the_lab)
+    result = lab_etcd.up(prefix, members, progress=progress)
+    if json:
+        emit_json({**lab.status(prefix), "etcd": result})
+        return
+    if result["already_up"]:
+        print(f"lab {prefix}: etcd already up with {len(result['members'])} members")
+    for member in result["members"]:
+        print(f"{member['name']}  {member['endpoint']}")
+    print(f"state: {result['config']}\n  use it: `invoke -f {result['config']} TASK` "
+          "(or copy its state: block into invoke.yaml or cloudops.yaml)")
+
+
+def _print_hosts(the_lab) -> None:
     for host in the_lab.hosts:
         print(f"{host.name}  {host.address}  {'bare (sshd)' if host.bare else 'sshd + libvirtd'}")
     print(f"inventory: {the_lab.inventory_path}\nssh_config: {the_lab.ssh_config_path} (also at the top of ~/.ssh/config)")
@@ -24,7 +66,7 @@ def up(c, hosts=2, bare=False, prefix=None, json=False):
 @task(help={"prefix": "lab name prefix", "json": "print JSON"})
 @user_errors
 def down(c, prefix=None, json=False):
-    """Take the lab down: processes, namespaces, bridge, veths, files."""
+    """Take the lab down: processes, namespaces, bridge, veths, etcd members, files."""
     summary = lab.down(prefix or c.lab.prefix, progress=progress)
     if json:
         emit_json(summary)
@@ -33,14 +75,19 @@ def down(c, prefix=None, json=False):
 @task(help={"prefix": "lab name prefix", "json": "print JSON"})
 @user_errors
 def status(c, prefix=None, json=False):
-    """Show each lab host and whether its namespace and daemons are alive."""
-    state = lab.status(prefix or c.lab.prefix)
+    """Show each lab host (and etcd member) and whether its namespace and daemons are alive."""
+    prefix = prefix or c.lab.prefix
+    state = lab.status(prefix)
+    etcd = lab_etcd.status(prefix)
     if json:
-        emit_json(state)
+        emit_json({**state, "etcd": etcd} if etcd["members"] else state)
         return
     if not state["hosts"]:
-        print(f"lab {state['prefix']}: down" + (f" (stale namespaces: {', '.join(state['stale_namespaces'])})"
+        print(f"lab {state['prefix']}: {'no hosts' if etcd['members'] else 'down'}" + (f" (stale namespaces: {', '.join(state['stale_namespaces'])})"
                                                  if state["stale_namespaces"] else ""))
-        return
-    columns = ["name", "address", "ok", "namespace", "sshd"] + ([] if state["hosts"][0]["bare"] else ["libvirtd"])
-    print(output.table(state["hosts"], columns))
+    else:
+        columns = ["name", "address", "ok", "namespace", "sshd"] + ([] if state["hosts"][0]["bare"] else ["libvirtd"])
+        print(output.table(state["hosts"], columns))
+    if etcd["members"]:
+        print(output.table(etcd["members"], ["name", "endpoint", "alive", "pid"]))
+        print(f"state: {etcd['config']}")
