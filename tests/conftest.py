@@ -116,8 +116,8 @@ def user_key(tmp_path_factory):
     return key
 
 
-def invoke(*args, check=False, env=None):
+def invoke(*args, check=False, env=None, timeout=600):
     """Run the real `invoke` CLI from the repository root (this checkout's cloudops: PYTHONPATH above)."""
     cmd = [str(Path(sys.executable).parent / "invoke"), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check,
-                          env={**os.environ, **(env or {})}, timeout=600)
+                          env={**os.environ, **(env or {})}, timeout=timeout)
