@@ -23,7 +23,16 @@ import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cloudops.state.store import Entry, Store, StoreError, StoreUnavailable, check_key, decode, encode
+from cloudops.state.store import (
+    Entry,
+    Store,
+    StoreError,
+    StoreOutcomeUnknown,
+    StoreUnavailable,
+    check_key,
+    decode,
+    encode,
+)
 
 DEFAULT_PREFIX = "/cloudops/"
 DEFAULT_TIMEOUT = 5.0
@@ -97,8 +106,9 @@ class EtcdStore(Store):
                 continue
             except _Lost as exc:
                 if not resend:
-                    raise StoreUnavailable(f"state store: etcd {self.endpoints[index]} {exc} during {what}; "
-                                           "whether it was applied is unknown") from None
+                    raise StoreOutcomeUnknown(f"state store: etcd {self.endpoints[index]} {exc} during {what}; "
+                                              "whether it was applied is unknown (`invoke state.check` finds "
+                                              "what it left)") from None
                 reasons.append(f"{self.endpoints[index]}: {exc}")
                 continue
             if step:

@@ -37,7 +37,14 @@ class StoreError(CloudopsError):
 
 
 class StoreUnavailable(StoreError):
-    """The store cannot be reached or has no quorum: nothing was changed by the failed call."""
+    """The store cannot be reached or has no quorum: the call did not happen (see StoreOutcomeUnknown)."""
+
+
+class StoreOutcomeUnknown(StoreUnavailable):
+    """A write reached the store, and the store went silent before it answered: it may have been applied.
+
+    Never retried blindly (an allocation could be made twice); ``state.check`` finds what it left.
+    """
 
 
 class StoreCorrupt(StoreError):
