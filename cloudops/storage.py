@@ -26,11 +26,18 @@ def ensure_pool(conn: libvirt.virConnect, path: str, name: str = POOL_NAME) -> t
     try:
         pool = conn.storagePoolLookupByName(name)
     except libvirt.libvirtError:
-        pool = conn.storagePoolDefineXML(render("libvirt/pool.xml.j2", name=name, path=path), 0)
-        pool.build(0)
+        try:
+            pool = conn.storagePoolDefineXML(render("libvirt/pool.xml.j2", name=name, path=path), 0)
+            pool.build(0)
+        except libvirt.libvirtError:  # another vm.start on this host defined it a moment ago
+            pool = conn.storagePoolLookupByName(name)
         changed = True
     if not pool.isActive():
-        pool.create(0)
+        try:
+            pool.create(0)
+        except libvirt.libvirtError:
+            if not pool.isActive():  # not started by another process meanwhile: a real failure
+                raise
         changed = True
     if not pool.autostart():
         pool.setAutostart(1)

@@ -399,8 +399,7 @@ def ensure_network(conn, spec: NetworkSpec, check: bool = False) -> tuple[bool, 
         _check_no_overlap(conn, spec)
         if check:
             return True, f"network {spec.name}: would define and start ({spec.mode}, {spec.cidr or spec.bridge})"
-        with _libvirt(f"defining network {spec.name}"):
-            net = conn.networkDefineXML(network_xml(spec))
+        net = _define_unless_raced(conn, spec)
         done.append("defined")
     elif diffs := (["transient"] if not net.isPersistent() else _differences(net, spec)):
         _check_no_overlap(conn, spec)
@@ -436,12 +435,34 @@ def ensure_network(conn, spec: NetworkSpec, check: bool = False) -> tuple[bool, 
     return True, f"network {spec.name}: {', '.join(done)}"
 
 
+def _define_unless_raced(conn, spec: NetworkSpec):
+    """Define ``spec``; when another cloudops process defined it in the meantime, take that one.
+
+    Two ``vm.start`` on a fresh host both find the network missing; the one whose define loses
+    finds it there on a second look, and checks it is what it would have defined.
+    """
+    try:
+        return conn.networkDefineXML(network_xml(spec))
+    except libvirt.libvirtError as exc:
+        raced = lookup(conn, spec.name)
+        if raced is None or _differences(raced, spec):
+            lines = (exc.get_error_message() or str(exc)).strip().splitlines()
+            raise _fail(f"defining network {spec.name}: {lines[-1] if lines else exc}") from None
+        return raced
+
+
 def _start_or_roll_back(net, name: str, defined_now: bool) -> None:
-    """Start ``net``; if it cannot start and this call defined it, undefine it again so nothing is left behind."""
+    """Start ``net``; if it cannot start and this call defined it, undefine it again so nothing is left behind.
+
+    A start that fails because another process started it at the same moment is no failure.
+    """
     try:
         with _libvirt(f"starting network {name}"):
             net.create()
     except CloudopsError:
+        with suppress(libvirt.libvirtError):
+            if net.isActive():
+                return
         if defined_now:
             with suppress(libvirt.libvirtError):
                 net.undefine()
