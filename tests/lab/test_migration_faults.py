@@ -126,6 +126,18 @@ def _diagnosis(lab_inventory, host_name) -> str:
     return (out.stdout + out.stderr)[-4000:]
 
 
+def kernel_oopses(lab_inventory) -> dict[str, list[str]]:
+    """host -> the guest kernel's Oops/BUG lines in its serial console log there (the guest's own word)."""
+    found = {}
+    for name, host in lab_inventory.hosts.items():
+        with connect(host) as hv:
+            out = hv.run(f"grep -aE 'Oops|BUG:|Kernel panic' {guest.console_log_path(NAME)} 2>/dev/null || true",
+                         hide=True, in_stream=False).stdout
+        if out.strip():
+            found[name] = out.strip().splitlines()[:3]
+    return found
+
+
 def leftovers(lab_inventory, host_name) -> list[str]:
     with connect(lab_inventory.hosts[host_name]) as hv:
         out = hv.run("ls /var/lib/cloudops/disks 2>/dev/null || true", hide=True, in_stream=False).stdout
@@ -253,6 +265,8 @@ def test_a_broken_migration_never_loses_the_vm(lab, lab_inventory, vm, point, ki
         raise AssertionError(f"no shell on {NAME} after recovery on {host_name}: "
                              f"{_diagnosis(lab_inventory, host_name)}") from None
     assert in_vm(lab_inventory, "cat /root/mark") == "kept-across-faults"
+    # the guest's memory came through whole: its kernel never oopsed (a corrupted page shows up as one)
+    assert kernel_oopses(lab_inventory) == {}, f"the guest kernel oopsed during or after the {point}-{kind} case"
     again = invoke("vm.migrate", NAME, "--recover", "--inventory", str(lab.inventory_path))
     assert again.returncode == 0 and "nothing to recover" in again.stdout
 
