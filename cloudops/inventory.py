@@ -161,8 +161,8 @@ def _sample(names, shown=10) -> str:
 
 
 def lab_inventory_path() -> Path:
-    """The inventory that ``invoke lab.up`` writes (git-ignored)."""
-    return paths.ROOT / "inventory" / "lab.yaml"
+    """The inventory that ``invoke lab.up`` writes (git-ignored in a checkout)."""
+    return paths.lab_inventory()
 
 
 def default_path(explicit=None, config_value=None) -> Path:

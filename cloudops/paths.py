@@ -48,5 +48,13 @@ def var_dir() -> Path:
     return Path(chosen).expanduser().resolve() if chosen else default_state_dir().resolve()
 
 
+def lab_inventory() -> Path:
+    """Where ``lab.up`` links the default lab's inventory: ``inventory/lab.yaml`` of a checkout,
+    else ``<state_dir>/inventory/lab.yaml`` (never beside an installed package)."""
+    if in_checkout():
+        return ROOT / "inventory" / "lab.yaml"
+    return var_dir() / "inventory" / "lab.yaml"
+
+
 def lab_dir() -> Path:
     return var_dir() / "lab"

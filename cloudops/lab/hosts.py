@@ -419,7 +419,8 @@ def _without_block(text: str, prefix: str) -> str:
 
 
 def _link_default_inventory(lab: Lab) -> None:
-    link = paths.ROOT / "inventory" / "lab.yaml"
+    link = paths.lab_inventory()
+    link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(lab.inventory_path)
@@ -440,7 +441,7 @@ def down(prefix: str = DEFAULT_PREFIX, progress=lambda msg: None) -> dict:
     for link in links:
         _sh("ip", "link", "del", link, check=False)
     _edit_ssh_config(lambda text: _without_block(text, prefix))
-    default_inventory = paths.ROOT / "inventory" / "lab.yaml"
+    default_inventory = paths.lab_inventory()
     if prefix == DEFAULT_PREFIX and default_inventory.is_symlink():
         default_inventory.unlink()
     from cloudops.lab import etcd  # the lab's etcd members (lab.up --etcd) live under its directory too

@@ -398,12 +398,13 @@ def test_duplicate_keys_are_refused(tmp_path, text, line):
 def no_env(monkeypatch, tmp_path):
     monkeypatch.delenv(inventory.ENV_VAR, raising=False)
     monkeypatch.setattr(paths, "ROOT", tmp_path / "repo")  # no lab inventory unless a test writes one
+    monkeypatch.setenv("CLOUDOPS_STATE_DIR", str(tmp_path / "state"))  # an installed cloudops's lab inventory
 
 
 def test_default_path_precedence(tmp_path, monkeypatch, no_env):
     files = {name: write(tmp_path, "{}", f"{name}.yaml") for name in ("explicit", "env", "config")}
-    lab = paths.ROOT / "inventory" / "lab.yaml"
-    lab.parent.mkdir(parents=True)
+    lab = paths.lab_inventory()
+    lab.parent.mkdir(parents=True, exist_ok=True)
     lab.write_text("{}")
     assert inventory.default_path() == lab
     assert inventory.default_path(config_value=str(files["config"])) == files["config"]
