@@ -63,21 +63,38 @@ def trusted_public_keys() -> list[str]:
     blob = own.split()[1]
     key = f"trust/{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
     store = state.current()
-    store.update(key, lambda v: v.update({"key": own}) if v.get("key") != own else None)
-    keys = [entry.value.get("key") for entry in store.items("trust/").values()]
+    entries = store.items("trust/")
+    if entries.get(key) is None or entries[key].value.get("key") != own:
+        store.put(key, {"key": own})
+        entries = store.items("trust/")
+    keys = [entry.value.get("key") for entry in entries.values()]
     if not all(isinstance(k, str) and k.startswith("ssh-") for k in keys):
         raise state.StoreCorrupt("state store: an entry under trust/ is not an SSH public key")
     return sorted(set(keys), key=lambda k: (k != own, k))
 
 
 def known_hosts() -> Path:
-    """``<state_dir>/cloud/known_hosts`` with every VM host key of the store (rewritten when they changed)."""
-    lines = []
-    for key, entry in sorted(state.current().items(HOSTKEYS).items()):
-        name, ip, keys = key[len(HOSTKEYS):], entry.value.get("ip"), entry.value.get("keys")
+    """``<state_dir>/cloud/known_hosts`` with every VM host key of the store (rewritten when they changed).
+
+    An address reused by a newer VM makes the older record stale: only the newest record of an
+    address is trusted (and the stale one is removed from the store).
+    """
+    store = state.current()
+    newest: dict[str, tuple[str, object]] = {}
+    for key, entry in store.items(HOSTKEYS).items():
+        ip, keys = entry.value.get("ip"), entry.value.get("keys")
         if not isinstance(ip, str) or not isinstance(keys, list):
             raise state.StoreCorrupt(f"state store: {key} is not a VM's host keys")
-        lines += [f"{name},{ip} {ktype} {kdata}" for ktype, kdata in keys]
+        if ip in newest and newest[ip][1].version > entry.version:
+            store.delete(key, entry.version)
+            continue
+        if ip in newest:
+            store.delete(newest[ip][0], newest[ip][1].version)
+        newest[ip] = (key, entry)
+    lines = []
+    for key, entry in sorted(newest.values(), key=lambda pair: pair[0]):
+        name = key[len(HOSTKEYS):]
+        lines += [f"{name},{entry.value['ip']} {ktype} {kdata}" for ktype, kdata in entry.value["keys"]]
     path = cloud_dir() / "known_hosts"
     text = "\n".join(lines) + ("\n" if lines else "")
     if not path.exists() or path.read_text() != text:
@@ -106,11 +123,8 @@ def read_console(hv_conn: Connection, name: str) -> str:
 
 
 def record_host_keys(name: str, ip: str, keys: list[tuple[str, str]]) -> None:
-    """Replace whatever the store said about this VM name or IP with ``keys`` (none: forget)."""
-    store = state.current()
-    for key, entry in store.items(HOSTKEYS).items():
-        if entry.value.get("ip") == ip and key != HOSTKEYS + name:
-            store.delete(key, entry.version)  # an address now used by another VM
+    """Replace what the store says about this VM with ``keys`` (none: forget); one write."""
+    store = state.current()  # an older VM's record of the same address is dropped by known_hosts()
     if keys:
         store.put(HOSTKEYS + name, {"ip": ip, "keys": [list(k) for k in keys]})
     else:

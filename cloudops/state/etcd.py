@@ -161,6 +161,12 @@ class EtcdStore(Store):
                            [{"request_put": {"key": k, "value": _b64(text)}}])
         return bool(result.get("succeeded"))
 
+    def put(self, key, value):
+        """One unconditional write (one request, where the base class reads first to compare-and-swap)."""
+        check_key(key)
+        k = _b64(self._key(key))
+        self._txn(f"put {key}", [], [{"request_put": {"key": k, "value": _b64(encode(value))}}])
+
     def delete(self, key, version=None):
         check_key(key)
         k = _b64(self._key(key))
