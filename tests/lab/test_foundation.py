@@ -192,11 +192,11 @@ def test_a_live_lab_of_another_checkout_is_not_taken_for_stale(tmp_path):
     import subprocess
     import sys
 
-    prefix = "cotf"
+    prefix = f"{TEST_PREFIX}f"
     env = {**os.environ, "CLOUDOPS_VAR": str(tmp_path / "other-var")}
 
     def in_other_checkout(call):
-        subprocess.run([sys.executable, "-c", f"from cloudops import lab; lab.{call}"], env=env, check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-c", f"from cloudops.lab import hosts as lab; lab.{call}"], env=env, check=True, cwd=ROOT)
 
     in_other_checkout(f"up(1, prefix={prefix!r}, bare=True)")
     try:
