@@ -10,11 +10,18 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export LIBGUESTFS_BACKEND ?= direct
 export LIBGUESTFS_BACKEND_SETTINGS ?= force_tcg
 
+# What a hypervisor's own cloudops (its metrics cron job, /opt/cloudops/venv) takes from Debian:
+# `deploy` installs them on real hosts (cloudops/hosts/toolkit.py PACKAGES); the lab's hosts share
+# this machine's /usr, so the machine has them too. (python3-wheel: building that cloudops wheel from a checkout.)
+HOST_CLOUDOPS_PACKAGES := python3-wheel python3-venv python3-libvirt python3-yaml python3-jinja2 python3-cryptography \
+	python3-bcrypt python3-nacl python3-cffi python3-decorator python3-deprecated python3-six
+
 APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients \
 	libvirt-daemon-driver-qemu python3-libvirt libguestfs-tools python3-guestfs \
 	linux-image-amd64 busybox-static dropbear-bin openssh-server openssh-client \
 	iproute2 dnsmasq-base python3-venv genisoimage syslinux syslinux-common extlinux \
-	e2fsprogs iptables kmod cpio procps util-linux debootstrap etcd-server etcd-client
+	e2fsprogs iptables kmod cpio procps util-linux debootstrap etcd-server etcd-client \
+	$(HOST_CLOUDOPS_PACKAGES)
 
 .PHONY: setup apt venv demo test test-unit test-integration test-lab bench clean lab-down
 

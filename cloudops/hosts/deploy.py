@@ -12,7 +12,9 @@ Inventory variables (all optional; the defaults are in ``DEFAULTS``):
 ``cloud_name``, ``role``, ``packages``, ``pool_path``, ``networks``,
 ``libvirtd_keepalive_interval``, ``libvirtd_keepalive_count``, ``libvirtd_log_level``,
 ``libvirtd_log_filters``, ``libvirtd_restart`` (shell command; default systemctl or service),
-``metrics`` (``carbon``, ``prefix``, ``interval_minutes``: installs the metrics cron entry),
+``metrics`` (``carbon``, ``prefix``, ``interval_minutes``: installs the host's own cloudops in
+/opt/cloudops/venv, the Debian packages it needs, and the metrics cron entry that runs it; see
+cloudops.hosts.toolkit for what comes from where),
 ``deploy_templates`` (a directory whose files override templates/deploy/*.j2).
 """
 
@@ -32,6 +34,7 @@ import libvirt
 
 from cloudops import cloudkeys, fleet, hostfiles, paths, ssh, storage, virt
 from cloudops.errors import CloudopsError
+from cloudops.hosts import toolkit
 from cloudops.net import networks
 
 DEFAULTS = {
@@ -48,7 +51,8 @@ DEFAULTS = {
     "metrics": None,
     "deploy_templates": None,
 }
-STEPS = ("packages", "libvirtd", "pool", "networks", "migration-key", "known-hosts", "metrics-cron", "banner")
+STEPS = ("packages", "libvirtd", "pool", "networks", "migration-key", "known-hosts", "cloudops-venv", "metrics-cron",
+         "banner")
 LIBVIRTD_CONF = "/etc/libvirt/libvirtd.conf"
 MOTD = "/etc/motd"
 METRICS_CRON = "/etc/cron.d/cloudops-metrics"  # metrics_cron.CRON_PATH
@@ -116,13 +120,16 @@ def settings_for(host, base_dir: Path | None = None) -> Settings:
         templates = str((base_dir or Path.cwd()) / Path(templates).expanduser())
         if not Path(templates).is_dir():
             raise CloudopsError(f"{host.name}: deploy_templates {templates} is not a directory")
+    metrics = _metrics(host, v["metrics"])
+    if metrics:  # the host's own cloudops (the metrics job) needs these, whatever `packages` says
+        packages = list(dict.fromkeys([*packages, *toolkit.PACKAGES]))
     return Settings(
         cloud=_text(host, "cloud_name", v["cloud_name"]), role=_text(host, "role", v["role"]),
         packages=tuple(packages), pool_path=posixpath.normpath(pool), networks=specs,
         keepalive_interval=_int(host, "libvirtd_keepalive_interval", v["libvirtd_keepalive_interval"], -1, 3600),
         keepalive_count=_int(host, "libvirtd_keepalive_count", v["libvirtd_keepalive_count"], 0, 100),
         log_level=_int(host, "libvirtd_log_level", v["libvirtd_log_level"], 1, 4), log_filters=filters,
-        restart=restart, metrics=_metrics(host, v["metrics"]), templates=templates)
+        restart=restart, metrics=metrics, templates=templates)
 
 
 def _metrics(host, value) -> dict | None:
@@ -372,6 +379,11 @@ class _Run:
         lines = [line for name in sorted(self.cloud.host_keys) for line in self.cloud.host_keys[name].lines]
         return self._block(f"{self.facts.home}/.ssh/known_hosts", "hypervisors", lines, "644",
                            quiet=f"{len(self.cloud.host_keys)} hypervisors' host keys known")
+
+    def cloudops_venv(self):
+        if not self.settings.metrics:
+            return False, "metrics not configured: no cloudops needed on the host"
+        return toolkit.ensure_toolkit(self.conn, check=self.check)  # this cloudops; wheels built only if needed
 
     def metrics_cron(self):
         if not self.settings.metrics:

@@ -7,7 +7,16 @@ overlays of /etc and /root, private /var/lib/libvirt, /var/log,
 /var/cache/libvirt and pool directory, its own sshd, virtlogd and libvirtd with
 a distinct host_uuid. A ``--bare`` host has only the network namespace and sshd:
 cheap, for fan-out tests and benchmarks. One directory (``shared``) is visible at
-the same path on every host, as shared storage.
+the same path on every host (``SHARED_PATH``), as shared storage.
+
+A full host does not see the operator's files: its own directory of the lab is bound
+at ``INSIDE`` (/run/cloudops-lab/host: its sshd configuration and keys, pid files,
+the upper layers of its overlays), and then the checkout, its virtualenv and the
+state directory are covered by empty tmpfs mounts (``hidden_paths``). A step that
+works only because the control machine's files are visible (a cron entry calling
+the checkout, say) fails in the lab as it would on a real host. Commands run into a
+host from here (``enter``) use the paths the host sees (``inside``). Bare hosts share
+the machine's mount namespace and are not hidden.
 
 ``up`` writes, under ``var/lab/<prefix>/``: a state file (pids of everything it
 started), a client key, known_hosts with every host key, an ssh_config, and the
@@ -40,6 +49,9 @@ MAX_HOSTS = 32
 DEFAULT_PREFIX = "co"
 DEFAULT_SUBNETS = {"co": "10.251.0.0/24", "cot": "10.252.0.0/24"}
 POOL_PATH = "/var/lib/cloudops"
+INSIDE_LAB = "/run/cloudops-lab"  # on the host's private /run: nothing is made on the machine's file systems
+INSIDE = f"{INSIDE_LAB}/host"  # the host's own directory of the lab, as the host sees it
+SHARED_PATH = f"{INSIDE_LAB}/shared"  # the lab's shared storage, the same path on every host
 
 
 @dataclass
@@ -135,6 +147,36 @@ def default_subnet(prefix: str) -> str:
 
 def lab_dir(prefix: str) -> Path:
     return paths.lab_dir() / prefix
+
+
+def inside(host: LabHost, name: str) -> str:
+    """The path of ``name`` in the host's own lab directory as the host sees it (for commands run in it)."""
+    return str(Path(host.dir) / name) if host.bare else f"{INSIDE}/{name}"
+
+
+def hidden_paths() -> list[str]:
+    """What a full host must not see: the checkout, the virtualenv cloudops runs from, the state directory.
+
+    An installed (not editable) cloudops has no checkout; its virtualenv holds it. The Python of the
+    system is never hidden (the host needs it). Nested paths collapse to the outermost."""
+    import sys
+
+    wanted = [paths.var_dir()]
+    if paths.in_checkout():
+        wanted.append(paths.ROOT)
+    if sys.prefix != sys.base_prefix:
+        wanted.append(Path(sys.prefix).resolve())
+    needed = [Path(p) for p in ("/", "/etc", "/root", "/opt", "/run", "/usr", "/var", "/var/lib", "/var/lib/libvirt",
+                                "/var/log", "/var/cache", "/var/cache/libvirt", "/tmp", POOL_PATH)]
+    chosen: list[Path] = []
+    for path in sorted({p.resolve() for p in wanted}, key=lambda p: len(p.parts)):
+        if any(path.is_relative_to(outer) for outer in chosen):
+            continue
+        if path in needed[:-1] or any(n.is_relative_to(path) and n != path for n in needed):
+            raise CloudopsError(f"lab: cannot hide {path} from the hosts (they need what is under it); "
+                                "move the checkout or set CLOUDOPS_STATE_DIR elsewhere")
+        chosen.append(path)
+    return [str(p) for p in chosen]
 
 
 def _state_file(prefix: str) -> Path:
@@ -261,7 +303,7 @@ def _write_client_files(lab: Lab) -> None:
     hosts_file = ["127.0.0.1 localhost"]
     for host in lab.hosts:
         hdir = Path(host.dir)
-        for sub in ("etc.upper", "etc.work", "root.upper", "root.work", "var-lib-libvirt",
+        for sub in ("etc.upper", "etc.work", "root.upper", "root.work", "opt.upper", "opt.work", "var-lib-libvirt",
                     "var-log/libvirt/qemu", "var-cache-libvirt", "var-lib-cloudops"):
             (hdir / sub).mkdir(parents=True, exist_ok=True)
         hostkey = hdir / "ssh_host_ed25519_key"
@@ -270,12 +312,16 @@ def _write_client_files(lab: Lab) -> None:
         known.append(f"{host.name},{host.address} {pub}")
         hosts_file.append(f"{host.address} {host.name}")
         common = dict(name=host.name, address=host.address, host_dir=host.dir, lab_dir=lab.dir)
-        (hdir / "sshd_config").write_text(render("lab/sshd_config.j2", port=22, **common))
+        # what the host's sshd reads, at the paths the host sees (a full host sees its files at INSIDE)
+        seen = dict(host_dir=host.dir, lab_dir=lab.dir) if host.bare else dict(host_dir=INSIDE, lab_dir=INSIDE_LAB)
+        (hdir / "sshd_config").write_text(render("lab/sshd_config.j2", port=22, **{**common, **seen}))
         if not host.bare:
             host_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cloudops-lab:{lab.prefix}:{host.name}")
             (hdir / "libvirtd.conf").write_text(render("lab/libvirtd.conf.j2", host_uuid=host_uuid, **common))
             (hdir / "qemu.conf").write_text(render("lab/qemu.conf.j2", **common))
-            (hdir / "setup.sh").write_text(render("lab/host-setup.sh.j2", pool_path=POOL_PATH, **common))
+            (hdir / "setup.sh").write_text(render(
+                "lab/host-setup.sh.j2", pool_path=POOL_PATH, inside=INSIDE, inside_lab=INSIDE_LAB, shared=SHARED_PATH,
+                hidden=hidden_paths(), **common))
             _seed_qemu_capabilities(host)
     (base / "known_hosts").write_text("\n".join(known) + "\n")
     (base / "hosts").write_text("\n".join(hosts_file) + "\n")
@@ -285,7 +331,8 @@ def _write_client_files(lab: Lab) -> None:
         names=lab.prefix == DEFAULT_PREFIX))
     (base / "inventory.yaml").write_text(render(
         "lab/inventory.yaml.j2", prefix=lab.prefix, hosts=lab.hosts, bare=lab.bare, key=str(key),
-        known_hosts=str(base / "known_hosts"), pool_path=POOL_PATH, shared_path=str(base / "shared"),
+        known_hosts=str(base / "known_hosts"), pool_path=POOL_PATH, inside=INSIDE,
+        shared_path=str(base / "shared") if lab.bare else SHARED_PATH,
         group="bare" if lab.bare else "hypervisors"))
 
 
@@ -544,7 +591,7 @@ def start_sshd(prefix: str, name: str) -> None:
         raise CloudopsError(f"lab {prefix!r} is not up")
     pidfile = Path(host.dir) / "sshd.pid"
     pidfile.unlink(missing_ok=True)
-    _sh(*enter(host), "/usr/sbin/sshd", "-f", str(Path(host.dir) / "sshd_config"))
+    _sh(*enter(host), "/usr/sbin/sshd", "-f", inside(host, "sshd_config"))
     _wait_for(lambda: _port_open(host.address), 10, f"sshd on {host.name}")
     host.pids["sshd"] = _read_pid(pidfile)
     _save(lab)
@@ -597,7 +644,7 @@ def restart_libvirtd(prefix: str, name: str) -> int:
         _wait_for(lambda: not _alive(old), 15, f"libvirtd on {host.name} to stop")
     pidfile = Path(host.dir) / "libvirtd.pid"
     pidfile.unlink(missing_ok=True)
-    _sh(*enter(host), "libvirtd", "-d", "-p", str(pidfile))
+    _sh(*enter(host), "libvirtd", "-d", "-p", inside(host, "libvirtd.pid"))
     _wait_for(lambda: _read_pid(pidfile), 15, f"libvirtd pid on {host.name}")
     _wait_for(lambda: _libvirt_answers(host), 30, f"libvirtd on {host.name}", 0.3)
     host.pids["libvirtd"] = _read_pid(pidfile)

@@ -1,10 +1,10 @@
 """The metrics cron job on a hypervisor host: render it, compare, install over SSH only when it differs.
 
-Each hypervisor ships itself: its ``/etc/cron.d/cloudops-metrics`` runs
-``invoke metrics.ship --once --json --local`` under ``flock -n`` every minute, with its
-state, spool, lock and log under the host's own cloudops directory (``pool_path``,
-default /var/lib/cloudops): never shared with another host, even when hosts share
-the toolkit's checkout (the lab does).
+Each hypervisor ships itself: its ``/etc/cron.d/cloudops-metrics`` runs the host's own
+``/opt/cloudops/venv/bin/cloudops metrics.ship --once --json --local`` (installed by
+``deploy`` and ``metrics.install-cron``: cloudops.hosts.toolkit) under ``flock -n`` every
+minute, with its state, spool, lock and log under the host's own cloudops directory
+(``pool_path``, default /var/lib/cloudops): never shared with another host.
 
     changed, message = ensure_cron(conn, host_entry(host, "graphite:2004", "cloudops"))
 
@@ -20,8 +20,8 @@ import secrets
 import shlex
 from pathlib import Path
 
-from cloudops import paths
 from cloudops.errors import CloudopsError
+from cloudops.hosts.toolkit import COMMAND
 from cloudops.metrics.cycle import cron_entry
 
 CRON_PATH = "/etc/cron.d/cloudops-metrics"
@@ -34,12 +34,13 @@ def host_var(host) -> str:
     return str(host_vars.get("metrics_var") or host_vars.get("pool_path") or DEFAULT_HOST_VAR)
 
 
-def host_entry(host, carbon: str, prefix: str, interval_minutes: int = 1, root: Path | None = None) -> str:
-    """The cron file for ``host``: it collects only itself (``--local``), its files under ``host_var``.
+def host_entry(host, carbon: str, prefix: str, interval_minutes: int = 1, program: str = COMMAND) -> str:
+    """The cron file for ``host``: its own cloudops collects only itself (``--local``), its files under ``host_var``.
 
     The one renderer of ``/etc/cron.d/cloudops-metrics``: ``deploy`` and ``metrics.install-cron``
     both call it (through ``host_settings`` for the values), so running both never flips the file."""
-    return cron_entry(carbon, prefix, interval_minutes=interval_minutes, root=root, var=Path(host_var(host)), local=True)
+    return cron_entry(carbon, prefix, interval_minutes=interval_minutes, program=program, var=Path(host_var(host)),
+                      local=True)
 
 
 def host_settings(host, carbon=None, prefix=None, interval_minutes=None, defaults=None) -> tuple[str, str, int]:
@@ -65,27 +66,29 @@ def host_settings(host, carbon=None, prefix=None, interval_minutes=None, default
     return str(pick(carbon, "carbon", "carbon")), str(pick(prefix, "prefix", "prefix")), minutes
 
 
-def ensure_cron(conn, content: str, path: str = CRON_PATH, root: Path | None = None, check: bool = False) -> tuple[bool, str]:
+def ensure_cron(conn, content: str, path: str = CRON_PATH, program: str = COMMAND, check: bool = False) -> tuple[bool, str]:
     """Make ``path`` on the host hold exactly ``content``; return (changed, what happened).
 
     Nothing is written when the file already matches. A new file is uploaded under a
     dotted temporary name (cron ignores names with dots), made 0644 and renamed over the
-    old one, so cron never reads half a file. Refused when the toolkit the entry runs
-    (``<root>/.venv/bin/invoke``) or ``flock``/``timeout`` are missing on the host: the job
-    would fail every minute, silently. ``check`` only says what would change.
+    old one, so cron never reads half a file. Refused when the command the entry runs
+    (``program``, the host's cloudops) or ``flock``/``timeout`` are missing on the host: the job
+    would fail every minute, silently. ``check`` only says what would change (then a missing
+    ``program`` is not an error: the same run would install it first).
     """
-    invoke = Path(root or paths.ROOT) / ".venv" / "bin" / "invoke"
     probe = conn.run(
-        f"test -x {shlex.quote(str(invoke))} || echo missing-invoke; "
+        f"test -x {shlex.quote(program)} || echo missing-cloudops; "
         "command -v flock >/dev/null || echo missing-flock; command -v timeout >/dev/null || echo missing-timeout; "
         f"cat {shlex.quote(path)} 2>/dev/null && echo '#cloudops-present'",
         warn=True, hide=True, in_stream=False,
     ).stdout
     missing = [w.split("-", 1)[1] for w in probe.splitlines() if w.startswith("missing-")]
+    if check and "cloudops" in missing:
+        missing.remove("cloudops")
     if missing:
         raise CloudopsError(
             f"cannot install {path}: {', '.join(missing)} not found on the host "
-            f"(the entry runs {invoke}); install cloudops there first"
+            f"(the entry runs {program}); `deploy` with the inventory variable metrics installs it"
         )
     present = probe.endswith("#cloudops-present\n")
     current = probe[: -len("#cloudops-present\n")] if present else None

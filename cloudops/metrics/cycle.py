@@ -20,6 +20,7 @@ import json
 import math
 import shlex
 import socket
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
@@ -247,17 +248,18 @@ def cron_entry(
     interval_minutes: int = 1,
     user: str = "root",
     max_runtime: int = 300,
-    root: Path | None = None,
+    program: str | Path | None = None,
     var: Path | None = None,
     local: bool = False,
 ) -> str:
-    """An /etc/cron.d file running ``invoke metrics.ship --once --json`` every ``interval_minutes`` minutes.
+    """An /etc/cron.d file running ``cloudops metrics.ship --once --json`` every ``interval_minutes`` minutes.
 
     ``flock -n`` skips a cycle while the previous one still holds the lock, so cycles
     never overlap; ``timeout`` ends a stuck cycle after ``max_runtime`` seconds. With
     ``local`` the cycle collects only the machine it runs on (``--local``: a hypervisor's
     own cron), else the inventory's hosts. ``var`` becomes the job's ``CLOUDOPS_VAR``:
-    state, spool, lock and log live there.
+    state, spool, lock and log live there. ``program`` is the ``cloudops`` command the job runs (a
+    hypervisor's own, see cloudops.hosts.toolkit; default: the one beside this Python), never a checkout.
     """
     parse_address(carbon_address)
     naming.validate_prefix(prefix)
@@ -267,16 +269,15 @@ def cron_entry(
         raise CloudopsError(f"metrics max_runtime must be > 0 seconds, got {max_runtime!r}")
     if not user or not user.replace("-", "").replace("_", "").isalnum():
         raise CloudopsError(f"cron user {user!r} is not a plain user name")
-    root = Path(root or paths.ROOT)
+    program = str(program or Path(sys.executable).parent / "cloudops")
     var = Path(var or paths.var_dir())
     metrics = var / "metrics"
-    invoke = root / ".venv" / "bin" / "invoke"
     command = " ".join([
-        "cd", shlex.quote(str(root)), "&&",
+        "cd", "/", "&&",
         "mkdir", "-p", shlex.quote(str(metrics)), "&&",
         "flock", "-n", shlex.quote(str(metrics / "ship.lock")),
         "timeout", "--kill-after=10", str(max_runtime),
-        shlex.quote(str(invoke)), "metrics.ship", "--once", "--json", *(["--local"] if local else []),
+        shlex.quote(program), "metrics.ship", "--once", "--json", *(["--local"] if local else []),
         f"--carbon={shlex.quote(carbon_address)}", f"--prefix={shlex.quote(prefix)}",
         ">>", shlex.quote(str(metrics / "ship.log")), "2>&1",
     ])

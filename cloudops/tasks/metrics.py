@@ -152,7 +152,11 @@ def ship(c, once=False, interval=None, carbon=None, prefix=None, protocol=None, 
 @user_errors
 def install_cron(c, carbon=None, prefix=None, every=None, check=False,
                  hosts=None, group=None, limit=None, inventory=None, workers=None, timeout=None, json=False):
-    """Install /etc/cron.d/cloudops-metrics on every selected host (one locked cycle a minute); idempotent."""
+    """Install /etc/cron.d/cloudops-metrics on every selected host (one locked cycle a minute); idempotent.
+
+    The entry runs the host's own cloudops (/opt/cloudops/venv, as `deploy` installs it), so that is
+    installed or updated first when the host's differs from this one. The Debian packages it needs
+    come with `deploy` (with the inventory variable metrics set)."""
     selected = select_hosts(c, hosts, group, limit, inventory)
     entries = {}
     for h in selected:  # all checked first; values not given come from the host's `metrics` (as deploy's do)
@@ -164,9 +168,13 @@ def install_cron(c, carbon=None, prefix=None, every=None, check=False,
     def one(host):
         from cloudops.ssh import connect
 
-        with connect(host) as conn:
+        from cloudops.hosts import toolkit
+
+        with connect(host) as conn:  # the entry runs the host's own cloudops: installed first when missing or old
+            venv_changed, venv_message = toolkit.ensure_toolkit(conn, check=check)
             changed, message = metrics_cron.ensure_cron(conn, entries[host.name], check=check)
-        return fleet.Changed(message) if changed else message
+        message = f"{venv_message}; {message}" if venv_changed else message
+        return fleet.Changed(message) if changed or venv_changed else message
 
     finish(fleet.run(selected, one, workers=int(workers or c.fleet.workers), timeout=float(timeout or c.fleet.timeout)),
            json)

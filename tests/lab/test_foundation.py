@@ -192,7 +192,7 @@ def test_a_live_lab_of_another_checkout_is_not_taken_for_stale(tmp_path):
     import subprocess
     import sys
 
-    prefix = "cotf"
+    prefix = f"{TEST_PREFIX}f"
     env = {**os.environ, "CLOUDOPS_VAR": str(tmp_path / "other-var")}
 
     def in_other_checkout(call):

@@ -200,27 +200,7 @@ def test_fleet_run_timeout_stops_the_remote_command(lab, lab_inventory):
 
 # ---------------------------------------------------------------- 4. one writer for the metrics cron file
 
-@pytest.fixture
-def toolkit_on_hosts():
-    """The cron entry runs <checkout>/.venv/bin/invoke; a worktree without its own venv borrows the shared one."""
-    root = Path(__file__).resolve().parents[2]
-    venv = root / ".venv"
-    made = False
-    if not venv.exists():
-        venv.symlink_to(Path(os.path.realpath(sys_prefix())))
-        made = True
-    yield
-    if made:
-        venv.unlink()
-
-
-def sys_prefix():
-    import sys
-
-    return sys.prefix
-
-
-def test_deploy_and_install_cron_agree_on_the_metrics_cron_file(lab, lab_inventory, tmp_path, toolkit_on_hosts):
+def test_deploy_and_install_cron_agree_on_the_metrics_cron_file(lab, lab_inventory, tmp_path):
     import json
 
     import yaml

@@ -95,13 +95,13 @@ def test_migration_figures_must_be_non_negative_numbers(bad):
 
 
 def test_cron_entry_runs_one_cycle_a_minute_under_flock(tmp_path):
-    text = cron_entry("graphite.lab:2004", "cloudops", root=tmp_path / "my repo", var=tmp_path / "var")
+    text = cron_entry("graphite.lab:2004", "cloudops", program=tmp_path / "my venv/bin/cloudops", var=tmp_path / "var")
     line = [ln for ln in text.splitlines() if ln and not ln.startswith(("#", "SHELL=", "PATH=", "CLOUDOPS_VAR="))]
     assert len(line) == 1
     fields = line[0].split()
     assert fields[:6] == ["*", "*", "*", "*", "*", "root"]
     assert "flock -n" in line[0] and "metrics.ship" in line[0]
-    assert f"'{tmp_path / 'my repo'}'" in line[0]  # quoted: the path has a space
+    assert f" cd / && " in line[0] and f"'{tmp_path / 'my venv/bin/cloudops'}' metrics.ship" in line[0]  # quoted: a space
     assert "--carbon=graphite.lab:2004" in line[0] and "--prefix=cloudops" in line[0]
     assert text.endswith("\n")  # cron ignores a last line without newline
 

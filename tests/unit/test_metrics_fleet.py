@@ -119,9 +119,11 @@ def test_migration_figures_from_libvirt_job_stats():
 
 def test_a_hypervisor_cron_entry_collects_itself_with_private_files(tmp_path):
     host = SimpleNamespace(name="hv1", vars={"pool_path": "/srv/cloudops"})
-    text = metrics_cron.host_entry(host, "graphite:2004", "cloudops", root=tmp_path)
+    text = metrics_cron.host_entry(host, "graphite:2004", "cloudops")
     assert "CLOUDOPS_VAR=/srv/cloudops\n" in text
     job = [ln for ln in text.splitlines() if ln.startswith("* ")][0]
+    assert "/opt/cloudops/venv/bin/cloudops metrics.ship" in job  # the host's own cloudops, not a checkout
+    assert str(tmp_path) not in job and ".venv" not in job
     assert "--local" in job and "--once" in job and "--json" in job
     assert "flock -n /srv/cloudops/metrics/ship.lock" in job
 
@@ -137,7 +139,7 @@ class FakeRemote:
         out = ""
         if command.startswith("test -x"):
             if not self.tools:
-                out += "missing-invoke\nmissing-flock\n"
+                out += "missing-cloudops\nmissing-flock\n"
             path = command.split("cat ", 1)[1].split(" ", 1)[0]
             if path in self.files:
                 out += self.files[path] + "#cloudops-present\n"
@@ -151,18 +153,18 @@ class FakeRemote:
 
 
 def test_ensure_cron_installs_once_then_reports_no_change(tmp_path):
-    remote, entry = FakeRemote(), metrics.cron_entry("graphite:2004", "cloudops", root=tmp_path)
+    remote, entry = FakeRemote(), metrics.cron_entry("graphite:2004", "cloudops", program=tmp_path / "cloudops")
     assert metrics_cron.ensure_cron(remote, entry, check=True) == (True, f"{metrics_cron.CRON_PATH} would be installed")
     assert remote.files == {}
     assert metrics_cron.ensure_cron(remote, entry) == (True, f"{metrics_cron.CRON_PATH} installed")
     assert remote.files == {metrics_cron.CRON_PATH: entry}
     assert metrics_cron.ensure_cron(remote, entry) == (False, f"{metrics_cron.CRON_PATH} already up to date")
-    changed = metrics.cron_entry("graphite:2004", "other", root=tmp_path)
+    changed = metrics.cron_entry("graphite:2004", "other", program=tmp_path / "cloudops")
     assert metrics_cron.ensure_cron(remote, changed) == (True, f"{metrics_cron.CRON_PATH} updated")
 
 
 def test_ensure_cron_refuses_a_host_without_the_toolkit():
-    with pytest.raises(CloudopsError, match="invoke, flock not found"):
+    with pytest.raises(CloudopsError, match="cloudops, flock not found"):
         metrics_cron.ensure_cron(FakeRemote(tools=False), "x\n")
 
 
