@@ -103,7 +103,8 @@ def _worker(state_dir, vm, barrier, results):
 
 def test_concurrent_processes_never_share_an_address(tmp_path):
     count = 12
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a fork of this many-threaded test process can inherit a lock some other thread held
+    ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(count), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(tmp_path, f"vm{i}", barrier, results)) for i in range(count)]
     for p in procs:

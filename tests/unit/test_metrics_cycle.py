@@ -101,7 +101,7 @@ def test_cron_entry_runs_one_cycle_a_minute_under_flock(tmp_path):
     fields = line[0].split()
     assert fields[:6] == ["*", "*", "*", "*", "*", "root"]
     assert "flock -n" in line[0] and "metrics.ship" in line[0]
-    assert f" cd / && " in line[0] and f"'{tmp_path / 'my venv/bin/cloudops'}' metrics.ship" in line[0]  # quoted: a space
+    assert " cd / && " in line[0] and f"'{tmp_path / 'my venv/bin/cloudops'}' metrics.ship" in line[0]  # quoted: a space
     assert "--carbon=graphite.lab:2004" in line[0] and "--prefix=cloudops" in line[0]
     assert text.endswith("\n")  # cron ignores a last line without newline
 
