@@ -41,7 +41,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	GRAPHITE_NO_PREFIX=1 $(PY) -m pip install -q -e '.[test,bench]'
+	GRAPHITE_NO_PREFIX=1 $(PY) -m pip install -q -e '.[test,bench,etcd]'
 	touch $@
 
 demo: setup

@@ -51,7 +51,10 @@ class EtcdStore(Store):
     name = "etcd"
 
     def __init__(self, endpoints, ca=None, cert=None, key=None, prefix=DEFAULT_PREFIX, timeout=DEFAULT_TIMEOUT):
-        from etcd3gw.client import Etcd3Client
+        try:
+            from etcd3gw.client import Etcd3Client
+        except ImportError:
+            raise StoreError("state backend etcd needs the etcd3gw package: pip install 'cloudops[etcd]'") from None
 
         self.endpoints = _endpoints(endpoints)
         self.prefix = _prefix(prefix)
