@@ -189,10 +189,19 @@ def _argv(member: Member, cluster: list[Member], token: str) -> list[str]:
 
 
 def _start(member: Member, cluster: list[Member], token: str) -> int:
+    """Start one member; return once its process runs etcd (or has exited), never in between.
+
+    Between fork and exec the child still shows Python's command line, so ``_ours`` would call a
+    member that is only slow to exec (a loaded machine) one that "exited at start".
+    """
     Path(member.dir).mkdir(mode=0o700, exist_ok=True)
     with open(Path(member.dir) / "etcd.log", "ab") as log:
         proc = subprocess.Popen(_argv(member, cluster, token), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True)
+    started = Member(name=member.name, address=member.address, dir=member.dir, pid=proc.pid)
+    deadline = time.monotonic() + 30
+    while proc.poll() is None and not _ours(started) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return proc.pid
 
 
@@ -225,6 +234,10 @@ def _log_tails(cluster: list[Member]) -> str:
         except OSError:
             continue
         errors = [line for line in lines if '"level":"error"' in line or '"level":"fatal"' in line]
+        if not errors and lines:  # an error that is not zap's JSON (a flag, an exec failure)
+            errors = [lines[-1]]
+        if not lines:
+            tails.append(f"{member.name}: nothing in its log")
         if errors:
             try:
                 tails.append(f"{member.name}: {json.loads(errors[-1]).get('msg')}")
