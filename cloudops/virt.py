@@ -10,6 +10,7 @@ Also what cloudops writes into the domains it makes: its metadata element (``met
 
 import contextlib
 import threading
+import time
 import xml.etree.ElementTree as ET
 from urllib.parse import parse_qs, urlsplit
 
@@ -63,12 +64,28 @@ def connection(host, uri: str | None = None) -> libvirt.virConnect:
         if conn is not None and _alive(conn):
             return conn
         _ensure_ssh_command(host, uri)
-        try:
-            conn = libvirt.open(uri)
-        except libvirt.libvirtError as exc:
-            raise LibvirtUnavailable(open_error(host, uri, exc.get_error_message() or str(exc))) from None
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                conn = libvirt.open(uri)
+                break
+            except libvirt.libvirtError as exc:
+                text = exc.get_error_message() or str(exc)
+                if attempt + 1 == OPEN_ATTEMPTS or not _transient(text):
+                    raise LibvirtUnavailable(open_error(host, uri, text)) from None
+                time.sleep(0.5 * (attempt + 1))
         _cache[uri] = conn
         return conn
+
+
+# An ssh transport that died before libvirt's handshake (a loaded host's sshd dropping a connection
+# among many at once) says one of these; opening again is safe. Never a host key or auth refusal.
+OPEN_ATTEMPTS = 3
+_TRANSIENT = ("Broken pipe", "Connection reset by peer", "End of file while reading data")
+
+
+def _transient(text: str) -> bool:
+    refused = _CHANGED + _UNKNOWN + _UNVERIFIED + ("Permission denied", "authentication")
+    return any(t in text for t in _TRANSIENT) and not any(r in text for r in refused)
 
 
 # what libvirt's ssh transports say when the host key is not the trusted one (OpenSSH; libssh2 and libssh

@@ -77,3 +77,13 @@ def test_an_address_that_would_widen_the_restriction_is_refused(sources):
 def test_a_public_key_that_is_not_one_line_is_refused():
     with pytest.raises(CloudopsError, match="not one 'type base64"):
         cloudkeys.authorized_migration_key(PUBLIC + '\nssh-ed25519 AAAA other', ["10.0.0.1"])
+
+
+def test_only_a_transport_that_died_is_opened_again_never_a_refused_host_key():
+    from cloudops import virt
+
+    assert virt._transient("Cannot write data: Broken pipe")
+    assert virt._transient("End of file while reading data: : Input/output error")
+    assert not virt._transient("Cannot recv data: Host key verification failed.: Connection reset by peer")
+    assert not virt._transient("authentication failed: Permission denied (publickey)")
+    assert not virt._transient("unable to connect to server: No route to host")
