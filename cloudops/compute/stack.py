@@ -21,7 +21,8 @@ from cloudops.compute import vms
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.net import networks
 
-VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group"}
+VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group",
+           "disk_size"}
 
 
 @dataclass

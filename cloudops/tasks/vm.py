@@ -33,11 +33,12 @@ def _keys(ssh_key):
     "password_stdin": "read the root password from stdin", "ssh_key": "public key file(s) for root, comma-separated",
     "hostname": "guest hostname (default: the VM name)", "customize": "seed (NoCloud CD-ROM) or guestfs",
     "group": "anti-affinity group: never two VMs of a group on one host", "no_wait": "do not wait for SSH",
-    "timeout": "seconds to wait for the IP and SSH", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+    "timeout": "seconds to wait for the IP and SSH", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"],
+    "disk_size": "root disk size, e.g. 4G (K/M/G/T, binary; at least the image's virtual size; default: the image's)"})
 @user_errors
 def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None, password=None, password_file=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
-          inventory=None, json=False):
+          inventory=None, json=False, disk_size=None):
     """Start a VM from an image; prints its name, host and IP once SSH answers."""
     vms.validate_name(name)
     spec = vms.VMSpec(
@@ -45,7 +46,7 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
         vcpus=_int(vcpus or c.vm.vcpus, "vcpus"), host=host, network=network,
         root_password=_password(password, password_file, password_stdin), ssh_keys=_keys(ssh_key),
         hostname=hostname, customize=customize or c.vm.customize, group=group, wait=not no_wait,
-        timeout=float(timeout or c.vm.timeout))
+        timeout=float(timeout or c.vm.timeout), disk_size=disk_size)
     vm = vms.start_vm(spec, load_inventory(c, inventory), progress=progress)
     if json:
         emit_json(vm.to_dict())
