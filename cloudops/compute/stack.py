@@ -17,12 +17,12 @@ from pathlib import Path
 import yaml
 
 from cloudops import fleet, virt
-from cloudops.compute import vms
+from cloudops.compute import sizing, vms
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.net import networks
 
 VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group",
-           "disk_size"}
+           "disk_size", "flavor"}
 
 
 @dataclass
@@ -45,7 +45,8 @@ class Report:
         return {"changed": self.changed, "changes": self.changes, "unchanged": self.unchanged}
 
 
-def load(path) -> Stack:
+def load(path, flavors: dict | None = None) -> Stack:
+    """The stack in ``path``; a VM's ``flavor`` is resolved in ``flavors`` (None: not checked, as for ``down``)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -69,6 +70,15 @@ def load(path) -> Stack:
         if item["name"] in seen:
             raise CloudopsError(f"{where}: duplicate VM name {item['name']!r}")
         seen.add(item["name"])
+        item = dict(item)
+        flavor_name = item.pop("flavor", None)
+        if flavor_name is not None and flavors is not None:
+            try:
+                chosen = sizing.flavor(str(flavor_name), flavors)
+            except CloudopsError as exc:
+                raise CloudopsError(f"{where}: {exc}") from None
+            size = sizing.sized({k: item.get(k) for k in sizing.FLAVOR_KEYS}, chosen, {})
+            item.update({k: v for k, v in size.items() if v is not None})
         spec = vms.VMSpec(**{k: v for k, v in item.items() if k != "ssh_keys"},
                           ssh_keys=tuple(item.get("ssh_keys") or ()))
         try:

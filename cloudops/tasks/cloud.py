@@ -20,7 +20,11 @@ def _print(report, as_json):
 @user_errors
 def up(c, file, inventory=None, json=False):
     """Bring the stack's networks and VMs to the described state; a second run changes nothing."""
-    _print(stack.up(stack.load(file), load_inventory(c, inventory), progress=progress), json)
+    from cloudops.compute import sizing
+
+    inv = load_inventory(c, inventory)
+    flavors = sizing.flavors_from(c.vm.get("flavors"), sizing.inventory_flavors(inv))
+    _print(stack.up(stack.load(file, flavors=flavors), inv, progress=progress), json)
 
 
 @task(help={"file": "stack YAML (networks and vms)", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"],

@@ -1,4 +1,4 @@
-"""VM sizes on a real lab: --disk-size seen in the guest and by qemu-img on the host, refused when smaller than the image.
+"""VM sizes on a real lab: --flavor and --disk-size seen in the guest and on the host, refused when smaller than the image.
 
 Oracles outside cloudops: the guest's own block device and df, qemu-img info and virsh on the host.
 Guests are tiny (96 MiB); names start with "t" so they never meet a demo VM's.
@@ -33,14 +33,23 @@ def guest_disk(lab, name: str) -> tuple[int, int]:
     return int(sectors) * 512, int(df.split()[1])
 
 
-def test_disk_size_grows_the_root_disk_and_filesystem(lab, lab_inventory, tiny_image):
+def test_flavor_with_explicit_overrides_and_disk_size_seen_in_the_guest(lab, lab_inventory, tiny_image, tmp_path):
+    """One boot: the flavor's vCPUs; --memory and --disk-size override its memory and disk."""
     name = "t-disk"
     assert tiny_image.virtual_size < G
+    config = tmp_path / "flavors.yaml"
+    config.write_text("vm:\n  flavors:\n    t-size: {memory: 128, vcpus: 2, disk_size: 2G}\n")
     inv = ("--inventory", str(lab.inventory_path))
-    proc = invoke("vm.start", "--name", name, "--host", "hv1", "--memory", "96", "--disk-size", "1G", *inv)
+    proc = invoke("-f", str(config), "vm.start", "--name", name, "--host", "hv1", "--flavor", "t-size",
+                  "--memory", "96", "--disk-size", "1G", *inv)
     try:
         assert proc.returncode == 0, proc.stderr
-        assert overlay_virtual_size(lab_inventory.hosts["hv1"], name) == G
+        hv1 = lab_inventory.hosts["hv1"]
+        dominfo = dict(line.split(":", 1) for line in
+                       on_host(hv1, f"virsh -c qemu:///system dominfo {name}").splitlines() if ":" in line)
+        assert dominfo["Max memory"].split() == ["98304", "KiB"]
+        assert dominfo["CPU(s)"].strip() == "2"
+        assert overlay_virtual_size(hv1, name) == G
         disk_bytes, root_kib = guest_disk(lab, name)
         assert disk_bytes == G
         # the tiny image grew its root partition and ext4 to the disk (the image's own is 128M)

@@ -68,3 +68,87 @@ def test_stack_accepts_disk_size(tmp_path):
     path.write_text("vms:\n  - {name: web1, image: tiny, disk_size: huge}\n")
     with pytest.raises(CloudopsError, match=r"vms\[0\]: disk size 'huge'"):
         stack.load(path)
+
+
+# ---------------------------------------------------------------- flavors
+
+CONFIG_FLAVORS = {"small": {"memory": 128, "vcpus": 1, "disk_size": "1G"}, "big": {"memory": 1024, "vcpus": 4}}
+
+
+def test_flavors_from_config_and_inventory_the_inventory_wins():
+    known = sizing.flavors_from(CONFIG_FLAVORS, {"small": {"memory": 96}, "tiny": {"vcpus": 1}})
+    assert known == {"small": {"memory": 96}, "big": {"memory": 1024, "vcpus": 4}, "tiny": {"vcpus": 1}}
+    assert sizing.flavors_from(CONFIG_FLAVORS, None)["small"] == {"memory": 128, "vcpus": 1, "disk_size": G}
+
+
+@pytest.mark.parametrize("flavors, message", [
+    ({"small": {"memory": 128, "ram": 2}}, r"config vm.flavors.small: unknown key 'ram'"),
+    ({"small": {"disk_size": "big"}}, r"config vm.flavors.small: disk size 'big'"),
+    ({"small": {"memory": "lots"}}, r"config vm.flavors.small: memory must be a whole number"),
+    ({"small": 128}, r"config vm.flavors.small: must be a mapping"),
+    (["small"], r"config vm.flavors: must be a mapping"),
+])
+def test_bad_flavors_are_one_line(flavors, message):
+    with pytest.raises(CloudopsError, match=message):
+        sizing.flavors_from(flavors, None)
+
+
+def test_unknown_flavor_lists_the_known_ones():
+    with pytest.raises(CloudopsError, match=r"^unknown flavor 'huge' \(known: big, small\)$"):
+        sizing.flavor("huge", sizing.flavors_from(CONFIG_FLAVORS, None))
+    with pytest.raises(CloudopsError, match=r"unknown flavor 'small' \(known: none defined"):
+        sizing.flavor("small", {})
+
+
+def test_explicit_options_override_the_flavor_which_overrides_the_defaults():
+    defaults = {"memory": 128, "vcpus": 1}
+    small = {"memory": 96, "disk_size": G}
+    assert sizing.sized({"memory": None, "vcpus": None, "disk_size": None}, small, defaults) == \
+        {"memory": 96, "vcpus": 1, "disk_size": G}
+    assert sizing.sized({"memory": "256", "vcpus": None, "disk_size": "2G"}, small, defaults) == \
+        {"memory": "256", "vcpus": 1, "disk_size": "2G"}
+    assert sizing.sized({}, None, defaults) == {"memory": 128, "vcpus": 1, "disk_size": None}
+
+
+def test_task_sizes_from_flavor_config_and_options():
+    from invoke import Config, Context
+
+    from cloudops.tasks import vm as vm_tasks
+
+    c = Context(Config(overrides={"vm": {"memory": 128, "vcpus": 1, "flavors": CONFIG_FLAVORS}}))
+    inv = types.SimpleNamespace(hypervisors=lambda: [types.SimpleNamespace(vars={"flavors": {"big": {"vcpus": 2}}})])
+    assert vm_tasks._size(c, inv, "small", memory=None, vcpus="2", disk_size=None) == \
+        {"memory": 128, "vcpus": "2", "disk_size": G}
+    assert vm_tasks._size(c, inv, "big", memory=None, vcpus=None, disk_size=None) == \
+        {"memory": 128, "vcpus": 2, "disk_size": None}
+    assert vm_tasks._size(c, inv, None, memory="64", vcpus=None, disk_size="2G") == \
+        {"memory": "64", "vcpus": 1, "disk_size": "2G"}
+
+
+def test_cli_unknown_flavor_is_one_line_before_any_host(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    inventory = tmp_path / "inv.yaml"
+    inventory.write_text("vars:\n  flavors:\n    small: {memory: 96}\n    medium: {memory: 512, vcpus: 2}\n"
+                         "hosts:\n  hv1: {address: 192.0.2.1}\n")
+    proc = subprocess.run([str(Path(sys.executable).parent / "invoke"), "vm.start", "--name=web1", "--flavor=huge",
+                           f"--inventory={inventory}"], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["cloudops: unknown flavor 'huge' (known: medium, small)"], proc.stderr
+
+
+def test_stack_vm_flavor(tmp_path):
+    from cloudops.compute import stack
+
+    path = tmp_path / "stack.yaml"
+    path.write_text("vms:\n  - {name: web1, image: tiny, flavor: small, memory: 64}\n")
+    spec = stack.load(path, flavors=sizing.flavors_from(CONFIG_FLAVORS, None)).vms[0]
+    assert (spec.memory, spec.vcpus, spec.disk_size) == (64, 1, G)
+    with pytest.raises(CloudopsError, match=r"vms\[0\]: unknown flavor 'small' \(known: big\)"):
+        stack.load(path, flavors={"big": {}})
+    assert stack.load(path).vms[0].memory == 64  # cloud.down: flavors not needed
