@@ -113,6 +113,48 @@ def up(stack: Stack, inventory, progress=lambda m: None) -> Report:
     return report
 
 
+def plan(stack: Stack, inventory) -> tuple[Report, list]:
+    """What ``up`` would do, as a report of would-be changes and the start plan of every missing VM; makes nothing.
+
+    The VMs are planned in a row, each as if the ones before it were made (their host's capacity
+    claimed, their address taken), as ``up`` would make them."""
+    from cloudops.compute import placement, scheduler
+    from cloudops.compute import plan as planning
+
+    report, plans = Report(), []
+    hypervisors = inventory.hypervisors()
+    for spec in stack.networks:
+        result = fleet.run(hypervisors, lambda h, s=spec: _check_network(h, s))
+        _collect(result, report, f"network {spec.name}")
+    states, taken = None, []
+    for spec in stack.vms:
+        try:
+            host = vms.locate(spec.name, hypervisors)
+        except NotFound:
+            if states is None:
+                states = {s.name: s for s in placement.host_states(hypervisors)}
+            planned = planning.plan_start(spec, inventory, extra_networks=stack.networks, states=states,
+                                          also_taken=taken)
+            states[planned.host] = scheduler.claim(states[planned.host], placement.request_for(spec))
+            taken.append(planned.ip)
+            plans.append(planned)
+            report.changes.append(f"vm {spec.name}: would start on {planned.host} at {planned.ip} "
+                                  f"({spec.memory} MiB, {spec.vcpus} vCPU, disk {sizing.format_size(planned.disk_size)})")
+            continue
+        with virt.open_host(host) as conn:
+            if conn.lookupByName(spec.name).isActive():
+                report.unchanged.append(f"vm {spec.name}: running on {host.name}")
+            else:
+                report.changes.append(f"vm {spec.name}: stopped on {host.name}, would start")
+    return report, plans
+
+
+def _check_network(host, spec):
+    with virt.open_host(host) as conn:
+        changed, message = networks.ensure_network(conn, spec, check=True)
+    return fleet.Changed(message) if changed else message
+
+
 def down(stack: Stack, inventory, progress=lambda m: None, force: bool = False) -> Report:
     """Delete the stack's VMs, then its networks. Every VM is checked first: when one of the
     stack's names is a domain cloudops did not make, nothing is deleted (``force``: see vms.delete_vm)."""

@@ -35,11 +35,13 @@ def _keys(ssh_key):
     "group": "anti-affinity group: never two VMs of a group on one host", "no_wait": "do not wait for SSH",
     "timeout": "seconds to wait for the IP and SSH", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"],
     "disk_size": "root disk size, e.g. 4G (K/M/G/T, binary; at least the image's virtual size; default: the image's)",
-    "flavor": "a named size (flavors: in the inventory's vars or config vm.flavors); explicit options override it"})
+    "flavor": "a named size (flavors: in the inventory's vars or config vm.flavors); explicit options override it",
+    "dry_run": "print the host the scheduler would choose and why, the address, the disk and what would be made; "
+               "make nothing"})
 @user_errors
 def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None, password=None, password_file=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
-          inventory=None, json=False, disk_size=None, flavor=None):
+          inventory=None, json=False, disk_size=None, flavor=None, dry_run=False):
     """Start a VM from an image; prints its name, host and IP once SSH answers."""
     vms.validate_name(name)
     root_password = _password(password, password_file, password_stdin)  # refused before anything is read
@@ -51,6 +53,15 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
         root_password=root_password, ssh_keys=_keys(ssh_key),
         hostname=hostname, customize=customize or c.vm.customize, group=group, wait=not no_wait,
         timeout=float(timeout or c.vm.timeout), disk_size=size["disk_size"])
+    if dry_run:
+        from cloudops.compute import plan
+
+        planned = plan.plan_start(spec, inv)
+        if json:
+            emit_json(planned.to_dict())
+        else:
+            print("\n".join(planned.lines()))
+        return
     vm = vms.start_vm(spec, inv, progress=progress)
     if json:
         emit_json(vm.to_dict())

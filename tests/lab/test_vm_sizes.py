@@ -67,3 +67,48 @@ def test_disk_smaller_than_the_image_or_unparseable_is_refused_with_nothing_made
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], proc.stderr
         assert leftovers(lab_inventory, name) == []
+
+
+def ipam_state() -> dict:
+    proc = invoke("state.show", "--prefix", "ipam/", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["keys"]
+
+
+def test_dry_runs_make_nothing(lab, lab_inventory, tiny_image, tmp_path):
+    import sqlite3
+
+    from cloudops import paths
+
+    inv = ("--inventory", str(lab.inventory_path))
+    before = ipam_state()
+    proc = invoke("vm.start", "--name", "t-dry", "--disk-size", "1G", "--memory", "64", "--dry-run", "--json", *inv)
+    assert proc.returncode == 0, proc.stderr
+    planned = json.loads(proc.stdout)
+    assert planned["dry_run"] and planned["host"] in lab_inventory.hosts and planned["ip"].startswith("192.168.150.")
+    assert planned["disk"]["size"] == G and planned["image"]["name"] == "tiny"
+    assert {h["host"] for h in planned["hosts"]} == {h.name for h in lab_inventory.hypervisors()}
+    assert planned["hosts"][0]["host"] == planned["host"] and "score" in planned["hosts"][0]
+    text = invoke("vm.start", "--name", "t-dry", "--dry-run", *inv)
+    assert text.returncode == 0 and "nothing was made" in text.stdout and "would make:" in text.stdout, text.stderr
+    stack = tmp_path / "stack.yaml"
+    stack.write_text("vms:\n  - {name: t-dry, image: tiny, memory: 64}\n  - {name: t-dry2, image: tiny, memory: 64}\n")
+    up = invoke("cloud.up", str(stack), "--dry-run", "--json", *inv)
+    assert up.returncode == 0, up.stderr
+    assert [v["name"] for v in json.loads(up.stdout)["vms"]] == ["t-dry", "t-dry2"]
+    # nothing on any host: no domain, no DHCP host entry, no disk (virsh and ls on the hosts)
+    for host in lab_inventory.hypervisors():
+        domains = on_host(host, "virsh -c qemu:///system list --all --name").split()
+        dhcp = on_host(host, "virsh -c qemu:///system net-dumpxml cloudops 2>/dev/null || true")
+        disks = on_host(host, f"ls {shlex.quote(images.pool_path(host))}/disks 2>/dev/null || true").split()
+        assert not {"t-dry", "t-dry2"} & set(domains), host.name
+        assert "t-dry" not in dhcp, host.name
+        assert not [d for d in disks if d.startswith("t-dry")], host.name
+    # nothing in the state store: the same IPAM documents, and no lock of the names
+    after = ipam_state()
+    assert after == before and "t-dry" not in json.dumps(after)
+    store_file = paths.var_dir() / "cloud.sqlite"  # the default backend's file, read with sqlite3
+    if store_file.exists():
+        with sqlite3.connect(store_file) as db:
+            assert db.execute("SELECT name FROM locks WHERE name LIKE '%t-dry%'").fetchall() == []
+    assert leftovers(lab_inventory, "t-dry") == [] and leftovers(lab_inventory, "t-dry2") == []
