@@ -52,11 +52,14 @@ def host_states(hosts: list) -> list[scheduler.HostState]:
     return states
 
 
+def request_for(spec) -> scheduler.PlacementRequest:
+    return scheduler.PlacementRequest(memory_mb=spec.memory, vcpus=spec.vcpus, name=spec.name,
+                                      anti_affinity_group=spec.group)
+
+
 def choose(spec, candidates: list):
     """The inventory host for a new VM (``spec`` has memory, vcpus, name, group)."""
     states = host_states(candidates)
-    request = scheduler.PlacementRequest(memory_mb=spec.memory, vcpus=spec.vcpus, name=spec.name,
-                                         anti_affinity_group=spec.group)
-    chosen = scheduler.place(request, states)
+    chosen = scheduler.place(request_for(spec), states)
     return next(h for h in candidates if h.name == chosen.name)
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import yaml
 
 from cloudops import fleet, virt
-from cloudops.compute import vms
+from cloudops.compute import sizing, vms
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.net import networks
 
-VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group"}
+VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group",
+           "disk_size", "flavor"}
 
 
 @dataclass
@@ -44,7 +45,8 @@ class Report:
         return {"changed": self.changed, "changes": self.changes, "unchanged": self.unchanged}
 
 
-def load(path) -> Stack:
+def load(path, flavors: dict | None = None) -> Stack:
+    """The stack in ``path``; a VM's ``flavor`` is resolved in ``flavors`` (None: not checked, as for ``down``)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -68,6 +70,15 @@ def load(path) -> Stack:
         if item["name"] in seen:
             raise CloudopsError(f"{where}: duplicate VM name {item['name']!r}")
         seen.add(item["name"])
+        item = dict(item)
+        flavor_name = item.pop("flavor", None)
+        if flavor_name is not None and flavors is not None:
+            try:
+                chosen = sizing.flavor(str(flavor_name), flavors)
+            except CloudopsError as exc:
+                raise CloudopsError(f"{where}: {exc}") from None
+            size = sizing.sized({k: item.get(k) for k in sizing.FLAVOR_KEYS}, chosen, {})
+            item.update({k: v for k, v in size.items() if v is not None})
         spec = vms.VMSpec(**{k: v for k, v in item.items() if k != "ssh_keys"},
                           ssh_keys=tuple(item.get("ssh_keys") or ()))
         try:
@@ -100,6 +111,48 @@ def up(stack: Stack, inventory, progress=lambda m: None) -> Report:
                 dom.create()
                 report.changes.append(f"vm {spec.name}: was stopped on {host.name}, started")
     return report
+
+
+def plan(stack: Stack, inventory) -> tuple[Report, list]:
+    """What ``up`` would do, as a report of would-be changes and the start plan of every missing VM; makes nothing.
+
+    The VMs are planned in a row, each as if the ones before it were made (their host's capacity
+    claimed, their address taken), as ``up`` would make them."""
+    from cloudops.compute import placement, scheduler
+    from cloudops.compute import plan as planning
+
+    report, plans = Report(), []
+    hypervisors = inventory.hypervisors()
+    for spec in stack.networks:
+        result = fleet.run(hypervisors, lambda h, s=spec: _check_network(h, s))
+        _collect(result, report, f"network {spec.name}")
+    states, taken = None, []
+    for spec in stack.vms:
+        try:
+            host = vms.locate(spec.name, hypervisors)
+        except NotFound:
+            if states is None:
+                states = {s.name: s for s in placement.host_states(hypervisors)}
+            planned = planning.plan_start(spec, inventory, extra_networks=stack.networks, states=states,
+                                          also_taken=taken)
+            states[planned.host] = scheduler.claim(states[planned.host], placement.request_for(spec))
+            taken.append(planned.ip)
+            plans.append(planned)
+            report.changes.append(f"vm {spec.name}: would start on {planned.host} at {planned.ip} "
+                                  f"({spec.memory} MiB, {spec.vcpus} vCPU, disk {sizing.format_size(planned.disk_size)})")
+            continue
+        with virt.open_host(host) as conn:
+            if conn.lookupByName(spec.name).isActive():
+                report.unchanged.append(f"vm {spec.name}: running on {host.name}")
+            else:
+                report.changes.append(f"vm {spec.name}: stopped on {host.name}, would start")
+    return report, plans
+
+
+def _check_network(host, spec):
+    with virt.open_host(host) as conn:
+        changed, message = networks.ensure_network(conn, spec, check=True)
+    return fleet.Changed(message) if changed else message
 
 
 def down(stack: Stack, inventory, progress=lambda m: None, force: bool = False) -> Report:

@@ -24,7 +24,7 @@ from pathlib import Path
 import libvirt
 
 from cloudops import hostfiles, kvm, passwords, state, storage, virt
-from cloudops.compute import guest, placement, seed
+from cloudops.compute import guest, placement, seed, sizing
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
 from cloudops.net import ipam, networks
@@ -53,6 +53,7 @@ class VMSpec:
     group: str | None = None  # anti-affinity group
     wait: bool = True
     timeout: float = 180
+    disk_size: int | str | None = None  # root disk bytes (or "4G"); None: the image's virtual size
 
 
 @dataclass
@@ -91,6 +92,8 @@ def validate(spec: VMSpec) -> VMSpec:
         raise CloudopsError(f"customize must be one of {', '.join(CUSTOMIZE_WAYS)}, got {spec.customize!r}")
     if spec.group is not None:
         validate_name(spec.group)
+    if spec.disk_size is not None:
+        spec.disk_size = sizing.parse_size(spec.disk_size)
     if spec.hostname is not None:
         from cloudops.compute.guestconfig import validate_hostname
         validate_hostname(spec.hostname)
@@ -201,6 +204,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     """Start a VM from an image; returns it with its host and IP once SSH answers."""
     validate(spec)
     image = images.resolve(spec.image)
+    sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)  # before anything is made
     all_hosts = list(inventory.hosts.values())
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
@@ -260,16 +264,17 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
 
         checkpoint("address")
         disk_name = f"{spec.name}.qcow2"
+        capacity = sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)
         seed_path = None
         hostname = spec.hostname or spec.name
         if spec.customize == "guestfs":
-            _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress)
+            _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity)
             undo.push(storage.delete_volume, pool, disk_name)
             pool.refresh(0)
             disk_path = pool.storageVolLookupByName(disk_name).path()
         else:
             disk_path = storage.create_overlay(pool, disk_name, image.remote_path(host), image.format,
-                                               image.virtual_size).path()
+                                               capacity).path()
             undo.push(storage.delete_volume, pool, disk_name)
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
             _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name)
@@ -297,14 +302,14 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
     return vm
 
 
-def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress):
+def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity):
     """Overlay made and customized here with libguestfs, then rebased onto the host's image and uploaded."""
     from cloudops.imaging.customize import customize_image
 
     with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
         local = Path(tmp) / disk_name
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", image.format, "-b",
-                        str(image.local_path), str(local)], check=True, umask=0o077)  # it will hold a hash
+                        str(image.local_path), str(local), str(capacity)], check=True, umask=0o077)  # it will hold a hash
         progress("customizing the disk with libguestfs (one appliance launch)")
         customize_image(local, root_password=spec.root_password, ssh_keys=keys, hostname=hostname)
         subprocess.run(["qemu-img", "rebase", "-u", "-F", image.format, "-b", image.remote_path(host), str(local)],

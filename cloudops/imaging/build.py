@@ -262,6 +262,7 @@ def stage_tiny(recipe: Recipe, kernel: str, stage: Path) -> dict:
         raise CloudopsError(f"{busybox} is not statically linked (apt-get install busybox-static)")
     dropbear = _host_binary("dropbear", "dropbear-bin")
     dropbearkey = _host_binary("dropbearkey", "dropbear-bin")
+    resize2fs = _host_binary("resize2fs", "e2fsprogs")  # grows the root on a disk bigger than the image
     modules = resolve_modules(recipe.modules, kernel)
 
     # initramfs: busybox, the modules, /init.
@@ -296,7 +297,8 @@ def stage_tiny(recipe: Recipe, kernel: str, stage: Path) -> dict:
     _busybox_links(root / "bin", busybox)
     _copy(dropbear, root / "bin/dropbear", 0o755)
     _copy(dropbearkey, root / "bin/dropbearkey", 0o755)
-    for lib in sorted(set(shared_libraries(dropbear) + shared_libraries(dropbearkey))):
+    _copy(resize2fs, root / "bin/resize2fs", 0o755)
+    for lib in sorted(set(shared_libraries(dropbear) + shared_libraries(dropbearkey) + shared_libraries(resize2fs))):
         # As ldd names it (/lib64/ld-linux-x86-64.so.2, /lib/x86_64-linux-gnu/...); /lib64 links to lib.
         rel = lib.relative_to("/")
         if rel.parts[0] == "usr":
@@ -396,7 +398,7 @@ def cache_key(recipe: Recipe, kernel: str) -> str:
     h.update(Path(__file__).read_bytes())
     h.update(kernel.encode())
     if recipe.builder == "tiny":
-        for name in ("busybox", "dropbear", "dropbearkey"):
+        for name in ("busybox", "dropbear", "dropbearkey", "resize2fs"):
             found = shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
             if found:
                 st = Path(found).stat()

@@ -279,9 +279,7 @@ def ensure_on_host(image: Image, host, conn=None) -> bool:
         with connect(host) as c:
             return ensure_on_host(image, host, c)
     directory = f"{pool_path(host)}/images"
-    wanted = image.files()
-    present = conn.run(f"cd {shlex.quote(directory)} 2>/dev/null && ls", warn=True, hide=True, in_stream=False).stdout.split()
-    missing = {local: spec for local, spec in wanted.items() if spec[0] not in present}
+    missing = missing_on_host(image, host, conn)
     if not missing:
         return False
     conn.run(f"mkdir -p {shlex.quote(directory)}", hide=True, in_stream=False)
@@ -303,6 +301,13 @@ def ensure_on_host(image: Image, host, conn=None) -> bool:
             conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
     _record_host(image, host.name)
     return True
+
+
+def missing_on_host(image: Image, host, conn) -> dict:
+    """The image's files ``host`` lacks ({local name: (remote name, sha256)}); only reads (one ``ls``)."""
+    directory = f"{pool_path(host)}/images"
+    present = conn.run(f"cd {shlex.quote(directory)} 2>/dev/null && ls", warn=True, hide=True, in_stream=False).stdout.split()
+    return {local: spec for local, spec in image.files().items() if spec[0] not in present}
 
 
 def _record_host(image: Image, host_name: str) -> None:

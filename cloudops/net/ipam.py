@@ -12,6 +12,7 @@ is derived from sha256("<network>/<vm>") under QEMU's 52:54:00 prefix and stored
 on a collision the next derivation ("<network>/<vm>/1", ...) is taken.
 """
 
+import copy
 import hashlib
 import ipaddress
 import re
@@ -122,6 +123,17 @@ def _pick(free: list[str], released: dict, mac: str, now: float | None = None) -
         if last is None or last["mac"] == mac or now - last["at"] >= QUARANTINE:
             return ip
     return min(free, key=lambda ip: released[ip]["at"])
+
+
+def peek(spec: NetworkSpec, vm_name: str, store=None, also_taken=()) -> Allocation:
+    """What ``allocate`` would give the VM now, without allocating: a read, nothing is written.
+
+    ``also_taken``: addresses to treat as allocated (a plan of several VMs in a row)."""
+    _check_vm(vm_name)
+    doc = copy.deepcopy(_read(spec, store))
+    for i, ip in enumerate(also_taken):
+        doc["allocations"].setdefault(f"\0planned-{i}", {"ip": ip, "mac": ""})
+    return _allocate(spec, vm_name, doc)
 
 
 def release(spec: NetworkSpec, vm_name: str, store=None) -> bool:

@@ -24,7 +24,7 @@ ns.configure({
     "state": {"backend": "sqlite"},
     "lab": {"prefix": "co"},
     "fleet": {"workers": 16, "timeout": 60},
-    "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180},
+    "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180, "flavors": {}},
     "image": {"recipe": "tiny"},
     "deploy": {"timeout": 600},
     "migrate": {},  # Policy overrides: downtime_max_ms, postcopy_after, timeout, ... (cloudops/migrate.py)

@@ -16,11 +16,32 @@ def _print(report, as_json):
           + ("" if report.changed else ": no changes, everything is as described"))
 
 
-@task(help={"file": "stack YAML (networks and vms)", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+@task(help={"file": "stack YAML (networks and vms)", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"],
+            "dry_run": "print what would be made (each new VM's host with the scheduler's reasons, address, disk); "
+                       "make nothing"})
 @user_errors
-def up(c, file, inventory=None, json=False):
+def up(c, file, inventory=None, json=False, dry_run=False):
     """Bring the stack's networks and VMs to the described state; a second run changes nothing."""
-    _print(stack.up(stack.load(file), load_inventory(c, inventory), progress=progress), json)
+    from cloudops.compute import sizing
+
+    inv = load_inventory(c, inventory)
+    flavors = sizing.flavors_from(c.vm.get("flavors"), sizing.inventory_flavors(inv))
+    if dry_run:
+        _print_plan(*stack.plan(stack.load(file, flavors=flavors), inv), json)
+        return
+    _print(stack.up(stack.load(file, flavors=flavors), inv, progress=progress), json)
+
+
+def _print_plan(report, plans, as_json):
+    if as_json:
+        emit_json({**report.to_dict(), "dry_run": True, "vms": [p.to_dict() for p in plans]})
+        return
+    for line in report.changes:
+        print(f"would change: {line}")
+    for planned in plans:
+        print(f"{planned.name}:")
+        print("\n".join(f"  {line}" for line in planned.lines()[1:]))
+    print(f"dry run: {len(report.changes)} would change, {len(report.unchanged)} unchanged; nothing was made")
 
 
 @task(help={"file": "stack YAML (networks and vms)", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"],

@@ -33,24 +33,50 @@ def _keys(ssh_key):
     "password_stdin": "read the root password from stdin", "ssh_key": "public key file(s) for root, comma-separated",
     "hostname": "guest hostname (default: the VM name)", "customize": "seed (NoCloud CD-ROM) or guestfs",
     "group": "anti-affinity group: never two VMs of a group on one host", "no_wait": "do not wait for SSH",
-    "timeout": "seconds to wait for the IP and SSH", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+    "timeout": "seconds to wait for the IP and SSH", "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"],
+    "disk_size": "root disk size, e.g. 4G (K/M/G/T, binary; at least the image's virtual size; default: the image's)",
+    "flavor": "a named size (flavors: in the inventory's vars or config vm.flavors); explicit options override it",
+    "dry_run": "print the host the scheduler would choose and why, the address, the disk and what would be made; "
+               "make nothing"})
 @user_errors
 def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None, password=None, password_file=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
-          inventory=None, json=False):
+          inventory=None, json=False, disk_size=None, flavor=None, dry_run=False):
     """Start a VM from an image; prints its name, host and IP once SSH answers."""
     vms.validate_name(name)
+    root_password = _password(password, password_file, password_stdin)  # refused before anything is read
+    inv = load_inventory(c, inventory)
+    size = _size(c, inv, flavor, memory=memory, vcpus=vcpus, disk_size=disk_size)
     spec = vms.VMSpec(
-        name=name, image=image or c.vm.image, memory=_int(memory or c.vm.memory, "memory"),
-        vcpus=_int(vcpus or c.vm.vcpus, "vcpus"), host=host, network=network,
-        root_password=_password(password, password_file, password_stdin), ssh_keys=_keys(ssh_key),
+        name=name, image=image or c.vm.image, memory=_int(size["memory"], "memory"),
+        vcpus=_int(size["vcpus"], "vcpus"), host=host, network=network,
+        root_password=root_password, ssh_keys=_keys(ssh_key),
         hostname=hostname, customize=customize or c.vm.customize, group=group, wait=not no_wait,
-        timeout=float(timeout or c.vm.timeout))
-    vm = vms.start_vm(spec, load_inventory(c, inventory), progress=progress)
+        timeout=float(timeout or c.vm.timeout), disk_size=size["disk_size"])
+    if dry_run:
+        from cloudops.compute import plan
+
+        planned = plan.plan_start(spec, inv)
+        if json:
+            emit_json(planned.to_dict())
+        else:
+            print("\n".join(planned.lines()))
+        return
+    vm = vms.start_vm(spec, inv, progress=progress)
     if json:
         emit_json(vm.to_dict())
     else:
         print(f"{vm.name} {vm.host} {vm.ip}")
+
+
+def _size(c, inv, flavor, **explicit):
+    """memory, vcpus, disk_size: the options given, else the flavor's, else the configuration's."""
+    from cloudops.compute import sizing
+
+    chosen = None
+    if flavor:
+        chosen = sizing.flavor(flavor, sizing.flavors_from(c.vm.get("flavors"), sizing.inventory_flavors(inv)))
+    return sizing.sized(explicit, chosen, {"memory": c.vm.memory, "vcpus": c.vm.vcpus})
 
 
 def _int(value, what):
