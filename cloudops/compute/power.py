@@ -147,26 +147,29 @@ def reboot_progress(before: str | None, now: str | None) -> str:
     return "waiting"
 
 
-def _probe(hv, ip: str) -> tuple[str, float] | None:
-    """The guest's (boot id, uptime) over SSH; None when it does not answer (down, booting, refusing)."""
+UNSURE = ("?", None)  # SSH port open, but the boot id could not be read: neither old, new nor down
+
+
+def _probe(hv, ip: str):
+    """The guest's (boot id, uptime) over SSH; None when nothing answers at its SSH port, else ``UNSURE``."""
     if not guest.ssh_banner(hv, ip, timeout=2):
         return None
     try:
         with guest.connect_vm(hv, ip, timeout=5) as conn:
             result = conn.run(BOOT_PROBE, hide=True, warn=True, in_stream=False, timeout=10)
-    except Exception:  # noqa: BLE001 - a probe: any failure to answer means "not answering now"
-        return None
-    return parse_probe(result.stdout) if result.ok else None
+    except Exception:  # noqa: BLE001 - a probe: a guest going down or coming up fails in many ways
+        return UNSURE
+    return (parse_probe(result.stdout) if result.ok else None) or UNSURE
 
 
 def _wait_for(dom, hv, ip, before, want: tuple[str, ...], timeout: float):
-    """Poll the guest until ``reboot_progress`` is one of ``want``; (stage, probe) or (None, None) at timeout."""
+    """Poll the guest until ``reboot_progress`` is one of ``want``; (stage, probe), or (None, None) at timeout."""
     deadline = time.monotonic() + timeout
     while True:
         if not dom.isActive():
             raise CloudopsError(f"{dom.name()} powered off instead of rebooting")
         probe = _probe(hv, ip)
-        stage = reboot_progress(before, probe[0] if probe else None)
+        stage = "waiting" if probe is UNSURE else reboot_progress(before, probe[0] if probe else None)
         if stage in want:
             return stage, probe
         if time.monotonic() >= deadline:
@@ -178,9 +181,9 @@ def reboot_vm(name: str, hosts: list, force: bool = False, timeout: float = 60, 
               progress=lambda m: None) -> PowerResult:
     """Reboot a running cloudops VM and wait until it is back at its address (a new boot id over SSH).
 
-    ACPI reboot first; when the guest has not gone down (or come back) within ``timeout``, a
-    hard reset. ``force``: the hard reset at once. A VM that is not running is an error: there
-    is nothing to reboot."""
+    ACPI reboot first; a hard reset when the guest has not gone down within ``timeout``, or went
+    down and was not back within ``wait_timeout`` (hung on its way down). ``force``: the hard
+    reset at once. A VM that is not running is an error: there is nothing to reboot."""
     with _own_vm(name, hosts, "reboot it") as (host, _conn, dom):
         vm = vms.describe(dom, host.name)
         if vm.state != "running":
@@ -189,28 +192,30 @@ def reboot_vm(name: str, hosts: list, force: bool = False, timeout: float = 60, 
             raise CloudopsError(f"VM {name} has no known address: cannot tell when it is back")
         with connect(host) as hv:
             before = _probe(hv, vm.ip)
-            before_id = before[0] if before else None
-            if before is None:
+            before_id = before[0] if before and before is not UNSURE else None
+            if before_id is None:
                 progress(f"{name} does not answer SSH at {vm.ip} now; rebooting it anyway")
-            action = "reset"
-            stage = None
+            stage, probe, action = None, None, "reset"
             if not force:
                 progress(f"ACPI reboot of {name} on {host.name} (reset if not down within {timeout:g}s)")
                 dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
                 stage, probe = _wait_for(dom, hv, vm.ip, before_id, ("down", "back"), timeout)
-                if stage:
+                if stage is None:
+                    progress(f"{name} did not go down within {timeout:g}s of the ACPI reboot; resetting it")
+                elif stage == "down":
+                    stage, probe = _wait_for(dom, hv, vm.ip, before_id, ("back",), wait_timeout)
+                    if stage is None:
+                        progress(f"{name} went down but was not back within {wait_timeout:g}s; resetting it")
+                if stage == "back":
                     action = "rebooted"
-                else:
-                    progress(f"{name} did not reboot within {timeout:g}s of the ACPI request; resetting it")
-            if action == "reset":
+            if stage != "back":
                 if force:
                     progress(f"resetting {name} on {host.name}")
                 dom.reset(0)
-            if stage != "back":
                 stage, probe = _wait_for(dom, hv, vm.ip, before_id, ("back",), wait_timeout)
                 if stage is None:
-                    raise CloudopsError(f"{name} was {'reset' if action == 'reset' else 'rebooted'} on {host.name} "
-                                        f"but did not answer SSH at {vm.ip} within {wait_timeout:g}s")
+                    raise CloudopsError(f"{name} was reset on {host.name} but did not answer SSH at {vm.ip} "
+                                        f"with a new boot within {wait_timeout:g}s")
         how = "rebooted (ACPI)" if action == "rebooted" else "reset"
         return PowerResult(vms.describe(dom, host.name), True, action,
                            f"{name} on {host.name}: {how}, back at {vm.ip} (uptime {probe[1]:.1f}s)", uptime=probe[1])
