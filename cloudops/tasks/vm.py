@@ -5,7 +5,7 @@ import sys
 from invoke import Exit, task
 
 from cloudops import fleet, output, passwords
-from cloudops.compute import guest, vms
+from cloudops.compute import guest, power, vms
 from cloudops.errors import CloudopsError
 from cloudops.inventory import hypervisors
 from cloudops.tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, select_hosts, user_errors
@@ -87,17 +87,56 @@ def _int(value, what):
 
 
 @task(help={"name": "VM name", "timeout": "seconds to wait for ACPI shutdown before destroying",
+            "force": "destroy it at once, no ACPI shutdown (only a VM cloudops made)",
             **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
 @user_errors
-def stop(c, name, timeout=60, inventory=None, json=False):
-    """Stop a VM: ACPI shutdown, destroyed after --timeout; says so when it was already stopped."""
+def stop(c, name, timeout=60, force=False, inventory=None, json=False):
+    """Stop a VM: ACPI shutdown, destroyed after --timeout (--force: at once); says so when it was already stopped."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     hosts = _hypervisors(c, inventory)
+    if force:
+        _report(power.force_stop_vm(name, hosts, progress=progress), json)
+        return
     vm, changed = vms.stop_vm(name, hosts, timeout=float(timeout), progress=progress)
     if json:
         emit_json({**vm.to_dict(), "changed": changed})
     else:
         print(f"{vm.name} on {vm.host}: {'stopped' if changed else 'already stopped, nothing to do'}")
+
+
+def _report(result, json):
+    """One line saying what a power verb did or that nothing changed (or its JSON, with "changed")."""
+    if json:
+        emit_json(result.to_dict())
+    else:
+        print(result.message)
+
+
+@task(help={"name": "VM name", "no_wait": "do not wait for SSH",
+            "timeout": "seconds to wait for the IP and SSH (default: config vm.timeout)",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def poweron(c, name, no_wait=False, timeout=None, inventory=None, json=False):
+    """Start a stopped VM again on its host, same address; waits for SSH. A running VM: says so, changes nothing.
+
+    Idempotent, like the rest of cloudops: powering on a VM that already runs prints one line
+    saying so and exits 0 (``"changed": false`` with --json). A paused VM, a domain cloudops did
+    not make, or one with an unfinished migration is refused (non-zero)."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    inv = load_inventory(c, inventory)
+    _report(power.poweron_vm(name, inv, wait=not no_wait, timeout=float(timeout or c.vm.timeout),
+                             progress=progress), json)
+
+
+@task(help={"name": "VM name", "force": "hard reset at once instead of an ACPI reboot",
+            "timeout": "seconds the guest has to go down after the ACPI reboot before it is reset (default 60)",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def reboot(c, name, force=False, timeout=60, inventory=None, json=False):
+    """Reboot a running VM (ACPI, reset after --timeout; --force: reset) and wait until it answers again."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    _report(power.reboot_vm(name, _hypervisors(c, inventory), force=force, timeout=float(timeout),
+                            wait_timeout=float(c.vm.timeout), progress=progress), json)
 
 
 @task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")},
