@@ -26,6 +26,18 @@ DEFAULT_NETWORK_CONFIG = {
 }
 
 
+def dhcp_config(macs) -> dict:
+    """network-config v2 for a VM's NICs: each matched by its MAC, named eth0, eth1, ..., DHCP.
+
+    Not a name pattern: cloud-init's ifupdown renderer (Debian's images) takes an ethernet's ID
+    as the interface name, so ``all-en: {match: {name: "e*"}}`` became an interface "all-en"
+    that does not exist, and networking failed to start. A MAC match with ``set-name`` renders
+    the same on every renderer (ifupdown, networkd, netplan, sysconfig).
+    """
+    return {"version": 2, "ethernets": {f"eth{i}": {"match": {"macaddress": mac}, "set-name": f"eth{i}",
+                                                    "dhcp4": True} for i, mac in enumerate(macs)}}
+
+
 def _quote(value: str) -> str:
     """A YAML double-quoted scalar (JSON string syntax is a subset of YAML)."""
     return json.dumps(value, ensure_ascii=False)

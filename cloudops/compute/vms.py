@@ -277,7 +277,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
                                                capacity).path()
             undo.push(storage.delete_volume, pool, disk_name)
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
-            _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name)
+            _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name, allocation.mac)
             undo.push(storage.delete_volume, pool, f"{spec.name}-seed.iso")
             pool.refresh(0)
 
@@ -318,10 +318,11 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
         hostfiles.put_private(hv, str(local), f"{pool_dir}/{disk_name}")  # holds root's hash: 0600 from creation
 
 
-def _upload_seed(hv, remote_path, hostname, keys, password_hash, name):
+def _upload_seed(hv, remote_path, hostname, keys, password_hash, name, mac):
     with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
         local = Path(tmp) / "seed.iso"
-        seed.make_seed(local, hostname, ssh_keys=keys, password_hash=password_hash, instance_id=f"{name}-{secrets.token_hex(4)}")
+        seed.make_seed(local, hostname, ssh_keys=keys, password_hash=password_hash,
+                       network_config=seed.dhcp_config([mac]), instance_id=f"{name}-{secrets.token_hex(4)}")
         hv.run(f"mkdir -p {shlex.quote(os.path.dirname(remote_path))}", hide=True, in_stream=False)
         hostfiles.put_private(hv, str(local), remote_path)  # may hold root's hash: 0600 from creation
 

@@ -363,7 +363,8 @@ def stage_debootstrap(recipe: Recipe, kernel: str, stage: Path) -> dict:
     _write(root / "etc/hostname", render("image/tiny/etc/hostname.j2", **ctx))
     _write(root / "etc/hosts", render("image/tiny/etc/hosts.j2", **ctx))
     _write(root / "etc/fstab", render("image/debian/fstab.j2", **ctx))
-    _write(root / "etc/network/interfaces.d/cloudops", render("image/debian/interfaces.j2"))
+    # No interfaces file of our own: cloud-init writes the NIC's (from the seed's network-config,
+    # or its own DHCP fallback), and a second stanza for the same interface would make ifup fail.
     # Per-instance identity must not be baked into an image that is cloned: SSH host keys
     # are made at first boot (ssh-keygen -A before sshd), the machine-id by systemd.
     for key in (root / "etc/ssh").glob("ssh_host_*"):

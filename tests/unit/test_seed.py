@@ -168,3 +168,10 @@ def test_tiny_guest_parser_refuses_bad_values(tmp_path):
     assert proc.returncode == 1
     assert (root / "etc/hostname").read_text() == "tiny\n"
     assert (root / "etc/shadow").read_text().startswith("root:*:")
+
+
+def test_a_vm_seed_names_its_nic_by_mac_so_every_cloud_init_renderer_can_bring_it_up():
+    config = seed.dhcp_config(["52:54:00:aa:bb:cc"])
+    net = yaml.safe_load(seed.seed_files("web", network_config=config)["network-config"])
+    assert net == {"version": 2, "ethernets": {"eth0": {"match": {"macaddress": "52:54:00:aa:bb:cc"},
+                                                        "set-name": "eth0", "dhcp4": True}}}
