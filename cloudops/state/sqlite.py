@@ -8,12 +8,16 @@ The file is created with mode 0600 in a 0700 directory: it holds the cloud's add
 """
 
 import os
+import random
 import sqlite3
+import threading
 import time
 import uuid
 from pathlib import Path
 
 from cloudops.state.store import Entry, Store, StoreUnavailable, check_key, decode, encode
+
+OPEN_TIMEOUT = 60  # seconds a busy database is waited for
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, version INTEGER NOT NULL);
@@ -33,15 +37,32 @@ class SqliteStore(Store):
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if not self.path.exists():
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-            self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            self._db = self._open()
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"state store {self.path}: {exc}") from None
-        import threading
-
         self._mutex = threading.Lock()  # one connection shared by a process's threads
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, switch to WAL and make the tables, when many processes open a new file at once.
+
+        Switching the journal mode takes an exclusive lock for which SQLite does not always wait
+        (12 vm.start at once on a fresh file saw "database is locked"): a busy open is tried again.
+        """
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while True:
+            db = sqlite3.connect(self.path, timeout=OPEN_TIMEOUT, isolation_level=None, check_same_thread=False)
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.executescript(SCHEMA)
+                return db
+            except sqlite3.OperationalError as exc:
+                db.close()
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02 + random.random() * 0.1)
 
     def describe(self) -> str:
         return f"sqlite {self.path}"

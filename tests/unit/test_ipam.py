@@ -98,7 +98,10 @@ def test_bridge_network_without_cidr_has_no_ipam(tmp_path):
 
 def _worker(state_dir, vm, barrier, results):
     barrier.wait()
-    results.put((vm, ipam.allocate(NET, vm, store=_store(state_dir)).to_dict()))
+    try:
+        results.put((vm, ipam.allocate(NET, vm, store=_store(state_dir)).to_dict()))
+    except Exception as exc:  # said in the test's failure, not lost in a child's stderr
+        results.put((vm, repr(exc)))
 
 
 def test_concurrent_processes_never_share_an_address(tmp_path):
@@ -110,6 +113,7 @@ def test_concurrent_processes_never_share_an_address(tmp_path):
     for p in procs:
         p.start()
     got = dict(results.get(timeout=60) for _ in procs)
+    assert all(isinstance(v, dict) for v in got.values()), got
     for p in procs:
         p.join(timeout=30)
         assert p.exitcode == 0
