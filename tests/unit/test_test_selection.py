@@ -48,3 +48,9 @@ def test_not_root_skips_outside_ci(monkeypatch):
     monkeypatch.setattr(conftest.os, "geteuid", lambda: 1000)
     with pytest.raises(pytest.skip.Exception):
         conftest.require_root()
+
+
+def test_no_two_test_modules_share_a_basename():
+    """tests/ has no __init__.py per folder: pytest refuses a second module of the same name (it stops CI)."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
