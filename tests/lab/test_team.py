@@ -10,15 +10,21 @@ import json
 import re
 import subprocess
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import TEST_PREFIX, invoke
+from tests.conftest import invoke, own_inventory, own_lab
 
 NETWORK = "cloudops"
+# A cloud has one store: this team's VMs get a lab of their own, whose network no other store's
+# allocations touch (the session lab's belong to the test run's sqlite store).
+lab = own_lab("t")
+lab_inventory = own_inventory()
+RUN = uuid.uuid4().hex[:4]  # VM names (and so MACs) of this run only: no lease of an earlier run matches
 
 
 @dataclass
@@ -41,9 +47,9 @@ class Operator:
 def etcd(lab):
     from cloudops.lab import etcd as lab_etcd
 
-    lab_etcd.up(TEST_PREFIX, 3)
-    yield lab_etcd.settings(TEST_PREFIX)
-    lab_etcd.down(TEST_PREFIX)
+    lab_etcd.up(lab.prefix, 3)
+    yield lab_etcd.settings(lab.prefix)
+    lab_etcd.down(lab.prefix)
 
 
 def _operator(name, tmp_path_factory, settings, lab):
@@ -136,7 +142,7 @@ def test_maintenance_set_by_one_operator_is_honoured_by_the_other(team, lab_inve
 
 def test_twelve_starts_at_once_from_two_operators_get_twelve_addresses_and_macs(team, lab_inventory):
     a, b = team
-    names = [f"t-tw{i}" for i in range(12)]
+    names = [f"t-tw{i}-{RUN}" for i in range(12)]
     results = {}
 
     def start(name, who):
@@ -151,6 +157,7 @@ def test_twelve_starts_at_once_from_two_operators_get_twelve_addresses_and_macs(
         failed = {n: r.stderr for n, r in results.items() if r.returncode != 0}
         assert failed == {}
         placed = domains(lab_inventory, "t-tw")
+        placed = {n: h for n, h in placed.items() if n.endswith(RUN)}
         assert sorted(placed) == sorted(names)
         macs = {name: mac_of(lab_inventory, host, name) for name, host in placed.items()}
         rows = [row for host_rows in reservations(lab_inventory).values() for row in host_rows if row[0] in macs]
@@ -162,12 +169,12 @@ def test_twelve_starts_at_once_from_two_operators_get_twelve_addresses_and_macs(
         assert reported == ips
     finally:
         delete_all(a, names)
-    assert domains(lab_inventory, "t-tw") == {}
+    assert {n for n in domains(lab_inventory, "t-tw") if n.endswith(RUN)} == set()
 
 
 def test_the_same_name_from_both_gives_one_vm_and_the_other_reaches_it_verified(team, lab_inventory):
     a, b = team
-    name = "t-both"
+    name = f"t-both-{RUN}"
     results = {}
     barrier = threading.Barrier(2)
 
@@ -205,13 +212,13 @@ def lab_inventory_settings(operator):
     return yaml.safe_load(operator.config.read_text())["state"]
 
 
-def test_one_etcd_member_killed_work_goes_on(team, lab_inventory):
+def test_one_etcd_member_killed_work_goes_on(team, lab, lab_inventory):
     from cloudops.lab import etcd as lab_etcd
 
     a, b = team
-    members = lab_etcd.status(TEST_PREFIX)["members"]
+    members = lab_etcd.status(lab.prefix)["members"]
     victim = members[0]["name"]
-    lab_etcd.kill_member(TEST_PREFIX, victim)
+    lab_etcd.kill_member(lab.prefix, victim)
     try:
         assert a.run("host.maintenance", "hv3", "on").returncode == 0
         shown = b.run("state.show", "--prefix", "maintenance/", "--json")
@@ -223,17 +230,17 @@ def test_one_etcd_member_killed_work_goes_on(team, lab_inventory):
         assert list(domains(lab_inventory, "t-one")) == ["t-one"]
     finally:
         a.run("vm.delete", "t-one")
-        lab_etcd.start_member(TEST_PREFIX, victim)
+        lab_etcd.start_member(lab.prefix, victim)
         wait_for_quorum(lab_inventory_settings(a))
 
 
-def test_quorum_lost_vm_start_fails_in_one_line_and_leaves_nothing(team, lab_inventory):
+def test_quorum_lost_vm_start_fails_in_one_line_and_leaves_nothing(team, lab, lab_inventory):
     from cloudops.lab import etcd as lab_etcd
 
     a, _b = team
-    victims = [m["name"] for m in lab_etcd.status(TEST_PREFIX)["members"][:2]]
+    victims = [m["name"] for m in lab_etcd.status(lab.prefix)["members"][:2]]
     for victim in victims:
-        lab_etcd.kill_member(TEST_PREFIX, victim)
+        lab_etcd.kill_member(lab.prefix, victim)
     try:
         proc = a.run("vm.start", "--name", "t-quorum", "--memory", "64", "--no-wait", timeout=180)
         assert proc.returncode != 0
@@ -241,7 +248,7 @@ def test_quorum_lost_vm_start_fails_in_one_line_and_leaves_nothing(team, lab_inv
         assert "state store" in proc.stderr
     finally:
         for victim in victims:
-            lab_etcd.start_member(TEST_PREFIX, victim)
+            lab_etcd.start_member(lab.prefix, victim)
         wait_for_quorum(lab_inventory_settings(a))
     assert domains(lab_inventory, "t-quorum") == {}
     assert all("t-quorum" not in {n for n, _m, _ip in rows} for rows in reservations(lab_inventory).values())
