@@ -34,7 +34,7 @@ def own_maintenance(no_maintenance):
 def start(lab_inventory, name, host, memory=96):
     spec = vms.VMSpec(name=name, image="tiny", memory=memory, host=host, timeout=300)
     vm = vms.start_vm(spec, lab_inventory)
-    guest.wait_until(lambda: _answers(lab_inventory, name), 60, f"a shell on {name}")
+    guest.wait_until(lambda: _answers(lab_inventory, name), 180, f"a shell on {name}")  # generous: a loaded 2-core CI
     return vm
 
 
