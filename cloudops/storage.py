@@ -1,5 +1,6 @@
 """libvirt storage on a host: the cloudops pool for VM disks, qcow2 overlays on images, volume removal."""
 
+import time
 import xml.etree.ElementTree as ET
 
 import libvirt
@@ -8,6 +9,7 @@ from cloudops.errors import CloudopsError
 from cloudops.templating import render
 
 POOL_NAME = "cloudops"
+BUSY_WAIT = 120  # seconds a refresh waits for another process's volume creation on the same pool
 
 
 def disks_dir(pool_root: str) -> str:
@@ -45,6 +47,27 @@ def ensure_pool(conn: libvirt.virConnect, path: str, name: str = POOL_NAME) -> t
     return pool, changed
 
 
+def refresh_pool(pool: libvirt.virStoragePool, wait: float = BUSY_WAIT) -> None:
+    """Re-read a pool's directory, waiting while another process is creating a volume in it.
+
+    libvirt refuses a refresh while a volume build runs ("pool ... has asynchronous jobs
+    running"); with several vm.start on one host at once that is routine, not a failure.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pool.refresh(0)
+            return
+        except libvirt.libvirtError as error:
+            if not _busy(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _busy(error: libvirt.libvirtError) -> bool:
+    return "asynchronous jobs running" in str(error)
+
+
 def create_overlay(pool: libvirt.virStoragePool, name: str, backing_path: str, backing_format: str,
                    capacity: int) -> libvirt.virStorageVol:
     """A qcow2 volume backed by an image (copy-on-write); fails if the name exists."""
@@ -61,8 +84,8 @@ def create_overlay(pool: libvirt.virStoragePool, name: str, backing_path: str, b
 
 def delete_volume(pool: libvirt.virStoragePool, name: str) -> bool:
     """Delete a volume if present; True when something was deleted."""
+    refresh_pool(pool)  # a busy or broken pool is an error here, never "nothing to delete"
     try:
-        pool.refresh(0)
         vol = pool.storageVolLookupByName(name)
     except libvirt.libvirtError:
         return False

@@ -194,10 +194,17 @@ class _Undo:
     def push(self, func, *args):
         self.steps.append((func, args))
 
-    def run(self):
+    def run(self) -> list[str]:
+        """Every step is tried; the ones that failed are returned, so a leftover is named, never silent."""
+        failed = []
         for func, args in reversed(self.steps):
-            with contextlib.suppress(Exception):
+            try:
                 func(*args)
+            except Exception as exc:  # noqa: BLE001 - the next steps must still run
+                what = " ".join(a for a in args if isinstance(a, str))
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                failed.append(f"{func.__name__} {what}: {reason}")
+        return failed
 
 
 def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()) -> VM:
@@ -228,7 +235,8 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
             vm = _build(spec, image, host, net, password_hash, keys, undo, progress, timings, t0)
         except BaseException:
             progress("start failed; removing what was made")
-            undo.run()
+            for leftover in undo.run():
+                progress(f"could not undo {leftover}")
             raise
     timings["total"] = round(time.monotonic() - t0, 3)
     vm.timings = timings
@@ -270,7 +278,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
         if spec.customize == "guestfs":
             _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity)
             undo.push(storage.delete_volume, pool, disk_name)
-            pool.refresh(0)
+            storage.refresh_pool(pool)
             disk_path = pool.storageVolLookupByName(disk_name).path()
         else:
             disk_path = storage.create_overlay(pool, disk_name, image.remote_path(host), image.format,
@@ -279,7 +287,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
             _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name, allocation.mac)
             undo.push(storage.delete_volume, pool, f"{spec.name}-seed.iso")
-            pool.refresh(0)
+            storage.refresh_pool(pool)
 
         checkpoint("disks")
         vm_vars = dict(

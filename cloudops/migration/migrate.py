@@ -424,7 +424,7 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
         pool, _ = storage.ensure_pool(dst_conn, directory, name=_pool_name(source, disk.path, directory))
         volume = os.path.basename(disk.path)
         with contextlib.suppress(libvirt.libvirtError):
-            pool.refresh(0)
+            storage.refresh_pool(pool)
         try:
             pool.storageVolLookupByName(volume)
             raise CloudopsError(f"{dest.name} already has a disk {disk.path}; remove it or choose another host")
@@ -437,7 +437,7 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
             _copy_file(source, dest, disk.path)
         else:
             storage.create_overlay(pool, volume, disk.backing, disk.backing_format, disk.capacity)
-        pool.refresh(0)
+        storage.refresh_pool(pool)
 
 
 def _pool_name(source, path, directory) -> str:

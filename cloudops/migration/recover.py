@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from cloudops import virt
+from cloudops import storage, virt
 from cloudops.compute import vms
 from cloudops.errors import CloudopsError
 from cloudops.migration import journal, migrate, outcome
@@ -304,7 +304,7 @@ def _clean_other(name, other, survivor, record, copy, message) -> list[str]:
             with virt.open_host(other) as conn:  # the pools' volume lists forget the deleted files
                 for pool in conn.listAllStoragePools():
                     with contextlib.suppress(libvirt.libvirtError):
-                        pool.refresh(0)
+                        storage.refresh_pool(pool)
             done.append(f"deleted {len(deleted)} leftover disk file(s) from {other.name}")
     return done
 

@@ -2,8 +2,10 @@
 
 import functools
 import json
+import os
 import sys
 
+import libvirt
 from invoke import Exit
 
 from cloudops import state
@@ -21,6 +23,10 @@ def user_errors(func):
             return func(*args, **kwargs)
         except CloudopsError as exc:
             raise Exit(f"cloudops: {exc}", code=exc.exit_code) from None
+        except libvirt.libvirtError as exc:  # one line; the traceback only on request
+            if os.environ.get("CLOUDOPS_TRACEBACK"):
+                raise
+            raise Exit(f"cloudops: libvirt: {str(exc).strip()} (CLOUDOPS_TRACEBACK=1 shows where)", code=1) from None
         except KeyboardInterrupt:
             raise Exit("cloudops: interrupted", code=130) from None
         except BrokenPipeError:  # output piped into `head` and the like
