@@ -79,6 +79,7 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
     vms.validate(spec)
     image = images.resolve(spec.image)
     capacity = sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)
+    sizing.check_memory(spec.memory, image)
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()

@@ -51,6 +51,40 @@ def check_disk_size(size: int | None, image_virtual_size: int, image_name: str) 
     return size
 
 
+MEMORY_MARGIN = 12 << 20  # above the kernel and initrd: a tiny guest at 96 MiB reaches SSH; at 64 it halts
+
+
+def image_memory_floor(image) -> int | None:
+    """Bytes of RAM below which a direct-boot image cannot even start (None: not known, e.g. a bootloader).
+
+    An uncompressed (PVH) kernel is placed in guest RAM at its physical addresses, the
+    initrd after it; the tiny image's kernel alone ends at about 74 MiB."""
+    from cloudops.imaging import kernel
+
+    if not image.direct_boot:
+        return None
+    path = image.local_path.with_name(f"{image.id}.kernel")
+    initrd = image.local_path.with_name(f"{image.id}.initrd")
+    try:
+        with open(path, "rb") as f:
+            end = kernel.load_end(f.read(8192))
+        initrd_size = initrd.stat().st_size
+    except OSError:
+        return None
+    if end is None:  # a bzImage: decompressed in the guest, its size is not known here
+        return None
+    return end + initrd_size + MEMORY_MARGIN
+
+
+def check_memory(memory_mib: int, image) -> None:
+    """Refuse a memory size in which the image's kernel cannot start (it would halt silently)."""
+    floor = image_memory_floor(image)
+    if floor is not None and memory_mib << 20 < floor:
+        need = -(-floor // (1 << 20))
+        raise CloudopsError(f"{memory_mib} MiB is too little for image {image.name}: its kernel and initrd "
+                            f"need at least {need} MiB (the guest would halt before printing anything)")
+
+
 def inventory_flavors(inventory) -> dict | None:
     """The ``flavors`` of the inventory's vars (as the hypervisors see them; the first one's)."""
     hosts = inventory.hypervisors()

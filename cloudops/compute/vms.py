@@ -212,6 +212,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     validate(spec)
     image = images.resolve(spec.image)
     sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)  # before anything is made
+    sizing.check_memory(spec.memory, image)
     all_hosts = list(inventory.hosts.values())
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")

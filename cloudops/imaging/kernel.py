@@ -55,3 +55,26 @@ def pvh_kernel(bzimage: bytes) -> bytes | None:
                 return elf if has_pvh_note(elf) else None
             start = bzimage.find(magic, start + 1)
     return None
+
+
+_PT_LOAD = 1
+
+
+def load_end(elf_head: bytes) -> int | None:
+    """The highest guest-physical byte an ELF kernel's PT_LOAD segments occupy; None when it is not an ELF.
+
+    ``elf_head`` needs only the ELF and program headers (the first few KiB of the file). QEMU
+    copies those segments into guest RAM before the kernel runs: a guest with less memory
+    than this halts at once, without one line on its console."""
+    if elf_head[:5] != b"\x7fELF\x02" or elf_head[5] != 1:
+        return None
+    phoff, = struct.unpack_from("<Q", elf_head, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf_head, 0x36)
+    end = 0
+    for i in range(phnum):
+        if phoff + (i + 1) * phentsize > len(elf_head):
+            return None
+        p_type, _flags, _off, _va, paddr, _filesz, memsz = struct.unpack_from("<IIQQQQQ", elf_head, phoff + i * phentsize)
+        if p_type == _PT_LOAD:
+            end = max(end, paddr + memsz)
+    return end or None

@@ -146,7 +146,7 @@ def test_twelve_starts_at_once_from_two_operators_get_twelve_addresses_and_macs(
     results = {}
 
     def start(name, who):
-        results[name] = who.run("vm.start", "--name", name, "--memory", "64", "--no-wait", "--json")
+        results[name] = who.run("vm.start", "--name", name, "--memory", "96", "--no-wait", "--json")
 
     threads = [threading.Thread(target=start, args=(n, (a, b)[i % 2])) for i, n in enumerate(names)]
     try:
@@ -225,7 +225,7 @@ def test_one_etcd_member_killed_work_goes_on(team, lab, lab_inventory):
         assert shown.returncode == 0, shown.stderr
         assert "maintenance/hv3" in json.loads(shown.stdout)["keys"]
         assert b.run("host.maintenance", "hv3", "off").returncode == 0
-        started = b.run("vm.start", "--name", "t-one", "--memory", "64", "--no-wait")
+        started = b.run("vm.start", "--name", "t-one", "--memory", "96", "--no-wait")
         assert started.returncode == 0, started.stderr
         assert list(domains(lab_inventory, "t-one")) == ["t-one"]
     finally:
@@ -242,7 +242,7 @@ def test_quorum_lost_vm_start_fails_in_one_line_and_leaves_nothing(team, lab, la
     for victim in victims:
         lab_etcd.kill_member(lab.prefix, victim)
     try:
-        proc = a.run("vm.start", "--name", "t-quorum", "--memory", "64", "--no-wait", timeout=180)
+        proc = a.run("vm.start", "--name", "t-quorum", "--memory", "96", "--no-wait", timeout=180)
         assert proc.returncode != 0
         assert len(errors(proc)) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert "state store" in proc.stderr

@@ -82,7 +82,7 @@ def test_dry_runs_make_nothing(lab, lab_inventory, tiny_image, tmp_path):
 
     inv = ("--inventory", str(lab.inventory_path))
     before = ipam_state()
-    proc = invoke("vm.start", "--name", "t-dry", "--disk-size", "1G", "--memory", "64", "--dry-run", "--json", *inv)
+    proc = invoke("vm.start", "--name", "t-dry", "--disk-size", "1G", "--memory", "96", "--dry-run", "--json", *inv)
     assert proc.returncode == 0, proc.stderr
     planned = json.loads(proc.stdout)
     assert planned["dry_run"] and planned["host"] in lab_inventory.hosts and planned["ip"].startswith("192.168.150.")
@@ -92,7 +92,7 @@ def test_dry_runs_make_nothing(lab, lab_inventory, tiny_image, tmp_path):
     text = invoke("vm.start", "--name", "t-dry", "--dry-run", *inv)
     assert text.returncode == 0 and "nothing was made" in text.stdout and "would make:" in text.stdout, text.stderr
     stack = tmp_path / "stack.yaml"
-    stack.write_text("vms:\n  - {name: t-dry, image: tiny, memory: 64}\n  - {name: t-dry2, image: tiny, memory: 64}\n")
+    stack.write_text("vms:\n  - {name: t-dry, image: tiny, memory: 96}\n  - {name: t-dry2, image: tiny, memory: 96}\n")
     up = invoke("cloud.up", str(stack), "--dry-run", "--json", *inv)
     assert up.returncode == 0, up.stderr
     assert [v["name"] for v in json.loads(up.stdout)["vms"]] == ["t-dry", "t-dry2"]

@@ -14,7 +14,7 @@ from cloudops.errors import CloudopsError
 from cloudops.net import ipam, networks
 
 G = 1 << 30
-IMAGE = types.SimpleNamespace(name="tiny", id="ab" * 32, format="qcow2", virtual_size=128 << 20,
+IMAGE = types.SimpleNamespace(name="tiny", id="ab" * 32, format="qcow2", virtual_size=128 << 20, direct_boot=False,
                               files=lambda: {"tiny.qcow2": (f"{'ab' * 32}.qcow2", "ab" * 32)})
 
 

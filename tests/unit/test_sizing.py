@@ -152,3 +152,42 @@ def test_stack_vm_flavor(tmp_path):
     with pytest.raises(CloudopsError, match=r"vms\[0\]: unknown flavor 'small' \(known: big\)"):
         stack.load(path, flavors={"big": {}})
     assert stack.load(path).vms[0].memory == 64  # cloud.down: flavors not needed
+
+
+def _elf(segments) -> bytes:
+    """A 64-bit little-endian ELF header with program headers (type, paddr, memsz)."""
+    import struct
+
+    phoff, phentsize = 64, 56
+    head = bytearray(64)
+    head[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", head, 0x20, phoff)
+    struct.pack_into("<HH", head, 0x36, phentsize, len(segments))
+    for p_type, paddr, memsz in segments:
+        head += struct.pack("<IIQQQQQQ", p_type, 5, 0, 0, paddr, memsz, memsz, 0x1000)
+    return bytes(head)
+
+
+def test_a_kernel_load_end_is_its_highest_segment_and_notes_do_not_count():
+    from cloudops.imaging import kernel
+
+    assert kernel.load_end(_elf([(1, 0x1000000, 0x18eacdc), (4, 0x9000000, 0x100), (1, 0x3079000, 0x1987000)])) \
+        == 0x4A00000
+    assert kernel.load_end(b"MZ not an elf" + bytes(64)) is None
+    assert kernel.load_end(_elf([(1, 0x1000000, 0x100)])[:80]) is None  # headers cut short
+
+
+def test_memory_below_the_kernels_footprint_is_refused_before_anything_is_made(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cloudops.compute import sizing
+
+    (tmp_path / "abc.kernel").write_bytes(_elf([(1, 0x1000000, 0x3A00000)]))  # ends at 74 MiB
+    (tmp_path / "abc.initrd").write_bytes(bytes(2 << 20))
+    image = SimpleNamespace(name="tiny", id="abc", direct_boot=True, local_path=tmp_path / "abc.qcow2")
+    assert sizing.image_memory_floor(image) == (74 + 2 + 12) << 20
+    sizing.check_memory(96, image)
+    with pytest.raises(CloudopsError, match=r"^64 MiB is too little for image tiny: its kernel and initrd need at "
+                                            r"least 88 MiB \(the guest would halt before printing anything\)$"):
+        sizing.check_memory(64, image)
+    sizing.check_memory(16, SimpleNamespace(name="deb", id="x", direct_boot=False, local_path=tmp_path / "x"))
