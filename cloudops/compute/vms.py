@@ -24,7 +24,7 @@ from pathlib import Path
 import libvirt
 
 from cloudops import hostfiles, kvm, passwords, state, storage, virt
-from cloudops.compute import guest, placement, seed, sizing
+from cloudops.compute import console, guest, placement, seed, sizing
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
 from cloudops.net import ipam, networks
@@ -303,10 +303,10 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
         dom.create()
         undo.push(_destroy, dom)
         checkpoint("started")
-        progress(f"{spec.name} started on {host.name}; waiting for its address {allocation.ip}")
+        progress(f"{spec.name} started on {host.name}")
         vm = describe(dom, host.name)
         if spec.wait:
-            wait_ready(dom, conn, hv, net.name, allocation, spec.name, spec.timeout)
+            wait_ready(dom, conn, hv, net.name, allocation, spec.name, spec.timeout, progress)
             checkpoint("ssh")
     return vm
 
@@ -336,19 +336,57 @@ def _upload_seed(hv, remote_path, hostname, keys, password_hash, name, mac):
         hostfiles.put_private(hv, str(local), remote_path)  # may hold root's hash: 0600 from creation
 
 
-def wait_ready(dom, conn, hv, net_name, allocation, name, timeout) -> str:
-    """Wait for the VM's IP (DHCP lease, then guest agent, then ARP), its host key, and SSH."""
+def wait_ready(dom, conn, hv, net_name, allocation, name, timeout, progress=lambda m: None,
+               console_offset: int = 0) -> str:
+    """Wait for the VM's IP (DHCP lease, then guest agent, then ARP), its host key, and SSH.
+
+    The console is read every few seconds meanwhile: a kernel panic, a failed network and the
+    like end the wait at once with the console's last lines (cloudops.compute.console).
+    """
+    watch = console.BootWatch(name, lambda: guest.read_console(hv, name), lambda: _running(dom), progress,
+                              offset=console_offset)
     start = time.monotonic()
-    ip = guest.wait_until(lambda: _address(dom, conn, net_name, allocation.mac), timeout, f"an IP address for {name}")
+
+    def step(what, predicate, interval=0.2):
+        remaining = max(5.0, timeout - (time.monotonic() - start))
+        progress(f"waiting for {what}")
+        announced = [time.monotonic()]
+
+        def poll():
+            value = predicate()
+            if not value:
+                watch.check()
+                if time.monotonic() - announced[0] >= 30:
+                    announced[0] = time.monotonic()
+                    progress(f"still waiting for {what} ({time.monotonic() - start:.0f}s of {timeout:g}s)")
+            return value
+
+        try:
+            return guest.wait_until(poll, remaining, what, interval=interval)
+        except CloudopsError as exc:
+            if str(exc).startswith("timed out"):
+                watch.check(force=True)  # a failure printed just now says more than the timeout
+                tail = console.last_lines(watch.text(), 5)
+                if tail:
+                    raise CloudopsError(f"{exc}; the console's last lines:\n"
+                                        + "\n".join(f"  | {line}" for line in tail)) from None
+            raise
+
+    ip = step(f"an IP address for {name} ({allocation.ip})", lambda: _address(dom, conn, net_name, allocation.mac))
     if ip != allocation.ip:
         raise CloudopsError(f"{name} got {ip}, not its reserved address {allocation.ip}")
-    remaining = max(5.0, timeout - (time.monotonic() - start))
-    keys = guest.wait_until(lambda: guest.host_keys_from_console(guest.read_console(hv, name)), remaining,
-                            f"{name}'s SSH host key on its console", interval=0.3)
+    keys = step(f"{name}'s SSH host key on its console",
+                lambda: guest.host_keys_from_console(guest.read_console(hv, name)[console_offset:]), interval=0.3)
     guest.record_host_keys(name, ip, keys)
-    remaining = max(5.0, timeout - (time.monotonic() - start))
-    guest.wait_until(lambda: guest.ssh_banner(hv, ip), remaining, f"SSH on {name} ({ip})")
+    step(f"SSH on {name} ({ip})", lambda: guest.ssh_banner(hv, ip))
     return ip
+
+
+def _running(dom) -> bool:
+    try:
+        return dom.isActive() == 1
+    except libvirt.libvirtError:
+        return False
 
 
 def _address(dom, conn, net_name, mac) -> str | None:
