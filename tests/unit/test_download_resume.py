@@ -1,14 +1,16 @@
 """Downloads against a fake server: Range and If-Range, 206/200/416, interruptions keep the partial file, errors
-are one line; the progress meter's rate limit (fake clock)."""
+are one line; the progress meter's rate limit (fake clock); image.add of a URL leaves nothing when refused."""
 
 import email.message
 import hashlib
+import subprocess
 import urllib.error
 
 import pytest
 
 from cloudops.errors import CloudopsError
 from cloudops.imaging import download
+from cloudops.imaging import store as images
 
 URL = "https://images.example/debian.qcow2"
 DATA = bytes(range(256)) * 40_000  # ~10 MiB: several reads of download.CHUNK
@@ -234,3 +236,60 @@ def test_meter_on_a_pipe_is_rate_limited():
     # the start, one line at each 25 % (no 5 s passed between them), the end
     assert len(lines) == 1 + 4 + 1, lines
     assert lines[1].startswith("x.qcow2: 25.0 MiB of 100.0 MiB (25 %)")
+
+
+# ---------------------------------------------------------------- image.add URL, nothing left when refused
+
+def qcow2_bytes(tmp_path) -> bytes:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "src.qcow2"), "4M"], check=True)
+    return (tmp_path / "src.qcow2").read_bytes()
+
+
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLOUDOPS_VAR", str(tmp_path / "var"))
+    server = FakeServer(data=qcow2_bytes(tmp_path))
+    monkeypatch.setattr(download, "_opener", lambda: server)
+    return server
+
+
+def leftovers():
+    return sorted(p.name for p in images.store_dir().rglob("*") if p.is_file()) if images.store_dir().exists() else []
+
+
+def test_add_from_url_verifies_then_moves_into_the_store(served):
+    digest = hashlib.sha256(served.data).hexdigest()
+    image, changed = images.add_from(URL, sha512=hashlib.sha512(served.data).hexdigest())
+    assert changed and image.id == digest and image.name == "debian"
+    assert leftovers() == [f"{digest}.qcow2"]
+    again, changed = images.add_from(URL, sha256=digest)
+    assert again.id == digest and not changed and len(served.requests) == 1  # no second download
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sha256": "0" * 64}, "checksum mismatch for https://images.example/debian.qcow2: sha256"),
+    ({"sha512": "0" * 128}, "checksum mismatch"),
+])
+def test_add_from_url_with_a_wrong_checksum_stores_nothing(served, kwargs, message):
+    with pytest.raises(CloudopsError, match=message):
+        images.add_from(URL, **kwargs)
+    assert leftovers() == [] and images.list_images() == []
+
+
+def test_add_from_url_of_no_disk_image_stores_nothing(served):
+    served.data = b"<html>" + b"x" * 100_000
+    with pytest.raises(CloudopsError, match=f"^{URL} is not a disk image"):
+        images.add_from(URL)
+    assert leftovers() == [] and images.list_images() == []
+
+
+def test_a_local_file_is_checked_against_a_checksum_list_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLOUDOPS_VAR", str(tmp_path / "var"))
+    (tmp_path / "disk.qcow2").write_bytes(qcow2_bytes(tmp_path))
+    good = hashlib.sha512((tmp_path / "disk.qcow2").read_bytes()).hexdigest()
+    (tmp_path / "SHA512SUMS").write_text(f"SHA512 (disk.qcow2) = {good}\n")
+    (tmp_path / "BAD").write_text(f"{'1' * 128} *disk.qcow2\n")
+    with pytest.raises(CloudopsError, match="checksum mismatch for .*disk.qcow2: sha512"):
+        images.add_from(str(tmp_path / "disk.qcow2"), checksums=str(tmp_path / "BAD"))
+    image, changed = images.add_from(str(tmp_path / "disk.qcow2"), checksums=str(tmp_path / "SHA512SUMS"))
+    assert changed and image.name == "disk"
