@@ -7,6 +7,9 @@ same names to the same ids. On every hypervisor an image
 lives at ``<pool_path>/images/<id>.<format>``. Copies are atomic: upload to a
 temporary name, verify the sha256 on the host, then rename; an interrupted copy
 is never used. Formats: qcow2 and raw, detected by ``qemu-img info``.
+
+``add_from`` also takes an http(s) URL: the download waits in ``<store>/.partial/`` (resumed by the
+next run when interrupted) until its checksums are verified, then is renamed into the store.
 """
 
 import hashlib
@@ -138,25 +141,28 @@ def resolve(ref: str) -> Image:
 
 # ---------------------------------------------------------------- inspection
 
-def inspect(path: Path) -> dict:
-    """Format and virtual size from qemu-img; refuses what is not a standalone qcow2 or raw disk."""
+def inspect(path: Path, label=None) -> dict:
+    """Format and virtual size from qemu-img; refuses what is not a standalone qcow2 or raw disk.
+    Messages name the file ``label`` (a download's URL), else ``path``."""
+    shown = label or path
     if not path.is_file():
-        raise CloudopsError(f"image file {path} does not exist")
+        raise CloudopsError(f"image file {shown} does not exist")
     proc = subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CloudopsError(f"{path} is not a disk image qemu-img can read: {proc.stderr.strip().splitlines()[-1:]}")
+        why = proc.stderr.strip().splitlines()[-1:]
+        raise CloudopsError(f"{shown} is not a disk image qemu-img can read: {why}")
     info = json.loads(proc.stdout)
     fmt = info.get("format")
     if fmt not in FORMATS:
-        raise CloudopsError(f"{path}: format {fmt!r} is not supported (use qcow2 or raw)")
+        raise CloudopsError(f"{shown}: format {fmt!r} is not supported (use qcow2 or raw)")
     if info.get("backing-filename"):
-        raise CloudopsError(f"{path} has a backing file; add a standalone image (qemu-img convert it first)")
+        raise CloudopsError(f"{shown} has a backing file; add a standalone image (qemu-img convert it first)")
     if fmt == "raw" and not _has_partition_table_or_fs(path):
-        raise CloudopsError(f"{path} is not a disk image: no partition table or filesystem found")
+        raise CloudopsError(f"{shown} is not a disk image: no partition table or filesystem found")
     if fmt == "qcow2":
         check = subprocess.run(["qemu-img", "check", "-q", str(path)], capture_output=True, text=True)
         if check.returncode not in (0, 3):  # 3: leaked clusters only, harmless
-            raise CloudopsError(f"{path}: qcow2 image is corrupt (qemu-img check exit {check.returncode})")
+            raise CloudopsError(f"{shown}: qcow2 image is corrupt (qemu-img check exit {check.returncode})")
     return {"format": fmt, "virtual_size": int(info["virtual-size"]), "size": path.stat().st_size}
 
 
@@ -197,19 +203,22 @@ def _store_boot_files(path: Path, image_id: str) -> dict | None:
 
 
 def add_image(path, name: str | None = None, sha256: str | None = None, replace: bool = False,
-              progress=lambda m: None) -> tuple[Image, bool]:
+              progress=lambda m: None, move: bool = False, label=None) -> tuple[Image, bool]:
     """Add a local image file to the store. Returns (image, changed); the same content twice changes nothing.
 
     A name belongs to one image; ``replace`` moves it to the new content and renames the
-    old image ``<name>-<id[:8]>`` (still usable by id by the VMs made from it).
+    old image ``<name>-<id[:8]>`` (still usable by id by the VMs made from it). ``move``: the file is
+    a private one of the store's own (a finished download), renamed into place instead of copied.
+    ``label`` is what messages call the file (a download's URL).
     """
     path = Path(path)
+    label = label or path
     name = validate_name(name or path.name.split(".")[0])
-    info = inspect(path)
-    progress(f"checksumming {path.name} ({info['size'] // (1 << 20)} MiB)")
+    info = inspect(path, label)
+    progress(f"checksumming {Path(str(label)).name} ({info['size'] // (1 << 20)} MiB)")
     digest = sha256_file(path)
     if sha256 and sha256.lower() != digest:
-        raise CloudopsError(f"checksum mismatch for {path}: expected {sha256}, got {digest}")
+        raise CloudopsError(f"checksum mismatch for {label}: expected {sha256}, got {digest}")
     _name_is_free(_catalog(), name, digest, replace)
     known = _catalog().get(digest)
     if known and known["name"] == name and (store_dir() / f"{digest}.{known['format']}").exists() \
@@ -217,7 +226,10 @@ def add_image(path, name: str | None = None, sha256: str | None = None, replace:
         return _images_of({digest: known})[0], False
     image = Image(id=digest, name=name, added=time.time(), boot=_store_boot_files(path, digest), **info)
     store_dir().mkdir(parents=True, exist_ok=True)
-    if not image.local_path.exists():
+    if not image.local_path.exists() and move:
+        path.chmod(0o644)  # readable like a copied image: hosts get it with its mode, libvirt's qemu reads it
+        path.rename(image.local_path)
+    elif not image.local_path.exists():
         tmp = image.local_path.with_name(f".{image.filename}.{secrets.token_hex(4)}")
         try:
             shutil.copyfile(path, tmp)
@@ -235,6 +247,59 @@ def add_image(path, name: str | None = None, sha256: str | None = None, replace:
 
     _change_catalog(record)
     return image, True
+
+
+def partial_dir() -> Path:
+    """Where downloads wait until they are verified: ``<store>/.partial/<sha256 of the URL>`` (files 0600)."""
+    return store_dir() / ".partial"
+
+
+def add_from(source: str, name: str | None = None, sha256: str | None = None, sha512: str | None = None,
+             checksums: str | None = None, replace: bool = False, progress=lambda m: None, meter=None,
+             timeout: float = 30) -> tuple[Image, bool]:
+    """Add an image from a local path or an http(s) URL, checked against every checksum given first.
+
+    ``checksums`` is a checksum list (a URL or a file: SHA512SUMS, SHA256SUMS, BSD style) holding the
+    entry for the file's name (a URL's basename). A URL is downloaded into ``partial_dir()`` (resuming
+    what an interrupted run left there), verified, then renamed into the store; whatever goes wrong
+    after the download, the partial file is removed: nothing stays but a stored image.
+    """
+    from cloudops.imaging import checksums as sums
+    from cloudops.imaging import download
+
+    is_url = download.is_url(source)
+    filename = download.basename(download.check_url(source)) if is_url else Path(source).name
+    name = validate_name(name or filename.split(".")[0])
+    listed = None
+    if checksums:
+        if download.is_url(checksums):
+            text = download.fetch_text(checksums, timeout=timeout)
+        elif Path(checksums).is_file():
+            text = Path(checksums).read_text(errors="replace")
+        else:
+            raise CloudopsError(f"checksum list {checksums} does not exist")
+        listed = sums.lookup(text, filename, checksums)
+    wanted = sums.expectations(sha256, sha512, listed)
+    if not is_url:
+        path = Path(source)
+        if path.is_file():
+            sums.verify(path, wanted, str(path))
+        return add_image(path, name=name, replace=replace, progress=progress)
+
+    known = _catalog().get(next((e.hexdigest for e in wanted if e.algorithm == "sha256"), ""))
+    if known and known["name"] == name and (store_dir() / f"{known['id']}.{known['format']}").exists():
+        return _images_of({known["id"]: known})[0], False  # that content is already here: no download
+    partial = download.Partial.of(source, partial_dir())
+    path = download.download(partial, verified=bool(wanted), timeout=timeout, meter=meter)
+    try:
+        if wanted:
+            progress(f"verifying {filename} ({', '.join(f'{e.algorithm} from {e.source}' for e in wanted)})")
+        else:
+            progress("no --sha256, --sha512 or --checksums given: the download is not verified")
+        sums.verify(path, wanted, source)
+        return add_image(path, name=name, replace=replace, progress=progress, move=True, label=source)
+    finally:
+        partial.discard()
 
 
 def _name_is_free(data: dict, name: str, digest: str, replace: bool) -> dict | None:

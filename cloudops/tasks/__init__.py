@@ -25,7 +25,7 @@ ns.configure({
     "lab": {"prefix": "co"},
     "fleet": {"workers": 16, "timeout": 60},
     "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180, "flavors": {}},
-    "image": {"recipe": "tiny"},
+    "image": {"recipe": "tiny", "download_timeout": 30},  # image.add URL: seconds to connect, or between data
     "deploy": {"timeout": 600},
     "migrate": {},  # Policy overrides: downtime_max_ms, postcopy_after, timeout, ... (cloudops/migrate.py)
     "graphite": {"directory": None, "line_port": 2003, "pickle_port": 2004, "query_port": 7002},

@@ -101,20 +101,32 @@ def customize(c, disk, root_password_file=None, password_stdin=False, password=N
 
 # ---------------------------------------------------------------- the image store
 
-@task(help={"path": "qcow2 or raw disk image file", "name": "name in the store (default: the file name)",
-            "sha256": "expected checksum: refuse the file if it differs",
+@task(help={"path": "qcow2 or raw disk image file, or an http(s) URL to download it from (resumed when interrupted)",
+            "name": "name in the store (default: the file name up to its first dot)",
+            "sha256": "expected sha256: refuse the image if it differs",
+            "sha512": "expected sha512: refuse the image if it differs",
+            "checksums": "URL or file of a checksum list (SHA512SUMS, SHA256SUMS, BSD style): refuse the image "
+                         "unless its entry for the file's name matches",
+            "timeout": "seconds a download may wait to connect or for data (default: config image.download_timeout)",
             "replace": "move the name to this image if another image has it",
             "distribute": "also copy it now to the selected hosts (default: on first use)",
             "hosts": "hosts to copy to (with --distribute)", "group": "group(s) to copy to (with --distribute)",
             "inventory": "inventory file", "json": "print JSON"})
 @user_errors
 def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=None, group=None, inventory=None,
-        json=False):
-    """Add a disk image to the content-addressed store; prints its id (no change when already there)."""
+        json=False, sha512=None, checksums=None, timeout=None):  # new options last: the older short flags stay
+    """Add a disk image (a file or an http(s) URL) to the content-addressed store; prints its id."""
     from cloudops.imaging import store as images
+    from cloudops.imaging.download import Meter
     from cloudops.tasks._cli import finish, progress, select_hosts
 
-    image, changed = images.add_image(path, name=name, sha256=sha256, replace=replace, progress=progress)
+    wait = timeout or (c.config.get("image") or {}).get("download_timeout") or 30
+    try:
+        wait = float(wait)
+    except ValueError:
+        raise CloudopsError(f"--timeout {wait!r} is not a number of seconds") from None
+    image, changed = images.add_from(path, name=name, sha256=sha256, sha512=sha512, checksums=checksums,
+                                     replace=replace, progress=progress, meter=Meter(progress), timeout=wait)
     if distribute:
         targets = hypervisors(select_hosts(c, hosts, group, None, inventory))
         finish(images.distribute(image, targets), json)
