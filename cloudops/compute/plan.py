@@ -33,6 +33,7 @@ class StartPlan:
     ip: str
     mac: str
     customize: str
+    user_data: str | None = None  # what the seed passes of the user's (no content)
     hosts: list[dict] = field(default_factory=list)  # every candidate: chosen, score, weights, or refused: reason
     actions: list[str] = field(default_factory=list)  # what the real start would make, in order
 
@@ -42,7 +43,7 @@ class StartPlan:
                 "disk": {"size": self.disk_size, "size_human": sizing.format_size(self.disk_size),
                          "format": "qcow2", "backing": self.image},
                 "network": self.network, "ip": self.ip, "mac": self.mac, "customize": self.customize,
-                "hosts": self.hosts, "would_make": self.actions}
+                "user_data": self.user_data, "hosts": self.hosts, "would_make": self.actions}
 
     def lines(self) -> list[str]:
         out = [(f"dry run: {self.name} would start on {self.host} at {self.ip} ({self.memory} MiB, "
@@ -100,12 +101,14 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
                    f"{image.name}" + (", customized with libguestfs" if spec.customize == "guestfs" else ""))
     if spec.customize != "guestfs":
         actions.append(f"seed {pool_dir}/{spec.name}-seed.iso (NoCloud: hostname {spec.hostname or spec.name}, "
-                       "SSH keys" + (", root password hash" if spec.root_password else "") + ")")
+                       "SSH keys" + (", root password hash" if spec.root_password else "")
+                       + (f"; {spec.user_data.describe()}" if spec.user_data else "") + ")")
     actions.append(f"domain {spec.name} on {host.name} (type {virt_type}): defined and started, then waited for "
                    "until SSH answers")
     return StartPlan(name=spec.name, host=host.name, memory=spec.memory, vcpus=spec.vcpus, image=image.name,
                      image_id=image.id, disk_size=capacity, image_virtual_size=image.virtual_size, network=net.name,
-                     ip=allocation.ip, mac=allocation.mac, customize=spec.customize, hosts=ranked_hosts(ranking),
+                     ip=allocation.ip, mac=allocation.mac, customize=spec.customize,
+                     user_data=spec.user_data.describe() if spec.user_data else None, hosts=ranked_hosts(ranking),
                      actions=actions)
 
 

@@ -3,6 +3,12 @@
 The files are what real cloud-init accepts, and they are written one value a line
 (strings as JSON-quoted YAML scalars) so the tiny image's busybox boot script can
 read them too. Only a password *hash* ever goes into a seed.
+
+The user's own user-data (``user_data``, a ``userdata.UserData``) is merged in by the rule
+of ``cloudops.compute.userdata``: a cloud-config of the user's becomes part of cloudops's one
+document (cloudops's keys, in the form above, first; the user's other keys after them, as
+``yaml.safe_dump`` writes them); a script or a multipart makes the user-data a MIME
+multipart, cloudops's cloud-config its first part (8bit, so still one value a line).
 """
 
 import hashlib
@@ -15,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from cloudops import atomicfile, passwords
+from cloudops.compute import userdata
 from cloudops.compute.guestconfig import normalize_ssh_keys, validate_hostname
 from cloudops.errors import CloudopsError
 from cloudops.templating import render
@@ -55,36 +62,54 @@ def _network_yaml(network_config) -> str:
     return yaml.safe_dump(config, default_flow_style=False, sort_keys=False).rstrip("\n")
 
 
-def seed_files(hostname, ssh_keys=(), password_hash=None, network_config=None, instance_id=None) -> dict:
+def user_data_text(hostname, keys, password_hash=None, user_data=None, progress=lambda m: None) -> str:
+    """The seed's user-data: cloudops's cloud-config, merged with the user's ``user_data`` when given.
+
+    ``progress`` gets one note per key of the user's that cloudops overrode (names, never values)."""
+    merged = userdata.merge(user_data.config if user_data else {}, hostname, keys, password_hash)
+    for note in merged.notes:
+        progress(note)
+    text = render(
+        "seed/user-data.j2",
+        hostname=_quote(hostname),
+        ssh_keys=[_quote(k) for k in merged.ssh_keys],
+        password_hash=_quote(password_hash) if password_hash else None,
+        user_users=None if merged.users is None else [userdata.dump([u], indent=2) for u in merged.users],
+        chpasswd_users=[userdata.dump([u], indent=4) for u in merged.chpasswd_users],
+        user_rest=userdata.dump(merged.rest) if merged.rest else "",
+    )
+    if user_data and user_data.parts:
+        return userdata.multipart(text, user_data.parts)
+    return text
+
+
+def seed_files(hostname, ssh_keys=(), password_hash=None, network_config=None, instance_id=None, *,
+               user_data=None, progress=lambda m: None) -> dict:
     """The three seed files as {name: text}; validates every value first."""
     validate_hostname(hostname)
     keys = normalize_ssh_keys(ssh_keys)
     if password_hash is not None and not passwords.is_hash(password_hash):
         raise CloudopsError("password_hash is not a crypt hash ($6$...); hash it with passwords.hash_password")
     network_yaml = _network_yaml(network_config)
+    user_text = user_data_text(hostname, keys, password_hash, user_data, progress)
     if instance_id is None:
-        digest = hashlib.sha256(
-            json.dumps([hostname, keys, password_hash, network_yaml]).encode()
-        ).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps([hostname, user_text, network_yaml]).encode()).hexdigest()[:12]
         instance_id = f"iid-{hostname}-{digest}"
     elif not isinstance(instance_id, str) or not instance_id.replace("-", "").replace(".", "").isalnum():
         raise CloudopsError(f"bad instance-id {instance_id!r}: use letters, digits, '-' and '.'")
     return {
         "meta-data": render("seed/meta-data.j2", instance_id=instance_id, hostname=hostname),
-        "user-data": render(
-            "seed/user-data.j2",
-            hostname=_quote(hostname),
-            ssh_keys=[_quote(k) for k in keys],
-            password_hash=_quote(password_hash) if password_hash else None,
-        ),
+        "user-data": user_text,
         "network-config": render("seed/network-config.j2", network_yaml=network_yaml),
     }
 
 
-def make_seed(path, hostname, ssh_keys=(), password_hash=None, network_config=None, *, instance_id=None) -> Path:
+def make_seed(path, hostname, ssh_keys=(), password_hash=None, network_config=None, *, instance_id=None,
+              user_data=None, progress=lambda m: None) -> Path:
     """Write a NoCloud seed ISO at ``path`` (mode 0600, replaced atomically) and return its path."""
     path = Path(path).resolve()
-    files = seed_files(hostname, ssh_keys, password_hash, network_config, instance_id)
+    files = seed_files(hostname, ssh_keys, password_hash, network_config, instance_id, user_data=user_data,
+                       progress=progress)
     if shutil.which("genisoimage") is None:
         raise CloudopsError("genisoimage is not installed (apt-get install genisoimage)")
     if not path.parent.is_dir():

@@ -4,7 +4,10 @@
       - {name: web, mode: nat, cidr: 192.168.160.0/24}
     vms:
       - {name: web1, image: tiny, memory: 128, network: web}
-      - {name: web2, image: tiny, network: web, host: hv2, group: web}
+      - {name: web2, image: tiny, network: web, host: hv2, group: web, user_data: web.yaml}
+
+A VM's ``user_data`` is a file of user-data (see ``cloudops.compute.userdata``), relative to the
+stack file's directory.
 
 ``up`` makes what is missing (networks on every hypervisor, VMs where the
 scheduler or ``host`` puts them) and starts what is stopped; a second ``up``
@@ -22,7 +25,7 @@ from cloudops.errors import CloudopsError, NotFound
 from cloudops.net import networks
 
 VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group",
-           "disk_size", "flavor"}
+           "disk_size", "flavor", "user_data"}
 
 
 @dataclass
@@ -79,6 +82,10 @@ def load(path, flavors: dict | None = None) -> Stack:
                 raise CloudopsError(f"{where}: {exc}") from None
             size = sizing.sized({k: item.get(k) for k in sizing.FLAVOR_KEYS}, chosen, {})
             item.update({k: v for k, v in size.items() if v is not None})
+        if item.get("user_data") is not None:
+            if not isinstance(item["user_data"], str):
+                raise CloudopsError(f"{where}: user_data must be a file name")
+            item["user_data"] = path.parent / item["user_data"]  # an absolute one stays as it is
         spec = vms.VMSpec(**{k: v for k, v in item.items() if k != "ssh_keys"},
                           ssh_keys=tuple(item.get("ssh_keys") or ()))
         try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import libvirt
 
 from cloudops import hostfiles, kvm, passwords, state, storage, virt
-from cloudops.compute import console, guest, placement, seed, sizing
+from cloudops.compute import console, guest, placement, seed, sizing, userdata
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
 from cloudops.net import ipam, networks
@@ -54,6 +54,7 @@ class VMSpec:
     wait: bool = True
     timeout: float = 180
     disk_size: int | str | None = None  # root disk bytes (or "4G"); None: the image's virtual size
+    user_data: "str | Path | userdata.UserData | None" = field(default=None, repr=False)  # a file; loaded by validate
 
 
 @dataclass
@@ -100,6 +101,12 @@ def validate(spec: VMSpec) -> VMSpec:
     if spec.ssh_keys:
         from cloudops.compute.guestconfig import normalize_ssh_keys
         spec.ssh_keys = tuple(normalize_ssh_keys(spec.ssh_keys))
+    if spec.user_data is not None:
+        if spec.customize == "guestfs":
+            raise CloudopsError("--user-data needs --customize seed: it travels in the NoCloud seed, "
+                                "and guestfs customization attaches none")
+        if not isinstance(spec.user_data, userdata.UserData):
+            spec.user_data = userdata.load(spec.user_data)  # read and checked now, before anything is made
     return spec
 
 
@@ -286,7 +293,8 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
                                                capacity).path()
             undo.push(storage.delete_volume, pool, disk_name)
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
-            _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name, allocation.mac)
+            _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name, allocation.mac, spec.user_data,
+                         progress)
             undo.push(storage.delete_volume, pool, f"{spec.name}-seed.iso")
             storage.refresh_pool(pool)
 
@@ -327,11 +335,14 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
         hostfiles.put_private(hv, str(local), f"{pool_dir}/{disk_name}")  # holds root's hash: 0600 from creation
 
 
-def _upload_seed(hv, remote_path, hostname, keys, password_hash, name, mac):
+def _upload_seed(hv, remote_path, hostname, keys, password_hash, name, mac, user_data=None, progress=lambda m: None):
     with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
         local = Path(tmp) / "seed.iso"
+        if user_data is not None:
+            progress(f"passing {user_data.describe()}")
         seed.make_seed(local, hostname, ssh_keys=keys, password_hash=password_hash,
-                       network_config=seed.dhcp_config([mac]), instance_id=f"{name}-{secrets.token_hex(4)}")
+                       network_config=seed.dhcp_config([mac]), instance_id=f"{name}-{secrets.token_hex(4)}",
+                       user_data=user_data, progress=progress)
         hv.run(f"mkdir -p {shlex.quote(os.path.dirname(remote_path))}", hide=True, in_stream=False)
         hostfiles.put_private(hv, str(local), remote_path)  # may hold root's hash: 0600 from creation
 

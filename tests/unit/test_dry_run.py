@@ -160,3 +160,17 @@ def test_stack_plan_places_in_a_row_and_makes_nothing(cloud, _own_state_store, t
     assert plans[0].host == "hv2" and plans[1].host == "hv1"  # hv2 claimed: it now runs a VM of group web
     assert report.changes[0].startswith("vm web1: would start on hv2 at ")
     assert store_rows(_own_state_store) == []
+
+
+def test_dry_run_says_the_user_data_is_passed_and_makes_nothing(cloud, _own_state_store, tmp_path):
+    path = tmp_path / "boot.sh"
+    path.write_text("#!/bin/sh\necho secret-value\n")
+    planned = plan.plan_start(vms.VMSpec(name="web1", image="tiny", user_data=str(path)), cloud.inventory)
+    seed_line = next(a for a in planned.actions if "web1-seed.iso" in a)
+    assert f"user-data {path} (MIME multipart: cloudops's cloud-config, then 1 part of the user's)" in seed_line
+    assert planned.to_dict()["user_data"].startswith(f"user-data {path}")
+    assert "secret-value" not in "\n".join(planned.lines())
+    path.write_text("#cloud-config\n[\n")
+    with pytest.raises(CloudopsError, match="not valid YAML"):
+        plan.plan_start(vms.VMSpec(name="web1", image="tiny", user_data=str(path)), cloud.inventory)
+    assert store_rows(_own_state_store) == []

@@ -175,3 +175,18 @@ def test_a_vm_seed_names_its_nic_by_mac_so_every_cloud_init_renderer_can_bring_i
     net = yaml.safe_load(seed.seed_files("web", network_config=config)["network-config"])
     assert net == {"version": 2, "ethernets": {"eth0": {"match": {"macaddress": "52:54:00:aa:bb:cc"},
                                                         "set-name": "eth0", "dhcp4": True}}}
+
+
+@needs_busybox
+def test_tiny_guest_parser_takes_only_roots_hash(tmp_path):
+    other = passwords.hash_password("not root's")
+    user_data = ("#cloud-config\nusers:\n- name: alice\n  hashed_passwd: " + other + "\n  ssh_authorized_keys:\n"
+                 "  - name: root\n    hashed_passwd: " + other + "\n- default\n- name: \"root\"\n"
+                 "  lock_passwd: false\n  hashed_passwd: \"" + HASH + "\"\nruncmd:\n- [true]\n")
+    root = _guest_root(tmp_path)
+    assert _apply(tmp_path, {"user-data": user_data}, root).returncode == 0
+    assert (root / "etc/shadow").read_text().splitlines()[0].split(":")[1] == HASH
+    root2 = _guest_root(tmp_path / "2")
+    no_root = "#cloud-config\nusers:\n  - name: alice\n    hashed_passwd: \"" + other + "\"\n"
+    assert _apply(tmp_path, {"user-data": no_root}, root2).returncode == 0
+    assert (root2 / "etc/shadow").read_text().startswith("root:*:")
