@@ -132,3 +132,15 @@ def make_seed(path, hostname, ssh_keys=(), password_hash=None, network_config=No
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return path
+
+
+SEED_DIR = "/var/lib/cloud/seed/nocloud"  # where cloud-init's NoCloud datasource also looks, inside the guest
+
+
+def files_in_guest(hostname, ssh_keys=(), network_config=None, instance_id=None) -> dict[str, str]:
+    """The seed as files for the guest's own disk (``--customize guestfs``: no seed ISO is attached).
+
+    No password hash: libguestfs has already put it in /etc/shadow, and these files are
+    world-readable in the guest. cloud-init brings the network up from them (by MAC)."""
+    files = seed_files(hostname, ssh_keys, None, network_config, instance_id)
+    return {f"{SEED_DIR}/{name}": text for name, text in files.items()}

@@ -284,7 +284,8 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
         seed_path = None
         hostname = spec.hostname or spec.name
         if spec.customize == "guestfs":
-            _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity)
+            _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity,
+                             allocation.mac)
             undo.push(storage.delete_volume, pool, disk_name)
             storage.refresh_pool(pool)
             disk_path = pool.storageVolLookupByName(disk_name).path()
@@ -319,8 +320,10 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
     return vm
 
 
-def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity):
-    """Overlay made and customized here with libguestfs, then rebased onto the host's image and uploaded."""
+def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity, mac):
+    """Overlay made and customized here with libguestfs, then rebased onto the host's image and uploaded.
+
+    A cloud-init guest also gets the seed as files on its disk, for its network and first boot."""
     from cloudops.imaging.customize import customize_image
 
     with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
@@ -328,7 +331,9 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", image.format, "-b",
                         str(image.local_path), str(local), str(capacity)], check=True, umask=0o077)  # it will hold a hash
         progress("customizing the disk with libguestfs (one appliance launch)")
-        customize_image(local, root_password=spec.root_password, ssh_keys=keys, hostname=hostname)
+        in_guest = seed.files_in_guest(hostname, keys, seed.dhcp_config([mac]),
+                                       instance_id=f"{spec.name}-{secrets.token_hex(4)}")
+        customize_image(local, root_password=spec.root_password, ssh_keys=keys, hostname=hostname, files=in_guest)
         subprocess.run(["qemu-img", "rebase", "-u", "-F", image.format, "-b", image.remote_path(host), str(local)],
                        check=True)
         hv.run(f"mkdir -p {shlex.quote(pool_dir)}", hide=True, in_stream=False)
