@@ -3,7 +3,9 @@
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 
 import libvirt
 from invoke import Exit
@@ -12,11 +14,25 @@ from cloudops import state
 from cloudops.errors import CloudopsError
 
 
+def terminate_as_interrupt(_signum, frame):
+    """SIGTERM (``timeout``, cron's and runbooks' way to stop a command) does what Ctrl-C does.
+
+    It goes to whatever handles SIGINT now: the default raises KeyboardInterrupt, so a half-made
+    VM is undone; during a migration job the press is counted, never raised inside libvirt."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
 def user_errors(func):
     """Decorator for task bodies: CloudopsError -> invoke.Exit("cloudops: <message>")."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, terminate_as_interrupt)
         try:
             if args and hasattr(args[0], "config"):  # the task's Context: state_dir and the state store
                 state.configure(args[0].config)

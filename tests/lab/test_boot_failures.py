@@ -2,10 +2,12 @@
 
 Faults made for real: an image whose /sbin/init is not a program (the kernel panics when the
 initramfs hands over to it), and a domain destroyed with virsh while vm.start waits for it.
+A start terminated with SIGTERM (as `timeout` and cron stop a command) is undone the same way.
 The oracle is the lab hosts' own libvirt and pool directories (tests.lab.test_vms.leftovers).
 """
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,27 +62,42 @@ def domains(host) -> list[str]:
     return out.split()
 
 
-def test_a_domain_destroyed_while_vm_start_waits_ends_the_wait_and_nothing_is_left(lab, lab_inventory, tiny_image):
-    name = "t-gone"
-    hv1 = lab_inventory.hosts["hv1"]
+def start_until_it_waits(lab, name):
+    """A real `invoke vm.start` process, returned once it waits for the guest (its disk and domain made)."""
     cmd = [str(Path(sys.executable).parent / "invoke"), "vm.start", "--name", name, "--memory", "96", "--host",
            "hv1", "--timeout", "900", "--inventory", str(lab.inventory_path)]
     starting = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     said = []
+    for line in starting.stderr:
+        said.append(line)
+        if line.startswith("… waiting for an IP address"):
+            break
+    return starting, said
+
+
+@pytest.mark.parametrize("fault", ["virsh destroy", "SIGTERM"])
+def test_a_start_whose_domain_is_destroyed_or_that_is_terminated_ends_and_leaves_nothing(lab, lab_inventory,
+                                                                                         tiny_image, fault):
+    name = "t-gone" if fault == "virsh destroy" else "t-term"
+    hv1 = lab_inventory.hosts["hv1"]
+    starting, said = start_until_it_waits(lab, name)
     try:
-        for line in starting.stderr:  # destroyed once vm.start waits for the guest, not while it defines it
-            said.append(line)
-            if line.startswith("… waiting for an IP address"):
-                break
         assert name in domains(hv1), "".join(said)
-        with connect(hv1) as hv:
-            hv.run(f"virsh -c qemu:///system destroy {name}", hide=True, in_stream=False)
+        if fault == "virsh destroy":
+            with connect(hv1) as hv:
+                hv.run(f"virsh -c qemu:///system destroy {name}", hide=True, in_stream=False)
+        else:
+            starting.send_signal(signal.SIGTERM)  # what `timeout` and cron send
         _out, rest = starting.communicate(timeout=600)
     finally:
         if starting.poll() is None:
             starting.kill()
     err = "".join(said) + rest
-    assert starting.returncode != 0
-    assert f"cloudops: {name} stopped while booting" in err, err
-    assert "timed out" not in err
+    if fault == "virsh destroy":
+        assert starting.returncode == 1
+        assert f"cloudops: {name} stopped while booting" in err, err
+    else:
+        assert starting.returncode == 130, err
+        assert err.rstrip().endswith("cloudops: interrupted"), err
+    assert "timed out" not in err and "Traceback" not in err
     assert leftovers(lab_inventory, name) == []

@@ -82,3 +82,17 @@ def test_a_libvirt_error_reaching_a_task_is_one_line_and_exit_1(monkeypatch):
     assert caught.value.code == 1
     assert caught.value.message.startswith("cloudops: libvirt: Domain not found")
     assert "\n" not in caught.value.message
+
+
+def test_sigterm_does_what_ctrl_c_does(monkeypatch):
+    import signal
+
+    from cloudops.tasks import _cli
+
+    monkeypatch.setattr(signal, "getsignal", lambda s: signal.default_int_handler)
+    with pytest.raises(KeyboardInterrupt):
+        _cli.terminate_as_interrupt(signal.SIGTERM, None)
+    pressed = []
+    monkeypatch.setattr(signal, "getsignal", lambda s: lambda signum, frame: pressed.append(signum))
+    _cli.terminate_as_interrupt(signal.SIGTERM, None)  # a migration job counts it instead
+    assert pressed == [signal.SIGINT]
