@@ -17,6 +17,7 @@ _FATAL = [
     (re.compile(r"Kernel panic - not syncing[^\r\n]*"), "kernel panic"),
     (re.compile(r"cloudops-tiny: initramfs: cannot mount root[^\r\n]*"), "root filesystem not found"),
     (re.compile(r"No bootable device[^\r\n]*"), "no bootable disk"),
+    (re.compile(r"No bootable option or device was found[^\r\n]*"), "the UEFI firmware finds nothing to boot"),
     (re.compile(r"(?:^boot: *\n){5}", re.MULTILINE), "the bootloader finds nothing to boot (boot: prompt repeats)"),
     (re.compile(r"You are in emergency mode[^\r\n]*"), "emergency mode"),
     (re.compile(r"Give root password for maintenance[^\r\n]*"), "emergency mode"),

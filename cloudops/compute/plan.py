@@ -81,6 +81,7 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
     image = images.resolve(spec.image)
     capacity = sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)
     sizing.check_memory(spec.memory, image)
+    vms.check_firmware(spec.firmware, image)
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
@@ -103,8 +104,8 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
         actions.append(f"seed {pool_dir}/{spec.name}-seed.iso (NoCloud: hostname {spec.hostname or spec.name}, "
                        "SSH keys" + (", root password hash" if spec.root_password else "")
                        + (f"; {spec.user_data.describe()}" if spec.user_data else "") + ")")
-    actions.append(f"domain {spec.name} on {host.name} (type {virt_type}): defined and started, then waited for "
-                   "until SSH answers")
+    actions.append(f"domain {spec.name} on {host.name} (type {virt_type}, firmware {spec.firmware}): defined and "
+                   "started, then waited for until SSH answers")
     return StartPlan(name=spec.name, host=host.name, memory=spec.memory, vcpus=spec.vcpus, image=image.name,
                      image_id=image.id, disk_size=capacity, image_virtual_size=image.virtual_size, network=net.name,
                      ip=allocation.ip, mac=allocation.mac, customize=spec.customize,

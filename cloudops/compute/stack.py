@@ -25,7 +25,7 @@ from cloudops.errors import CloudopsError, NotFound
 from cloudops.net import networks
 
 VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group",
-           "disk_size", "flavor", "user_data"}
+           "disk_size", "flavor", "user_data", "firmware"}
 
 
 @dataclass

@@ -35,6 +35,7 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 MEMORY_RANGE = (32, 1 << 20)  # MiB
 VCPU_RANGE = (1, 64)
 CUSTOMIZE_WAYS = ("seed", "guestfs")
+FIRMWARES = ("bios", "uefi")
 NAME_LOCK_TTL = 30  # seconds a dead holder can block a VM name
 
 
@@ -55,6 +56,7 @@ class VMSpec:
     timeout: float = 180
     disk_size: int | str | None = None  # root disk bytes (or "4G"); None: the image's virtual size
     user_data: "str | Path | userdata.UserData | None" = field(default=None, repr=False)  # a file; loaded by validate
+    firmware: str = "bios"  # or "uefi" (OVMF): see check_firmware
 
 
 @dataclass
@@ -89,6 +91,8 @@ def validate(spec: VMSpec) -> VMSpec:
     for what, value, (low, high) in (("memory (MiB)", spec.memory, MEMORY_RANGE), ("vCPUs", spec.vcpus, VCPU_RANGE)):
         if not isinstance(value, int) or not low <= value <= high:
             raise CloudopsError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+    if spec.firmware not in FIRMWARES:
+        raise CloudopsError(f"firmware must be one of {', '.join(FIRMWARES)}, got {spec.firmware!r}")
     if spec.customize not in CUSTOMIZE_WAYS:
         raise CloudopsError(f"customize must be one of {', '.join(CUSTOMIZE_WAYS)}, got {spec.customize!r}")
     if spec.group is not None:
@@ -108,6 +112,15 @@ def validate(spec: VMSpec) -> VMSpec:
         if not isinstance(spec.user_data, userdata.UserData):
             spec.user_data = userdata.load(spec.user_data)  # read and checked now, before anything is made
     return spec
+
+
+def check_firmware(firmware: str, image) -> None:
+    """UEFI needs an image that boots from its disk (an EFI system partition); a direct-boot image's
+    kernel is loaded by QEMU itself, as an uncompressed PVH ELF that UEFI firmware cannot start."""
+    if firmware == "uefi" and image.direct_boot:
+        raise CloudopsError(f"image {image.name} boots its kernel directly (no bootloader, no EFI system "
+                            "partition): --firmware uefi needs an image that boots from its disk, such as the "
+                            "debian recipe's")
 
 
 def network_spec(name: str | None, host, extra=()) -> "networks.NetworkSpec":
@@ -220,6 +233,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     image = images.resolve(spec.image)
     sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)  # before anything is made
     sizing.check_memory(spec.memory, image)
+    check_firmware(spec.firmware, image)
     all_hosts = list(inventory.hosts.values())
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
@@ -305,7 +319,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
             vcpus=spec.vcpus, image_id=image.id, network=net.name, ip=allocation.ip, mac=allocation.mac,
             customize=spec.customize, group=spec.group, created=int(time.time()),
             disk_path=disk_path, seed_path=seed_path, console_log=guest.console_log_path(spec.name),
-            boot=image.remote_boot(host))
+            boot=image.remote_boot(host), firmware=spec.firmware)
         xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=virt.METADATA_NS)
         dom = conn.defineXML(xml)
         undo.push(_undefine, dom)

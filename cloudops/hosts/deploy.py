@@ -41,7 +41,7 @@ DEFAULTS = {
     "cloud_name": "cloudops",
     "role": "hypervisor",
     "packages": ["libvirt-daemon-system", "libvirt-clients", "qemu-system-x86", "qemu-utils", "dnsmasq-base",
-                 "openssh-client"],
+                 "openssh-client", "ovmf"],
     "pool_path": "/var/lib/cloudops",
     "libvirtd_keepalive_interval": 5,
     "libvirtd_keepalive_count": 5,

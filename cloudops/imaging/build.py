@@ -36,6 +36,8 @@ from cloudops.templating import render
 RECIPES = Path(__file__).resolve().parent / "recipes"
 IMAGE_TEMPLATES = paths.TEMPLATES / "image"
 MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
+SYSTEMD_BOOT_EFI = "/usr/lib/systemd/boot/efi/systemd-bootx64.efi"  # in the image's tree (systemd-boot-efi)
+ESP_MOUNT = "/boot/efi"
 SEED_LABEL = "cidata"
 TINY_VERSION = "1"
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)$")
@@ -57,6 +59,7 @@ class Recipe:
     variant: str = "minbase"
     packages: list = field(default_factory=list)
     description: str = ""
+    esp_size: str | None = None  # an EFI system partition of this size: the image also boots with UEFI
 
 
 def build_dir() -> Path:
@@ -84,7 +87,14 @@ def load_recipe(name: str) -> Recipe:
         raise CloudopsError(f"recipe {name}: unknown builder {recipe.builder!r}")
     if not _SIZE_RE.match(str(recipe.disk_size)):
         raise CloudopsError(f"recipe {name}: disk_size {recipe.disk_size!r} is not like 128M or 2G")
+    if recipe.esp_size is not None and not _SIZE_RE.match(str(recipe.esp_size)):
+        raise CloudopsError(f"recipe {name}: esp_size {recipe.esp_size!r} is not like 128M")
     return recipe
+
+
+def _bytes(size: str) -> int:
+    number, unit = _SIZE_RE.match(str(size)).groups()
+    return int(number) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
 
 
 # --- kernel and modules -------------------------------------------------------
@@ -380,7 +390,14 @@ def stage_debootstrap(recipe: Recipe, kernel: str, stage: Path) -> dict:
         render("image/extlinux.conf.j2", recipe=recipe.name, kernel=f"/boot/vmlinuz-{version}",
                initrd=f"/boot/initrd.img-{version}", cmdline=recipe.cmdline),  # fmt: skip
     )
-    return {"root": root, "nodes": [], "extlinux_dir": "/boot/extlinux"}
+    plan = {"root": root, "nodes": [], "extlinux_dir": "/boot/extlinux"}
+    if recipe.esp_size:
+        efi = root / SYSTEMD_BOOT_EFI.lstrip("/")
+        if not efi.is_file():
+            raise CloudopsError(f"recipe {recipe.name}: esp_size needs systemd-boot-efi in its packages ({SYSTEMD_BOOT_EFI})")
+        plan["esp"] = {"efi": SYSTEMD_BOOT_EFI, "kernel": f"/boot/vmlinuz-{version}",
+                       "initrd": f"/boot/initrd.img-{version}"}
+    return plan
 
 
 BUILDERS = {"tiny": stage_tiny, "debootstrap": stage_debootstrap}
@@ -417,10 +434,23 @@ def _write_disk(disk: Path, recipe: Recipe, plan: dict, tarball: Path, progress)
         if not g.feature_available(["extlinux"]):
             raise CloudopsError("the libguestfs appliance has no extlinux (apt-get install extlinux)")
         dev = g.list_devices()[0]
-        progress("partitioning (MBR, one ext4 partition)")
-        g.part_disk(dev, "mbr")
-        g.part_set_bootable(dev, 1, True)
-        part = g.list_partitions()[0]
+        esp = None
+        if plan.get("esp"):
+            # MBR: 1 = EFI system partition (type 0xef, what UEFI firmware looks for), 2 = the root,
+            # active, for the MBR boot code and extlinux (BIOS). The root is last: growpart grows it.
+            progress(f"partitioning (MBR: a {recipe.esp_size} EFI system partition, then the ext4 root)")
+            esp_end = 2048 + _bytes(recipe.esp_size) // 512 - 1
+            g.part_init(dev, "mbr")
+            g.part_add(dev, "p", 2048, esp_end)
+            g.part_add(dev, "p", esp_end + 1, -1)
+            g.part_set_mbr_id(dev, 1, 0xEF)
+            g.part_set_bootable(dev, 2, True)
+            esp, part = g.list_partitions()[:2]
+        else:
+            progress("partitioning (MBR, one ext4 partition)")
+            g.part_disk(dev, "mbr")
+            g.part_set_bootable(dev, 1, True)
+            part = g.list_partitions()[0]
         # No 64bit/metadata_csum: a small root needs neither, and extlinux and the
         # initramfs (no crc32c module) are simpler without.
         g.mkfs("ext4", part, features="^64bit,^metadata_csum", label=recipe.fs_label)
@@ -430,8 +460,27 @@ def _write_disk(disk: Path, recipe: Recipe, plan: dict, tarball: Path, progress)
         progress("installing extlinux and the MBR boot code")
         g.extlinux(plan["extlinux_dir"])
         g.pwrite_device(dev, mbr, 0)
+        if esp:
+            progress("making the EFI system partition (systemd-boot, the kernel and initrd)")
+            _write_esp(g, esp, recipe, plan["esp"])
         g.sync()
         g.umount_all()
+
+
+def _write_esp(g, esp: str, recipe: Recipe, files: dict) -> None:
+    """FAT on ``esp`` with systemd-boot as the removable-media loader (no NVRAM entry needed) and one entry."""
+    g.mkfs("vfat", esp, label="EFI")
+    g.mkdir_p(ESP_MOUNT)
+    g.mount(esp, ESP_MOUNT)
+    for directory in ("EFI/BOOT", "loader/entries"):
+        g.mkdir_p(f"{ESP_MOUNT}/{directory}")
+    g.cp(files["efi"], f"{ESP_MOUNT}/EFI/BOOT/BOOTX64.EFI")
+    g.cp(files["kernel"], f"{ESP_MOUNT}/vmlinuz")
+    g.cp(files["initrd"], f"{ESP_MOUNT}/initrd.img")
+    g.write(f"{ESP_MOUNT}/loader/loader.conf", render("image/esp/loader.conf.j2", recipe=recipe.name).encode())
+    g.write(f"{ESP_MOUNT}/loader/entries/cloudops.conf",
+            render("image/esp/entry.conf.j2", recipe=recipe.name, cmdline=" ".join(recipe.cmdline.split())).encode())
+    g.umount(ESP_MOUNT)
 
 
 def _cached(out: Path, recipe: Recipe) -> bool:

@@ -24,7 +24,8 @@ ns.configure({
     "state": {"backend": "sqlite"},
     "lab": {"prefix": "co"},
     "fleet": {"workers": 16, "timeout": 60},
-    "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180, "flavors": {}},
+    "vm": {"image": "tiny", "memory": 128, "vcpus": 1, "customize": "seed", "timeout": 180, "flavors": {},
+           "firmware": "bios"},
     "image": {"recipe": "tiny", "download_timeout": 30},  # image.add URL: seconds to connect, or between data
     "deploy": {"timeout": 600},
     "migrate": {},  # Policy overrides: downtime_max_ms, postcopy_after, timeout, ... (cloudops/migrate.py)

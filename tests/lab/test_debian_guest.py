@@ -6,8 +6,9 @@ recipe hash). Two boots at 512 MiB under TCG, one per way:
   (a write_files and a runcmd), all applied by cloud-init from the NoCloud seed ISO;
 - guestfs: the same identity written by libguestfs, the network brought up by cloud-init from the
   seed files cloudops puts on the disk (/var/lib/cloud/seed/nocloud).
-Oracles outside cloudops: the guest's own /etc/shadow, hostname, df, files and systemd; on the
-host, virsh domifaddr through the guest agent.
+A third boot with --firmware uefi (OVMF, systemd-boot from the image's EFI system partition).
+Oracles outside cloudops: the guest's own /etc/shadow, hostname, df, files, systemd and
+/sys/firmware/efi; on the host, virsh domifaddr through the guest agent and virsh dumpxml.
 """
 
 import json
@@ -76,3 +77,38 @@ def test_debian_guest_reaches_ssh_with_key_password_and_hostname(lab, lab_invent
     finally:
         invoke("vm.delete", name, "--inventory", str(lab.inventory_path))
     assert leftovers(lab_inventory, name) == []
+
+
+def test_debian_guest_boots_with_uefi_firmware(lab, lab_inventory, debian_image, user_key):
+    """The same image, started with OVMF: systemd-boot from its EFI system partition, to SSH."""
+    name = "t-deb-uefi"
+    proc = invoke("vm.start", "--name", name, "--image", "debian", "--memory", "512", "--host", "hv3",
+                  "--ssh-key", f"{user_key}.pub", "--firmware", "uefi", "--timeout", "900", "--json",
+                  "--inventory", str(lab.inventory_path), timeout=1200)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        vm = types.SimpleNamespace(**json.loads(proc.stdout))
+        out = ssh_vm(lab_inventory, vm, user_key, "test -d /sys/firmware/efi && echo efi; hostname")
+        assert out.splitlines() == ["efi", name]  # booted by UEFI firmware (BIOS boots have no efivars)
+        with connect(lab_inventory.hosts["hv3"]) as hv:
+            xml = hv.run(f"virsh -c qemu:///system dumpxml {shlex.quote(name)}", hide=True, in_stream=False).stdout
+        assert "/usr/share/OVMF/OVMF_CODE" in xml and "<nvram" in xml, xml
+    finally:
+        invoke("vm.delete", name, "--inventory", str(lab.inventory_path))
+    assert leftovers(lab_inventory, name) == []
+    with connect(lab_inventory.hosts["hv3"]) as hv:  # the VM's NVRAM went with it
+        nvram = hv.run(f"ls /var/lib/libvirt/qemu/nvram/ 2>/dev/null | grep -c '^{name}_' || true", hide=True,
+                       in_stream=False).stdout.strip()
+    assert nvram == "0"
+
+
+def test_uefi_for_a_direct_boot_image_and_an_unknown_firmware_are_one_line_and_make_nothing(lab, lab_inventory,
+                                                                                         tiny_image):
+    for firmware, message in (("uefi", "image tiny boots its kernel directly"),
+                              ("coreboot", "firmware must be one of bios, uefi, got 'coreboot'")):
+        proc = invoke("vm.start", "--name", "t-fw", "--image", "tiny", "--memory", "96", "--firmware", firmware,
+                      "--inventory", str(lab.inventory_path))
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+        assert leftovers(lab_inventory, "t-fw") == []

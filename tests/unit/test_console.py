@@ -21,6 +21,9 @@ HARMLESS = "[FAILED] Failed to start systemd-modules-load.service - Load Kernel 
     ("cloudops-tiny: initramfs: cannot mount root /dev/vda1 (/dev/vda1); dropping to a shell\n",
      "root filesystem not found: cloudops-tiny: initramfs: cannot mount root /dev/vda1 (/dev/vda1); dropping to a shell"),
     ("SeaBIOS (version 1.16.2)\nBooting from Hard Disk...\nNo bootable device.\n", "no bootable disk: No bootable device."),
+    ("BdsDxe: failed to load Boot0001 \"UEFI QEMU HARDDISK\" from PciRoot(0x0): Not Found\r\n"
+     "BdsDxe: No bootable option or device was found.\r\n",
+     "the UEFI firmware finds nothing to boot: No bootable option or device was found."),
     ("boot: \r\n" * 7, "the bootloader finds nothing to boot (boot: prompt repeats): boot:"),
     ("You are in emergency mode. After logging in, type ...\n", "emergency mode: You are in emergency mode. After logging in, type ..."),
 ])
