@@ -9,6 +9,7 @@ a failed start leaves no overlay, definition or reservation behind.
 """
 
 import contextlib
+import ipaddress
 import os
 import re
 import secrets
@@ -55,6 +56,7 @@ class VMSpec:
     timeout: float = 180
     disk_size: int | str | None = None  # root disk bytes (or "4G"); None: the image's virtual size
     user_data: "str | Path | userdata.UserData | None" = field(default=None, repr=False)  # a file; loaded by validate
+    ip: str | None = None  # ask IPAM for this address on the network (checked against it by start_vm)
 
 
 @dataclass
@@ -101,6 +103,8 @@ def validate(spec: VMSpec) -> VMSpec:
     if spec.ssh_keys:
         from cloudops.compute.guestconfig import normalize_ssh_keys
         spec.ssh_keys = tuple(normalize_ssh_keys(spec.ssh_keys))
+    if spec.ip is not None:
+        spec.ip = validate_ip(spec.ip)
     if spec.user_data is not None:
         if spec.customize == "guestfs":
             raise CloudopsError("--user-data needs --customize seed: it travels in the NoCloud seed, "
@@ -108,6 +112,14 @@ def validate(spec: VMSpec) -> VMSpec:
         if not isinstance(spec.user_data, userdata.UserData):
             spec.user_data = userdata.load(spec.user_data)  # read and checked now, before anything is made
     return spec
+
+
+def validate_ip(value) -> str:
+    """An IPv4 address as written (normalized); whether the network allows it is ``ipam.check_address``'s to say."""
+    try:
+        return str(ipaddress.IPv4Address(str(value).strip()))
+    except ValueError:
+        raise CloudopsError(f"ip {value!r} is not an IPv4 address (e.g. 192.168.150.10)") from None
 
 
 def network_spec(name: str | None, host, extra=()) -> "networks.NetworkSpec":
@@ -225,6 +237,8 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
     net = network_spec(spec.network, candidates[0], extra_networks)
+    if spec.ip is not None:  # a read, before anything is made; allocate checks again, atomically
+        ipam.peek(net, spec.name, ip=spec.ip)
     password_hash = passwords.hash_password(spec.root_password) if spec.root_password else None
     keys = (*spec.ssh_keys, *guest.trusted_public_keys())
     timings = {}
@@ -273,7 +287,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
         pool_dir = storage.target_path(pool)
         checkpoint("host_ready")
 
-        allocation = ipam.allocate(net, spec.name)
+        allocation = ipam.allocate(net, spec.name, ip=spec.ip)
         undo.push(ipam.release, net, spec.name)
         networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, spec.name)
         undo.push(networks.remove_reservation, conn, net.name, allocation.mac, allocation.ip, spec.name)
