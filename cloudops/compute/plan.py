@@ -90,7 +90,7 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
-    net = vms.network_spec(spec.network, candidates[0], extra_networks)
+    net = vms.network_spec(spec.network, candidates[0], extra_networks, hosts=vms.network_hosts(candidates, inventory))
     if spec.ip is not None:  # refused before any host is ranked, as start_vm refuses it
         ipam.peek(net, spec.name, also_taken=also_taken, ip=spec.ip)
     vms._ensure_name_free(spec.name, inventory.hypervisors())

@@ -28,7 +28,7 @@ from cloudops import hostfiles, kvm, passwords, state, storage, virt
 from cloudops.compute import console, guest, placement, seed, sizing, userdata
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
-from cloudops.net import ipam, networks
+from cloudops.net import defined, ipam, networks
 from cloudops.ssh import connect
 from cloudops.templating import render
 
@@ -122,15 +122,16 @@ def validate_ip(value) -> str:
         raise CloudopsError(f"ip {value!r} is not an IPv4 address (e.g. 192.168.150.10)") from None
 
 
-def network_spec(name: str | None, host, extra=()) -> "networks.NetworkSpec":
-    """The network called ``name``: a stack's (``extra``), the inventory's, or the built-in "cloudops" (default)."""
+def network_spec(name: str | None, host, extra=(), hosts=None) -> "networks.NetworkSpec":
+    """The network called ``name``: a stack's (``extra``), the inventory's, the built-in "cloudops" (default),
+    else the one libvirt has defined on ``hosts`` (default: ``host``), e.g. by ``net.define``."""
     specs = [*extra, *networks.specs_from(host.vars)]
     if name is None:
         return specs[len(extra)]
     for spec in specs + [networks.DEFAULT_NETWORK]:
         if spec.name == name:
             return spec
-    raise CloudopsError(f"unknown network {name!r} (known: {', '.join(s.name for s in specs)})")
+    return defined.from_hosts(name, list(hosts or [host]), known=[s.name for s in specs])
 
 
 # ---------------------------------------------------------------- finding VMs
@@ -236,7 +237,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
-    net = network_spec(spec.network, candidates[0], extra_networks)
+    net = network_spec(spec.network, candidates[0], extra_networks, hosts=network_hosts(candidates, inventory))
     if spec.ip is not None:  # a read, before anything is made; allocate checks again, atomically
         ipam.peek(net, spec.name, ip=spec.ip)
     password_hash = passwords.hash_password(spec.root_password) if spec.root_password else None
@@ -263,6 +264,11 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     timings["total"] = round(time.monotonic() - t0, 3)
     vm.timings = timings
     return vm
+
+
+def network_hosts(candidates: list, inventory) -> list:
+    """Where a network outside the inventory is looked up: the candidate hosts first, then the other hypervisors."""
+    return [*candidates, *(h for h in inventory.hypervisors() if h not in candidates)]
 
 
 def _ensure_name_free(name: str, hosts: list) -> None:
