@@ -131,7 +131,8 @@ def network_spec(name: str | None, host, extra=(), hosts=None) -> "networks.Netw
     for spec in specs + [networks.DEFAULT_NETWORK]:
         if spec.name == name:
             return spec
-    return defined.from_hosts(name, list(hosts or [host]), known=[s.name for s in specs])
+    unique = list({h.name: h for h in hosts or [host]}.values())  # each host asked once
+    return defined.from_hosts(name, unique, known=[s.name for s in specs])
 
 
 # ---------------------------------------------------------------- finding VMs
