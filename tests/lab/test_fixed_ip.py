@@ -1,7 +1,7 @@
 """vm.start --ip and networks from net.define, through the real CLI on the lab: the tiny guest has exactly the address
 it asked for (ip -4 addr in the guest, the DHCP reservation in virsh net-dumpxml on its host), every bad --ip and an
 unknown network is one line with nothing left anywhere, and a network made with net.define on one host and absent
-from the inventory carries a VM started on another host.
+from the inventory carries a VM started on another host, and goes with it when it migrates to a third.
 
 VM names start with "ti" so they never meet another test's.
 """
@@ -90,6 +90,12 @@ def test_a_network_from_net_define_is_usable_by_vm_start(lab, lab_inventory, tin
             assert on3 == on2 and on2["gateway"] == "192.168.171.1"  # one network, as hv2 defined it
             spec = networks.NetworkSpec(name=net, cidr=cidr)
             assert ipam.lookup(spec, name).ip == started["ip"]
+            # live-migrated to hv1, which lacks the network: it is defined there as the source has it, same address
+            moved = invoke("vm.migrate", name, "--to", "hv1", "--json", *inv)
+            assert moved.returncode == 0, moved.stderr
+            assert (json.loads(moved.stdout)["target"], json.loads(moved.stdout)["ip"]) == ("hv1", started["ip"])
+            assert networks.owned(dumpxml(lab_inventory, "hv1", net)) == on2
+            assert guest_addresses(lab, name) == [ipaddress.IPv4Interface(f"{started['ip']}/24")]
         finally:
             gone = invoke("vm.delete", name, *inv)
             assert gone.returncode == 0, gone.stderr
