@@ -34,6 +34,7 @@ class StartPlan:
     mac: str
     customize: str
     user_data: str | None = None  # what the seed passes of the user's (no content)
+    ip_requested: bool = False  # the address was asked for (--ip), not picked by IPAM
     hosts: list[dict] = field(default_factory=list)  # every candidate: chosen, score, weights, or refused: reason
     actions: list[str] = field(default_factory=list)  # what the real start would make, in order
 
@@ -42,7 +43,8 @@ class StartPlan:
                 "image": {"name": self.image, "id": self.image_id, "virtual_size": self.image_virtual_size},
                 "disk": {"size": self.disk_size, "size_human": sizing.format_size(self.disk_size),
                          "format": "qcow2", "backing": self.image},
-                "network": self.network, "ip": self.ip, "mac": self.mac, "customize": self.customize,
+                "network": self.network, "ip": self.ip, "ip_requested": self.ip_requested, "mac": self.mac,
+                "customize": self.customize,
                 "user_data": self.user_data, "hosts": self.hosts, "would_make": self.actions}
 
     def lines(self) -> list[str]:
@@ -56,8 +58,12 @@ class StartPlan:
                 weights = ", ".join(f"{k} {v:.2f}" for k, v in h["weights"].items())
                 mark = "  <- chosen" if h["host"] == self.host else ""
                 out.append(f"  {h['host']}: score {h['score']:.2f} ({weights}){mark}")
-        out.append(f"address: {self.ip} ({self.mac}) on network {self.network}: what IPAM would give now, "
-                   "not allocated")
+        if self.ip_requested:
+            out.append(f"address: {self.ip} ({self.mac}) on network {self.network}: as asked (--ip), free now, "
+                       "not allocated")
+        else:
+            out.append(f"address: {self.ip} ({self.mac}) on network {self.network}: what IPAM would give now, "
+                       "not allocated")
         out.append(f"disk: {sizing.format_size(self.disk_size)} qcow2 overlay on image {self.image} "
                    f"({self.image_id[:12]}, virtual size {sizing.format_size(self.image_virtual_size)})")
         out.append("would make:")
@@ -85,7 +91,9 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
-    net = vms.network_spec(spec.network, candidates[0], extra_networks)
+    net = vms.network_spec(spec.network, candidates[0], extra_networks, hosts=vms.network_hosts(candidates, inventory))
+    if spec.ip is not None:  # refused before any host is ranked, as start_vm refuses it
+        ipam.peek(net, spec.name, also_taken=also_taken, ip=spec.ip)
     vms._ensure_name_free(spec.name, inventory.hypervisors())
     host_states = [states[h.name] for h in candidates if h.name in states] if states else \
         placement.host_states(candidates)
@@ -93,7 +101,7 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
     if not ranking.candidates:
         raise CloudopsError(ranking.failure())
     host = next(h for h in candidates if h.name == ranking.candidates[0].host.name)
-    allocation = ipam.peek(net, spec.name, also_taken=also_taken)
+    allocation = ipam.peek(net, spec.name, also_taken=also_taken, ip=spec.ip)
     actions, virt_type = _host_actions(image, host, net)
     pool_dir = storage_dir(host)
     actions.append(f"IPAM allocation {allocation.ip} ({allocation.mac}) on network {net.name}, and its DHCP "
@@ -108,7 +116,7 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
                    "started, then waited for until SSH answers")
     return StartPlan(name=spec.name, host=host.name, memory=spec.memory, vcpus=spec.vcpus, image=image.name,
                      image_id=image.id, disk_size=capacity, image_virtual_size=image.virtual_size, network=net.name,
-                     ip=allocation.ip, mac=allocation.mac, customize=spec.customize,
+                     ip=allocation.ip, ip_requested=spec.ip is not None, mac=allocation.mac, customize=spec.customize,
                      user_data=spec.user_data.describe() if spec.user_data else None, hosts=ranked_hosts(ranking),
                      actions=actions)
 

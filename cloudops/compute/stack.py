@@ -5,9 +5,12 @@
     vms:
       - {name: web1, image: tiny, memory: 128, network: web}
       - {name: web2, image: tiny, network: web, host: hv2, group: web, user_data: web.yaml}
+      - {name: db1, image: tiny, network: web, ip: 192.168.160.10}
 
 A VM's ``user_data`` is a file of user-data (see ``cloudops.compute.userdata``), relative to the
-stack file's directory.
+stack file's directory. A VM's ``ip`` is the address it asks IPAM for (as ``vm.start --ip``); no
+two VMs of a stack may ask for one address, and the VMs that ask are made (and planned) first,
+so a VM without ``ip`` is never handed an address a later one of the stack asks for.
 
 ``up`` makes what is missing (networks on every hypervisor, VMs where the
 scheduler or ``host`` puts them) and starts what is stopped; a second ``up``
@@ -25,7 +28,7 @@ from cloudops.errors import CloudopsError, NotFound
 from cloudops.net import networks
 
 VM_KEYS = {"name", "image", "memory", "vcpus", "host", "network", "ssh_keys", "hostname", "customize", "group",
-           "disk_size", "flavor", "user_data", "firmware"}
+           "disk_size", "flavor", "user_data", "ip", "firmware"}
 
 
 @dataclass
@@ -62,7 +65,7 @@ def load(path, flavors: dict | None = None) -> Stack:
     if not isinstance(data, dict) or not set(data) <= {"networks", "vms"}:
         raise CloudopsError(f"stack {path}: top level must be a mapping with 'networks' and/or 'vms'")
     specs = networks.specs_from(data.get("networks") or [])
-    vm_specs, seen = [], set()
+    vm_specs, seen, asked = [], set(), {}
     for i, item in enumerate(data.get("vms") or []):
         where = f"stack {path}: vms[{i}]"
         if not isinstance(item, dict) or "name" not in item:
@@ -92,7 +95,13 @@ def load(path, flavors: dict | None = None) -> Stack:
             vms.validate(spec)
         except CloudopsError as exc:
             raise CloudopsError(f"{where}: {exc}") from None
+        if spec.ip is not None:
+            key = (spec.network, spec.ip)
+            if key in asked:
+                raise CloudopsError(f"{where}: {spec.name} asks for ip {spec.ip}, as {asked[key]} does")
+            asked[key] = spec.name
         vm_specs.append(spec)
+    vm_specs.sort(key=lambda s: s.ip is None)  # stable: those asking for an address first, else in file order
     return Stack(path, specs, vm_specs)
 
 

@@ -9,6 +9,7 @@ a failed start leaves no overlay, definition or reservation behind.
 """
 
 import contextlib
+import ipaddress
 import os
 import re
 import secrets
@@ -27,7 +28,7 @@ from cloudops import hostfiles, kvm, passwords, state, storage, virt
 from cloudops.compute import console, guest, placement, seed, sizing, userdata
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
-from cloudops.net import ipam, networks
+from cloudops.net import defined, ipam, networks
 from cloudops.ssh import connect
 from cloudops.templating import render
 
@@ -57,6 +58,7 @@ class VMSpec:
     disk_size: int | str | None = None  # root disk bytes (or "4G"); None: the image's virtual size
     user_data: "str | Path | userdata.UserData | None" = field(default=None, repr=False)  # a file; loaded by validate
     firmware: str = "bios"  # or "uefi" (OVMF): see check_firmware
+    ip: str | None = None  # ask IPAM for this address on the network (checked against it by start_vm)
 
 
 @dataclass
@@ -105,6 +107,8 @@ def validate(spec: VMSpec) -> VMSpec:
     if spec.ssh_keys:
         from cloudops.compute.guestconfig import normalize_ssh_keys
         spec.ssh_keys = tuple(normalize_ssh_keys(spec.ssh_keys))
+    if spec.ip is not None:
+        spec.ip = validate_ip(spec.ip)
     if spec.user_data is not None:
         if spec.customize == "guestfs":
             raise CloudopsError("--user-data needs --customize seed: it travels in the NoCloud seed, "
@@ -123,15 +127,25 @@ def check_firmware(firmware: str, image) -> None:
                             "debian recipe's")
 
 
-def network_spec(name: str | None, host, extra=()) -> "networks.NetworkSpec":
-    """The network called ``name``: a stack's (``extra``), the inventory's, or the built-in "cloudops" (default)."""
+def validate_ip(value) -> str:
+    """An IPv4 address as written (normalized); whether the network allows it is ``ipam.check_address``'s to say."""
+    try:
+        return str(ipaddress.IPv4Address(str(value).strip()))
+    except ValueError:
+        raise CloudopsError(f"ip {value!r} is not an IPv4 address (e.g. 192.168.150.10)") from None
+
+
+def network_spec(name: str | None, host, extra=(), hosts=None) -> "networks.NetworkSpec":
+    """The network called ``name``: a stack's (``extra``), the inventory's, the built-in "cloudops" (default),
+    else the one libvirt has defined on ``hosts`` (default: ``host``), e.g. by ``net.define``."""
     specs = [*extra, *networks.specs_from(host.vars)]
     if name is None:
         return specs[len(extra)]
     for spec in specs + [networks.DEFAULT_NETWORK]:
         if spec.name == name:
             return spec
-    raise CloudopsError(f"unknown network {name!r} (known: {', '.join(s.name for s in specs)})")
+    unique = list({h.name: h for h in hosts or [host]}.values())  # each host asked once
+    return defined.from_hosts(name, unique, known=[s.name for s in specs])
 
 
 # ---------------------------------------------------------------- finding VMs
@@ -238,7 +252,9 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
-    net = network_spec(spec.network, candidates[0], extra_networks)
+    net = network_spec(spec.network, candidates[0], extra_networks, hosts=network_hosts(candidates, inventory))
+    if spec.ip is not None:  # a read, before anything is made; allocate checks again, atomically
+        ipam.peek(net, spec.name, ip=spec.ip)
     password_hash = passwords.hash_password(spec.root_password) if spec.root_password else None
     keys = (*spec.ssh_keys, *guest.trusted_public_keys())
     timings = {}
@@ -265,6 +281,11 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     return vm
 
 
+def network_hosts(candidates: list, inventory) -> list:
+    """Where a network outside the inventory is looked up: the candidate hosts first, then the other hypervisors."""
+    return [*candidates, *(h for h in inventory.hypervisors() if h not in candidates)]
+
+
 def _ensure_name_free(name: str, hosts: list) -> None:
     try:
         holder = locate(name, hosts)
@@ -287,7 +308,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
         pool_dir = storage.target_path(pool)
         checkpoint("host_ready")
 
-        allocation = ipam.allocate(net, spec.name)
+        allocation = ipam.allocate(net, spec.name, ip=spec.ip)
         undo.push(ipam.release, net, spec.name)
         networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, spec.name)
         undo.push(networks.remove_reservation, conn, net.name, allocation.mac, allocation.ip, spec.name)

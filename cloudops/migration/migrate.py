@@ -310,11 +310,10 @@ def preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage) 
         raise CloudopsError(f"cannot migrate {name} to {dest.name}: {reason}")
     _check_cpu(dom, src_conn, dst_conn, dest)
     if meta.get("network"):
-        try:
-            vms.network_spec(meta["network"], dest)
-        except CloudopsError:
-            raise CloudopsError(f"cannot migrate {name} to {dest.name}: it has no network {meta['network']!r} "
-                                "and the inventory does not describe it") from None
+        try:  # a network outside the inventory: as the hosts define it (the source has it)
+            vms.network_spec(meta["network"], dest, hosts=[dest, source])
+        except CloudopsError as exc:
+            raise CloudopsError(f"cannot migrate {name} to {dest.name}: its network {meta['network']!r}: {exc}") from None
     if meta.get("image"):
         try:
             images.resolve(meta["image"])
@@ -408,7 +407,7 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
             if images.ensure_on_host(image, dest, hv):
                 message(f"copied image {image.name} to {dest.name}")
     if meta.get("network"):
-        net = vms.network_spec(meta["network"], dest)
+        net = vms.network_spec(meta["network"], dest, hosts=[dest, source])
         changed, what = networks.ensure_network(dst_conn, net)
         if changed:
             message(f"{dest.name}: {what}")

@@ -84,6 +84,8 @@ class NetworkSpec:
     ``cidr`` is required except in bridge mode (where it only serves IPAM). ``gateway``
     defaults to the first host address, the DHCP range to the upper half of the subnet
     (nat and isolated only; in bridge mode a range is the LAN's own, kept out of IPAM).
+    ``reserved``: addresses (``10.0.0.5``) and ranges (``10.0.0.2-10.0.0.9``) IPAM never
+    hands out, neither on its own nor when asked for one; nothing of them reaches libvirt.
     """
 
     name: str
@@ -95,6 +97,7 @@ class NetworkSpec:
     bridge: str | None = None
     autostart: bool = True
     reservations: tuple[Reservation, ...] = field(default=())
+    reserved: tuple[str, ...] = field(default=())
 
     def __post_init__(self):
         set_ = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen dataclass)
@@ -107,9 +110,12 @@ class NetworkSpec:
         set_("bridge", self._checked_bridge(where))
         net = self._checked_cidr(where)
         set_("reservations", tuple(r if isinstance(r, Reservation) else Reservation(**r) for r in self.reservations))
+        if isinstance(self.reserved, str) or not isinstance(self.reserved, (list, tuple)):
+            raise _fail(f"{where}: reserved must be a list of addresses or ranges (A.B.C.D or A.B.C.D-A.B.C.E)")
         if net is None:
-            if self.gateway or self.dhcp_start or self.dhcp_end or self.reservations:
-                raise _fail(f"{where}: gateway, DHCP range and reservations need a cidr")
+            if self.gateway or self.dhcp_start or self.dhcp_end or self.reservations or self.reserved:
+                raise _fail(f"{where}: gateway, DHCP range, reservations and reserved need a cidr")
+            set_("reserved", ())
             return
         set_("cidr", str(net))
         hosts = (net.network_address + 1, net.broadcast_address - 1)
@@ -119,6 +125,7 @@ class NetworkSpec:
         set_("dhcp_start", start and str(start))
         set_("dhcp_end", end and str(end))
         self._check_reservations(net, where)
+        set_("reserved", tuple(self._checked_reserved(net, where)))
 
     def _checked_bridge(self, where) -> str:
         if self.bridge is None or self.bridge == "":
@@ -192,6 +199,17 @@ class NetworkSpec:
                 if other is not res:
                     raise _fail(f"{where}: reservations {other} and {res} share the {key}")
 
+    def _checked_reserved(self, net, where):
+        """Each ``reserved`` entry as "A.B.C.D" or "A.B.C.D-A.B.C.E", every address a host address of ``net``."""
+        for entry in self.reserved:
+            parts = str(entry).split("-")
+            if len(parts) > 2 or not isinstance(entry, str):
+                raise _fail(f"{where}: reserved entry {entry!r} is neither an address nor a range A.B.C.D-A.B.C.E")
+            first, last = (self._address(p.strip(), "reserved address", net, where) for p in (parts[0], parts[-1]))
+            if first > last:
+                raise _fail(f"{where}: reserved range {first}-{last} is empty (start after end)")
+            yield str(first) if first == last else f"{first}-{last}"
+
     # ------------------------------------------------------------ derived values
 
     @property
@@ -207,20 +225,31 @@ class NetworkSpec:
             return None
         return ipaddress.IPv4Address(self.dhcp_start), ipaddress.IPv4Address(self.dhcp_end)
 
+    def reserved_ranges(self) -> list[tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]]:
+        """``reserved`` as (first, last) pairs; a single address is a range of one."""
+        pairs = []
+        for entry in self.reserved:
+            first, _, last = entry.partition("-")
+            pairs.append((ipaddress.IPv4Address(first), ipaddress.IPv4Address(last or first)))
+        return pairs
+
     def static_pool(self) -> list[ipaddress.IPv4Address]:
-        """Addresses IPAM may hand out: host addresses minus gateway, DHCP range and static reservations."""
+        """Addresses IPAM may hand out: host addresses minus gateway, DHCP range, static reservations and ``reserved``."""
         if not self.cidr:
             return []
-        rng = self.dhcp_range()
+        ranges = self.reserved_ranges()
+        if rng := self.dhcp_range():
+            ranges.append(rng)
         taken = {ipaddress.IPv4Address(r.ip) for r in self.reservations}
         if self.gateway:
             taken.add(ipaddress.IPv4Address(self.gateway))
         return [a for a in self.network.hosts()
-                if a not in taken and not (rng and rng[0] <= a <= rng[1])]
+                if a not in taken and not any(first <= a <= last for first, last in ranges)]
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["reservations"] = [vars(r).copy() for r in self.reservations]
+        data["reserved"] = list(self.reserved)
         return data
 
 
@@ -244,7 +273,9 @@ def spec_from_mapping(data, where: str = "network") -> NetworkSpec:
         for r in reservations:
             if set(r) != {"mac", "ip", "name"}:
                 raise _fail(f"each reservation needs exactly mac, ip and name, got {sorted(map(str, r))}")
-        return NetworkSpec(**{**data, "reservations": tuple(Reservation(**r) for r in reservations)})
+        reserved = () if data.get("reserved") is None else data["reserved"]
+        return NetworkSpec(**{**data, "reservations": tuple(Reservation(**r) for r in reservations),
+                              "reserved": reserved})
     except CloudopsError as exc:
         raise _fail(f"{where}: {exc}") from None
 

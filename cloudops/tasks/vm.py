@@ -38,13 +38,16 @@ def _keys(ssh_key):
     "flavor": "a named size (flavors: in the inventory's vars or config vm.flavors); explicit options override it",
     "dry_run": "print the host the scheduler would choose and why, the address, the disk and what would be made; "
                "make nothing",
+    "ip": "ask for this address on the network (refused outside its subnet, on its gateway, network or broadcast "
+          "address, in its DHCP range, reserved, or allocated to another VM)",
     "user_data": "your own cloud-init user-data file (#cloud-config, a #! script, or MIME multipart), merged with "
                  "cloudops's (hostname, keys, password hash): see the README",
     "firmware": "bios (default: config vm.firmware) or uefi (OVMF; the image must boot from an EFI system partition)"})
 @user_errors
 def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None, password=None, password_file=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
-          inventory=None, json=False, disk_size=None, flavor=None, dry_run=False, user_data=None, firmware=None):
+          inventory=None, json=False, disk_size=None, flavor=None, dry_run=False, user_data=None, ip=None,
+          firmware=None):
     """Start a VM from an image; prints its name, host and IP once SSH answers."""
     vms.validate_name(name)
     root_password = _password(password, password_file, password_stdin)  # refused before anything is read
@@ -55,7 +58,7 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
         vcpus=_int(size["vcpus"], "vcpus"), host=host, network=network,
         root_password=root_password, ssh_keys=_keys(ssh_key),
         hostname=hostname, customize=customize or c.vm.customize, group=group, wait=not no_wait,
-        timeout=float(timeout or c.vm.timeout), disk_size=size["disk_size"], user_data=user_data,
+        timeout=float(timeout or c.vm.timeout), disk_size=size["disk_size"], user_data=user_data, ip=ip,
         firmware=firmware or c.vm.get("firmware") or "bios")
     if dry_run:
         from cloudops.compute import plan

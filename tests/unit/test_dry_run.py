@@ -174,3 +174,19 @@ def test_dry_run_says_the_user_data_is_passed_and_makes_nothing(cloud, _own_stat
     with pytest.raises(CloudopsError, match="not valid YAML"):
         plan.plan_start(vms.VMSpec(name="web1", image="tiny", user_data=str(path)), cloud.inventory)
     assert store_rows(_own_state_store) == []
+
+
+def test_dry_run_shows_the_address_asked_for_and_refuses_a_bad_one(cloud, _own_state_store):
+    planned = plan.plan_start(vms.VMSpec(name="web1", image="tiny", memory=96, ip="192.168.150.77"), cloud.inventory)
+    assert (planned.ip, planned.ip_requested, planned.to_dict()["ip_requested"]) == ("192.168.150.77", True, True)
+    assert "address: 192.168.150.77 (52:54:00:" in "\n".join(planned.lines())
+    assert "as asked (--ip)" in "\n".join(planned.lines())
+    assert "IPAM allocation 192.168.150.77" in "\n".join(planned.actions)
+    for ip, why in (("192.168.150.1", "the gateway"), ("192.168.150.200", "in the DHCP range"),
+                    ("10.0.0.1", "outside network cloudops")):
+        with pytest.raises(CloudopsError, match=f"address {ip} for web1 is {why}"):
+            plan.plan_start(vms.VMSpec(name="web1", image="tiny", memory=96, ip=ip), cloud.inventory)
+    assert store_rows(_own_state_store) == []
+    ipam.allocate(networks.DEFAULT_NETWORK, "db1", ip="192.168.150.77")
+    with pytest.raises(CloudopsError, match="already allocated to VM db1"):
+        plan.plan_start(vms.VMSpec(name="web1", image="tiny", memory=96, ip="192.168.150.77"), cloud.inventory)
