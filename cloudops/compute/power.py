@@ -113,7 +113,8 @@ def poweron_vm(name: str, inventory, hosts: list | None = None, wait: bool = Tru
         progress(f"waiting for {name} at {allocation.ip}")
         with connect(host) as hv:
             try:
-                vms.wait_ready(dom, conn, hv, net.name, allocation, name, timeout, progress)
+                vms.wait_ready(dom, conn, hv, net.name, allocation, name, timeout, progress,
+                               static=net.mode == "bridge")
             except CloudopsError as exc:
                 raise CloudopsError(f"{name} was powered on on {host.name} but is not ready: {exc}") from None
         return PowerResult(vms.describe(dom, host.name), True, "powered on",

@@ -45,6 +45,19 @@ def dhcp_config(macs) -> dict:
                                                     "dhcp4": True} for i, mac in enumerate(macs)}}
 
 
+def static_config(mac: str, address: str, gateway: str | None = None, dns=()) -> dict:
+    """network-config v2 for a NIC with a fixed address (a bridged LAN without DHCP): matched by MAC, eth0.
+
+    Rendered one value a line, so the tiny image's boot script reads it too: the first
+    ``addresses`` item, ``via`` of the default route, ``nameservers.addresses``."""
+    eth = {"match": {"macaddress": mac}, "set-name": "eth0", "dhcp4": False, "addresses": [address]}
+    if gateway:
+        eth["routes"] = [{"to": "default", "via": gateway}]
+    if dns:
+        eth["nameservers"] = {"addresses": list(dns)}
+    return {"version": 2, "ethernets": {"eth0": eth}}
+
+
 def _quote(value: str) -> str:
     """A YAML double-quoted scalar (JSON string syntax is a subset of YAML)."""
     return json.dumps(value, ensure_ascii=False)

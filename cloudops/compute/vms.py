@@ -314,13 +314,14 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
         undo.push(networks.remove_reservation, conn, net.name, allocation.mac, allocation.ip, spec.name)
 
         checkpoint("address")
+        network_config = guest_network_config(net, allocation)
         disk_name = f"{spec.name}.qcow2"
         capacity = sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)
         seed_path = None
         hostname = spec.hostname or spec.name
         if spec.customize == "guestfs":
             _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity,
-                             allocation.mac)
+                             network_config)
             undo.push(storage.delete_volume, pool, disk_name)
             storage.refresh_pool(pool)
             disk_path = pool.storageVolLookupByName(disk_name).path()
@@ -329,7 +330,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
                                                capacity).path()
             undo.push(storage.delete_volume, pool, disk_name)
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
-            _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name, allocation.mac, spec.user_data,
+            _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name, network_config, spec.user_data,
                          progress)
             undo.push(storage.delete_volume, pool, f"{spec.name}-seed.iso")
             storage.refresh_pool(pool)
@@ -350,12 +351,23 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
         progress(f"{spec.name} started on {host.name}")
         vm = describe(dom, host.name)
         if spec.wait:
-            wait_ready(dom, conn, hv, net.name, allocation, spec.name, spec.timeout, progress)
+            wait_ready(dom, conn, hv, net.name, allocation, spec.name, spec.timeout, progress,
+                       static=net.mode == "bridge")
             checkpoint("ssh")
     return vm
 
 
-def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity, mac):
+def guest_network_config(net, allocation) -> dict:
+    """The seed's network-config: DHCP by MAC from libvirt's dnsmasq, or on a bridged LAN (no DHCP from
+    libvirt) the allocated address set statically, with the network's gateway and DNS."""
+    if net.mode != "bridge":
+        return seed.dhcp_config([allocation.mac])
+    config = net.static_guest_config(allocation.ip)
+    return seed.static_config(allocation.mac, config["address"], config.get("gateway"), config.get("dns", ()))
+
+
+def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity,
+                     network_config):
     """Overlay made and customized here with libguestfs, then rebased onto the host's image and uploaded.
 
     A cloud-init guest also gets the seed as files on its disk, for its network and first boot."""
@@ -366,7 +378,7 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", image.format, "-b",
                         str(image.local_path), str(local), str(capacity)], check=True, umask=0o077)  # it will hold a hash
         progress("customizing the disk with libguestfs (one appliance launch)")
-        in_guest = seed.files_in_guest(hostname, keys, seed.dhcp_config([mac]),
+        in_guest = seed.files_in_guest(hostname, keys, network_config,
                                        instance_id=f"{spec.name}-{secrets.token_hex(4)}")
         customize_image(local, root_password=spec.root_password, ssh_keys=keys, hostname=hostname, files=in_guest)
         subprocess.run(["qemu-img", "rebase", "-u", "-F", image.format, "-b", image.remote_path(host), str(local)],
@@ -375,21 +387,25 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
         hostfiles.put_private(hv, str(local), f"{pool_dir}/{disk_name}")  # holds root's hash: 0600 from creation
 
 
-def _upload_seed(hv, remote_path, hostname, keys, password_hash, name, mac, user_data=None, progress=lambda m: None):
+def _upload_seed(hv, remote_path, hostname, keys, password_hash, name, network_config, user_data=None,
+                 progress=lambda m: None):
     with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
         local = Path(tmp) / "seed.iso"
         if user_data is not None:
             progress(f"passing {user_data.describe()}")
         seed.make_seed(local, hostname, ssh_keys=keys, password_hash=password_hash,
-                       network_config=seed.dhcp_config([mac]), instance_id=f"{name}-{secrets.token_hex(4)}",
+                       network_config=network_config, instance_id=f"{name}-{secrets.token_hex(4)}",
                        user_data=user_data, progress=progress)
         hv.run(f"mkdir -p {shlex.quote(os.path.dirname(remote_path))}", hide=True, in_stream=False)
         hostfiles.put_private(hv, str(local), remote_path)  # may hold root's hash: 0600 from creation
 
 
 def wait_ready(dom, conn, hv, net_name, allocation, name, timeout, progress=lambda m: None,
-               console_offset: int = 0) -> str:
+               console_offset: int = 0, static: bool = False) -> str:
     """Wait for the VM's IP (DHCP lease, then guest agent, then ARP), its host key, and SSH.
+
+    ``static``: the guest sets its allocated address itself (a bridged LAN), so there is no
+    lease to wait for; SSH answering at that address is the proof.
 
     The console is read every few seconds meanwhile: a kernel panic, a failed network and the
     like end the wait at once with the console's last lines (cloudops.compute.console).
@@ -423,7 +439,10 @@ def wait_ready(dom, conn, hv, net_name, allocation, name, timeout, progress=lamb
                                         + "\n".join(f"  | {line}" for line in tail)) from None
             raise
 
-    ip = step(f"an IP address for {name} ({allocation.ip})", lambda: _address(dom, conn, net_name, allocation.mac))
+    if static:
+        ip = allocation.ip
+    else:
+        ip = step(f"an IP address for {name} ({allocation.ip})", lambda: _address(dom, conn, net_name, allocation.mac))
     if ip != allocation.ip:
         raise CloudopsError(f"{name} got {ip}, not its reserved address {allocation.ip}")
     keys = step(f"{name}'s SSH host key on its console",

@@ -98,6 +98,7 @@ class NetworkSpec:
     autostart: bool = True
     reservations: tuple[Reservation, ...] = field(default=())
     reserved: tuple[str, ...] = field(default=())
+    dns: tuple[str, ...] = field(default=())  # name servers for static guests (bridge mode); default: the gateway
 
     def __post_init__(self):
         set_ = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen dataclass)
@@ -110,6 +111,12 @@ class NetworkSpec:
         set_("bridge", self._checked_bridge(where))
         net = self._checked_cidr(where)
         set_("reservations", tuple(r if isinstance(r, Reservation) else Reservation(**r) for r in self.reservations))
+        if isinstance(self.dns, str) or not isinstance(self.dns, (list, tuple)):
+            raise _fail(f"{where}: dns must be a list of IPv4 addresses")
+        try:
+            set_("dns", tuple(str(ipaddress.IPv4Address(str(a))) for a in self.dns))
+        except ValueError:
+            raise _fail(f"{where}: dns entries must be IPv4 addresses, got {list(self.dns)!r}") from None
         if isinstance(self.reserved, str) or not isinstance(self.reserved, (list, tuple)):
             raise _fail(f"{where}: reserved must be a list of addresses or ranges (A.B.C.D or A.B.C.D-A.B.C.E)")
         if net is None:
@@ -243,6 +250,8 @@ class NetworkSpec:
         taken = {ipaddress.IPv4Address(r.ip) for r in self.reservations}
         if self.gateway:
             taken.add(ipaddress.IPv4Address(self.gateway))
+        elif self.mode == "bridge":  # a LAN whose gateway is not given: its first address usually is one
+            taken.add(self.network.network_address + 1)
         return [a for a in self.network.hosts()
                 if a not in taken and not any(first <= a <= last for first, last in ranges)]
 
@@ -250,7 +259,18 @@ class NetworkSpec:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["reservations"] = [vars(r).copy() for r in self.reservations]
         data["reserved"] = list(self.reserved)
+        data["dns"] = list(self.dns)
         return data
+
+    def static_guest_config(self, ip: str) -> dict:
+        """What a guest with ``ip`` on this network configures itself (bridge mode: no DHCP from libvirt)."""
+        config = {"address": f"{ip}/{self.prefix}"}
+        if self.gateway:
+            config["gateway"] = self.gateway
+        dns = list(self.dns) or ([self.gateway] if self.gateway else [])
+        if dns:
+            config["dns"] = dns
+        return config
 
 
 DEFAULT_NETWORK = NetworkSpec(name="cloudops", mode="nat", cidr="192.168.150.0/24")
@@ -584,6 +604,8 @@ def add_reservation(conn, net_name: str, mac: str, ip: str, hostname: str, check
     """Make ``mac`` always get ``ip`` and ``hostname`` (config, and live when active); a clash is an error."""
     res = Reservation(mac, ip, hostname)
     net = _require(conn, net_name)
+    if owned(ET.fromstring(net.XMLDesc(0)))["mode"] == "bridge":
+        return False, f"network {net_name} is bridged (no DHCP from libvirt): {res.ip} is static in the guest"
     missing = 0
     for label, flag, root in _targets(net):
         subnet, ip_element = subnet_of(root), _ipv4(root)

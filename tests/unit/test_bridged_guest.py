@@ -1,0 +1,104 @@
+"""Guests on a bridged LAN (no DHCP from libvirt): a static network-config, the tiny image's parser of it,
+IPAM keeping the LAN's likely gateway, libvirt reservations skipped."""
+
+import shutil
+import subprocess
+
+import libvirt
+import pytest
+import yaml
+
+from cloudops.compute import seed, vms
+from cloudops.errors import CloudopsError
+from cloudops.net import ipam, networks
+from cloudops.templating import render
+from tests.unit.test_seed import _guest_root
+
+needs_busybox = pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox not installed")
+MAC = "52:54:00:12:34:56"
+
+
+def lan(**extra):
+    return networks.NetworkSpec(name="lan", mode="bridge", bridge="br0", cidr="10.20.0.0/24", **extra)
+
+
+def test_static_config_is_the_address_gateway_and_dns_by_mac():
+    net = lan(gateway="10.20.0.1", dns=["10.20.0.53"])
+    allocation = ipam.Allocation(ip="10.20.0.100", mac=MAC)
+    config = vms.guest_network_config(net, allocation)
+    eth = config["ethernets"]["eth0"]
+    assert eth["match"] == {"macaddress": MAC} and eth["set-name"] == "eth0" and eth["dhcp4"] is False
+    assert eth["addresses"] == ["10.20.0.100/24"]
+    assert eth["routes"] == [{"to": "default", "via": "10.20.0.1"}]
+    assert eth["nameservers"] == {"addresses": ["10.20.0.53"]}
+    nat = networks.NetworkSpec(name="web", cidr="192.168.160.0/24")
+    assert vms.guest_network_config(nat, allocation) == seed.dhcp_config([MAC])
+
+
+def test_dns_defaults_to_the_gateway_and_no_gateway_means_no_route():
+    assert lan(gateway="10.20.0.1").static_guest_config("10.20.0.7") == {
+        "address": "10.20.0.7/24", "gateway": "10.20.0.1", "dns": ["10.20.0.1"]}
+    assert lan().static_guest_config("10.20.0.7") == {"address": "10.20.0.7/24"}
+    with pytest.raises(CloudopsError, match="dns entries must be IPv4 addresses"):
+        lan(dns=["ns1.example"])
+
+
+def test_ipam_never_hands_out_a_lans_first_address_when_its_gateway_is_not_given():
+    assert ipaddress_first(lan()) == "10.20.0.2"
+    assert ipaddress_first(lan(gateway="10.20.0.254")) == "10.20.0.1"  # the gateway given is elsewhere
+
+
+def ipaddress_first(net) -> str:
+    return str(net.static_pool()[0])
+
+
+@needs_busybox
+@pytest.mark.parametrize("gateway", ["10.20.0.1", None])
+def test_the_tiny_image_reads_the_static_address_and_gateway(tmp_path, gateway):
+    root = _guest_root(tmp_path)
+    net = lan(gateway=gateway) if gateway else lan()
+    files = seed.seed_files("vm-7", network_config=vms.guest_network_config(net, ipam.Allocation("10.20.0.100", MAC)))
+    proc = apply(tmp_path, files, root)
+    assert proc.returncode == 0, proc.stderr
+    assert (root / "etc/cloudops/static-net").read_text() == f"10.20.0.100/24 {gateway or '-'}\n"
+    # a later seed with DHCP removes it
+    proc = apply(tmp_path, seed.seed_files("vm-7", network_config=seed.dhcp_config([MAC])), root)
+    assert proc.returncode == 0 and not (root / "etc/cloudops/static-net").exists()
+
+
+@needs_busybox
+def test_the_tiny_image_refuses_a_static_address_that_is_not_one(tmp_path):
+    root = _guest_root(tmp_path)
+    bad = {"version": 2, "ethernets": {"eth0": {"dhcp4": False, "addresses": ["10.0.0.5/24; reboot"]}}}
+    files = seed.seed_files("vm-7", network_config=bad)
+    proc = apply(tmp_path, files, root)
+    assert proc.returncode == 1 and "bad static address" in proc.stderr
+    assert not (root / "etc/cloudops/static-net").exists()
+
+
+def apply(tmp_path, files, root):
+    seed_dir = tmp_path / "seed"
+    seed_dir.mkdir(exist_ok=True)
+    for name in ("meta-data", "user-data", "network-config"):
+        (seed_dir / name).unlink(missing_ok=True)
+    for name, text in files.items():
+        (seed_dir / name).write_text(text)
+    script = tmp_path / "seed-apply"
+    script.write_text(render("image/tiny/seed-apply.j2"))
+    return subprocess.run(["busybox", "sh", str(script), str(seed_dir), str(root)], capture_output=True, text=True)
+
+
+def test_the_network_config_is_yaml_cloud_init_reads():
+    files = seed.seed_files("vm-7", network_config=vms.guest_network_config(lan(gateway="10.20.0.1"),
+                                                                            ipam.Allocation("10.20.0.100", MAC)))
+    assert yaml.safe_load(files["network-config"])["ethernets"]["eth0"]["addresses"] == ["10.20.0.100/24"]
+
+
+def test_a_reservation_on_a_bridged_network_is_no_change_not_an_error():
+    conn = libvirt.open("test:///default")
+    try:
+        conn.networkDefineXML(networks.network_xml(lan()))
+        changed, message = networks.add_reservation(conn, "lan", MAC, "10.20.0.100", "web1")
+        assert changed is False and "is bridged (no DHCP from libvirt): 10.20.0.100 is static in the guest" in message
+    finally:
+        conn.close()
