@@ -74,6 +74,16 @@ class Lab:
     dir: str
     bare: bool
     hosts: list[LabHost]
+    lan: str | None = None  # the LAN's subnet: a bridge LAN_BRIDGE on every host, joined across hosts
+
+    @property
+    def lan_switch(self) -> str:
+        """The bridge in this machine's namespace that joins the hosts' LAN bridges, like a datacenter VLAN."""
+        return f"{self.prefix}-lan"
+
+    def lan_address(self, index: int) -> str:
+        """.1 is the LAN's gateway (the switch's address), hosts are .11, .12, ...; guests get .100 and up."""
+        return str(ipaddress.ip_network(self.lan).network_address + index)
 
     @property
     def inventory_path(self) -> Path:
@@ -143,6 +153,15 @@ def _port_open(address: str, port: int = 22) -> bool:
 def default_subnet(prefix: str) -> str:
     """A /24 per lab prefix, so labs of different prefixes can run side by side."""
     return DEFAULT_SUBNETS.get(prefix) or f"10.{200 + zlib.crc32(prefix.encode()) % 50}.0.0/24"
+
+
+LAN_BRIDGE = "lan0"  # on every full lab host: the host's side of the LAN (as br0 would be on a real hypervisor)
+
+
+def lan_subnet(subnet: str) -> str:
+    """The LAN of a lab: the /24 after the lab's own subnet (10.218.0.0/24 -> 10.218.1.0/24)."""
+    net = ipaddress.ip_network(subnet)
+    return str(ipaddress.ip_network(f"{net.network_address + 256}/24"))
 
 
 def lab_dir(prefix: str) -> Path:
@@ -259,7 +278,7 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
     base.mkdir(parents=True)
     addresses = list(net.hosts())
     lab = Lab(prefix=prefix, subnet=str(net), gateway=str(addresses[0]), bridge=f"{prefix}-br",
-              dir=str(base), bare=bare, hosts=[])
+              dir=str(base), bare=bare, hosts=[], lan=None if bare else lan_subnet(str(net)))
     for i in range(1, hosts + 1):
         name = f"hv{i}"
         lab.hosts.append(LabHost(name=name, address=str(addresses[9 + i]), namespace=f"{prefix}-{name}",
@@ -333,7 +352,15 @@ def _write_client_files(lab: Lab) -> None:
         "lab/inventory.yaml.j2", prefix=lab.prefix, hosts=lab.hosts, bare=lab.bare, key=str(key),
         known_hosts=str(base / "known_hosts"), pool_path=POOL_PATH, inside=INSIDE,
         shared_path=str(base / "shared") if lab.bare else SHARED_PATH,
-        group="bare" if lab.bare else "hypervisors"))
+        group="bare" if lab.bare else "hypervisors", lan=_lan_network(lab)))
+
+
+def _lan_network(lab: Lab) -> dict | None:
+    """The inventory's "lan" network: bridge mode on every host's LAN_BRIDGE, static addresses from .100."""
+    if not lab.lan:
+        return None
+    return {"name": "lan", "mode": "bridge", "bridge": LAN_BRIDGE, "cidr": lab.lan, "gateway": lab.lan_address(1),
+            "reserved": [f"{lab.lan_address(2)}-{lab.lan_address(99)}"]}
 
 
 def _write_migration_trust(lab: Lab, known: list[str]) -> None:
@@ -377,6 +404,23 @@ def _create_network(lab: Lab) -> None:
         _sh("ip", "-n", ns, "link", "set", "eth0", "up")
         _sh("ip", "-n", ns, "link", "set", "lo", "up")
         _sh("ip", "-n", ns, "route", "add", "default", "via", lab.gateway)
+    if lab.lan:
+        _create_lan(lab)
+
+
+def _create_lan(lab: Lab) -> None:
+    """Every host's bridge LAN_BRIDGE (with the host's LAN address) joined by a veth to the lab's LAN switch."""
+    _sh("ip", "link", "add", lab.lan_switch, "type", "bridge")
+    _sh("ip", "addr", "add", f"{lab.lan_address(1)}/24", "dev", lab.lan_switch)
+    _sh("ip", "link", "set", lab.lan_switch, "up")
+    for i, host in enumerate(lab.hosts, start=1):
+        ns, uplink = host.namespace, f"{host.veth}l"
+        _sh("ip", "link", "add", uplink, "type", "veth", "peer", "name", "lanup", "netns", ns)
+        _sh("ip", "link", "set", uplink, "master", lab.lan_switch, "up")
+        _sh("ip", "-n", ns, "link", "add", LAN_BRIDGE, "type", "bridge")
+        _sh("ip", "-n", ns, "link", "set", "lanup", "master", LAN_BRIDGE, "up")
+        _sh("ip", "-n", ns, "addr", "add", f"{lab.lan_address(10 + i)}/24", "dev", LAN_BRIDGE)
+        _sh("ip", "-n", ns, "link", "set", LAN_BRIDGE, "up")
 
 
 def _start_host(lab: Lab, host: LabHost) -> None:
@@ -513,7 +557,7 @@ def _links(prefix: str) -> list[str]:
     out = _sh("ip", "-o", "link", "show", check=False).stdout
     names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
     mine = [n for n in names if n.startswith(f"{prefix}-hv")]
-    return mine + [n for n in names if n == f"{prefix}-br"]
+    return mine + [n for n in names if n in (f"{prefix}-br", f"{prefix}-lan")]
 
 
 def _foreign_owner(prefix: str) -> str | None:
