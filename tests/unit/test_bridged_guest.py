@@ -2,7 +2,6 @@
 IPAM keeping the LAN's likely gateway, libvirt reservations skipped."""
 
 import shutil
-import subprocess
 
 import libvirt
 import pytest
@@ -11,8 +10,7 @@ import yaml
 from cloudops.compute import seed, vms
 from cloudops.errors import CloudopsError
 from cloudops.net import ipam, networks
-from cloudops.templating import render
-from tests.unit.test_seed import _guest_root
+from tests.unit.tiny_guest import guest_root, seed_apply
 
 needs_busybox = pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox not installed")
 MAC = "52:54:00:12:34:56"
@@ -55,37 +53,25 @@ def ipaddress_first(net) -> str:
 @needs_busybox
 @pytest.mark.parametrize("gateway", ["10.20.0.1", None])
 def test_the_tiny_image_reads_the_static_address_and_gateway(tmp_path, gateway):
-    root = _guest_root(tmp_path)
+    root = guest_root(tmp_path)
     net = lan(gateway=gateway) if gateway else lan()
     files = seed.seed_files("vm-7", network_config=vms.guest_network_config(net, ipam.Allocation("10.20.0.100", MAC)))
-    proc = apply(tmp_path, files, root)
+    proc = seed_apply(tmp_path, files, root)
     assert proc.returncode == 0, proc.stderr
     assert (root / "etc/cloudops/static-net").read_text() == f"10.20.0.100/24 {gateway or '-'}\n"
     # a later seed with DHCP removes it
-    proc = apply(tmp_path, seed.seed_files("vm-7", network_config=seed.dhcp_config([MAC])), root)
+    proc = seed_apply(tmp_path, seed.seed_files("vm-7", network_config=seed.dhcp_config([MAC])), root)
     assert proc.returncode == 0 and not (root / "etc/cloudops/static-net").exists()
 
 
 @needs_busybox
 def test_the_tiny_image_refuses_a_static_address_that_is_not_one(tmp_path):
-    root = _guest_root(tmp_path)
+    root = guest_root(tmp_path)
     bad = {"version": 2, "ethernets": {"eth0": {"dhcp4": False, "addresses": ["10.0.0.5/24; reboot"]}}}
     files = seed.seed_files("vm-7", network_config=bad)
-    proc = apply(tmp_path, files, root)
+    proc = seed_apply(tmp_path, files, root)
     assert proc.returncode == 1 and "bad static address" in proc.stderr
     assert not (root / "etc/cloudops/static-net").exists()
-
-
-def apply(tmp_path, files, root):
-    seed_dir = tmp_path / "seed"
-    seed_dir.mkdir(exist_ok=True)
-    for name in ("meta-data", "user-data", "network-config"):
-        (seed_dir / name).unlink(missing_ok=True)
-    for name, text in files.items():
-        (seed_dir / name).write_text(text)
-    script = tmp_path / "seed-apply"
-    script.write_text(render("image/tiny/seed-apply.j2"))
-    return subprocess.run(["busybox", "sh", str(script), str(seed_dir), str(root)], capture_output=True, text=True)
 
 
 def test_the_network_config_is_yaml_cloud_init_reads():

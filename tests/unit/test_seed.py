@@ -11,7 +11,7 @@ from cloudops import passwords
 from cloudops.compute import seed
 from cloudops.compute.guestconfig import normalize_ssh_keys, validate_hostname
 from cloudops.errors import CloudopsError
-from cloudops.templating import render
+from tests.unit.tiny_guest import guest_root, seed_apply
 
 KEY1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN4pNdNv8QP28E7WAe+OW2ENjWJFUtNXuZ8PpdQpHb3w alice@example"
 KEY2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKS3m0xYd0AzLk2rgGLPSjsALpq4yyEyV5JXpDo8bKk1 bob's key #2"
@@ -106,33 +106,11 @@ def test_rsa_key_with_wrong_type_refused():
         normalize_ssh_keys([f"ssh-rsa {blob}"])
 
 
-def _guest_root(tmp_path):
-    root = tmp_path / "root"
-    (root / "etc").mkdir(parents=True)
-    (root / "root").mkdir()
-    (root / "etc/passwd").write_text(render("image/tiny/etc/passwd.j2"))
-    (root / "etc/shadow").write_text(render("image/tiny/etc/shadow.j2", days=19000))
-    (root / "etc/hosts").write_text(render("image/tiny/etc/hosts.j2", hostname="tiny"))
-    (root / "etc/hostname").write_text("tiny\n")
-    return root
-
-
-def _apply(tmp_path, files, root):
-    seed_dir = tmp_path / "seed"
-    seed_dir.mkdir(exist_ok=True)
-    for name, text in files.items():
-        (seed_dir / name).write_text(text)
-    script = tmp_path / "seed-apply"
-    script.write_text(render("image/tiny/seed-apply.j2"))
-    return subprocess.run(["busybox", "sh", str(script), str(seed_dir), str(root)],
-                          capture_output=True, text=True)  # fmt: skip
-
-
 @needs_busybox
 def test_tiny_guest_parser_applies_seed(tmp_path):
-    root = _guest_root(tmp_path)
+    root = guest_root(tmp_path)
     files = seed.seed_files("vm-7", [KEY1, KEY2], HASH)
-    proc = _apply(tmp_path, files, root)
+    proc = seed_apply(tmp_path, files, root)
     assert proc.returncode == 0, proc.stderr
     assert (root / "etc/hostname").read_text() == "vm-7\n"
     assert "127.0.1.1 vm-7" in (root / "etc/hosts").read_text()
@@ -146,14 +124,14 @@ def test_tiny_guest_parser_applies_seed(tmp_path):
     assert shadow[1].startswith("nobody:*:")
     # Applying again (every boot with the seed attached) changes nothing.
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    assert _apply(tmp_path, files, root).returncode == 0
+    assert seed_apply(tmp_path, files, root).returncode == 0
     assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 @needs_busybox
 def test_tiny_guest_parser_meta_data_hostname_only(tmp_path):
-    root = _guest_root(tmp_path)
-    proc = _apply(tmp_path, {"meta-data": "instance-id: x\nlocal-hostname: from-meta\n"}, root)
+    root = guest_root(tmp_path)
+    proc = seed_apply(tmp_path, {"meta-data": "instance-id: x\nlocal-hostname: from-meta\n"}, root)
     assert proc.returncode == 0, proc.stderr
     assert (root / "etc/hostname").read_text() == "from-meta\n"
     assert not (root / "root/.ssh").exists()
@@ -162,9 +140,9 @@ def test_tiny_guest_parser_meta_data_hostname_only(tmp_path):
 
 @needs_busybox
 def test_tiny_guest_parser_refuses_bad_values(tmp_path):
-    root = _guest_root(tmp_path)
+    root = guest_root(tmp_path)
     user_data = '#cloud-config\nhostname: "bad;name"\nusers:\n  - name: root\n    hashed_passwd: "plain text"\n'
-    proc = _apply(tmp_path, {"user-data": user_data, "meta-data": ""}, root)
+    proc = seed_apply(tmp_path, {"user-data": user_data, "meta-data": ""}, root)
     assert proc.returncode == 1
     assert (root / "etc/hostname").read_text() == "tiny\n"
     assert (root / "etc/shadow").read_text().startswith("root:*:")
@@ -183,10 +161,10 @@ def test_tiny_guest_parser_takes_only_roots_hash(tmp_path):
     user_data = ("#cloud-config\nusers:\n- name: alice\n  hashed_passwd: " + other + "\n  ssh_authorized_keys:\n"
                  "  - name: root\n    hashed_passwd: " + other + "\n- default\n- name: \"root\"\n"
                  "  lock_passwd: false\n  hashed_passwd: \"" + HASH + "\"\nruncmd:\n- [true]\n")
-    root = _guest_root(tmp_path)
-    assert _apply(tmp_path, {"user-data": user_data}, root).returncode == 0
+    root = guest_root(tmp_path)
+    assert seed_apply(tmp_path, {"user-data": user_data}, root).returncode == 0
     assert (root / "etc/shadow").read_text().splitlines()[0].split(":")[1] == HASH
-    root2 = _guest_root(tmp_path / "2")
+    root2 = guest_root(tmp_path / "2")
     no_root = "#cloud-config\nusers:\n  - name: alice\n    hashed_passwd: \"" + other + "\"\n"
-    assert _apply(tmp_path, {"user-data": no_root}, root2).returncode == 0
+    assert seed_apply(tmp_path, {"user-data": no_root}, root2).returncode == 0
     assert (root2 / "etc/shadow").read_text().startswith("root:*:")

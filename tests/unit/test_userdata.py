@@ -15,7 +15,7 @@ import yaml
 from cloudops import passwords
 from cloudops.compute import seed, userdata, vms
 from cloudops.errors import CloudopsError
-from cloudops.templating import render
+from tests.unit.tiny_guest import guest_root, seed_apply
 
 KEY1 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIN4pNdNv8QP28E7WAe+OW2ENjWJFUtNXuZ8PpdQpHb3w cloudops@control"
 KEY2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKS3m0xYd0AzLk2rgGLPSjsALpq4yyEyV5JXpDo8bKk1 user@laptop"
@@ -352,27 +352,9 @@ def test_the_seed_iso_holds_the_merged_multipart(tmp_path):
 
 # ---------------------------------------------------------------- the tiny image's parser (the real script)
 
-def guest_root(tmp_path):
-    root = tmp_path / "root"
-    (root / "etc").mkdir(parents=True)
-    (root / "root").mkdir()
-    (root / "etc/passwd").write_text(render("image/tiny/etc/passwd.j2"))
-    (root / "etc/shadow").write_text(render("image/tiny/etc/shadow.j2", days=19000))
-    (root / "etc/hosts").write_text(render("image/tiny/etc/hosts.j2", hostname="tiny"))
-    (root / "etc/hostname").write_text("tiny\n")
-    return root
-
-
-def seed_apply(tmp_path, files):
+def applied(tmp_path, files):
     root = guest_root(tmp_path)
-    seed_dir = tmp_path / "seed"
-    seed_dir.mkdir()
-    for name, text in files.items():
-        (seed_dir / name).write_text(text)
-    script = tmp_path / "seed-apply"
-    script.write_text(render("image/tiny/seed-apply.j2"))
-    proc = subprocess.run(["busybox", "sh", str(script), str(seed_dir), str(root)], capture_output=True, text=True,
-                          check=False)
+    proc = seed_apply(tmp_path, files, root)
     assert proc.returncode == 0, proc.stderr
     keys = root / "root/.ssh/authorized_keys"
     return {"hostname": (root / "etc/hostname").read_text().strip(),
@@ -384,7 +366,7 @@ def seed_apply(tmp_path, files):
 @pytest.mark.parametrize("content", [USER_CONFIG, SCRIPT, user_multipart()], ids=["cloud-config", "script", "multipart"])
 def test_the_tiny_image_still_applies_hostname_keys_and_root_hash(tmp_path, content):
     files = seed.seed_files("web1", [KEY1], HASH, user_data=userdata.parse(content))
-    got = seed_apply(tmp_path, files)
+    got = applied(tmp_path, files)
     assert got["hostname"] == "web1"
     assert got["keys"][0] == KEY1 and set(got["keys"]) <= {KEY1, KEY2}
     assert got["root_hash"] == HASH and passwords.verify("root secret", got["root_hash"])
@@ -395,11 +377,11 @@ def test_the_tiny_image_never_takes_another_users_hash_for_root(tmp_path):
     text = f'#cloud-config\nusers:\n  - name: alice\n    hashed_passwd: "{ALICE_HASH}"\n'
     files = seed.seed_files("web1", [KEY1], None, user_data=userdata.parse(text))
     assert ALICE_HASH in files["user-data"]
-    assert seed_apply(tmp_path, files)["root_hash"] == "*"  # root's stays locked
+    assert applied(tmp_path, files)["root_hash"] == "*"  # root's stays locked
 
 
 @needs_busybox
 def test_the_tiny_image_takes_a_root_hash_the_user_gave_when_cloudops_has_none(tmp_path):
     text = f"#cloud-config\nusers:\n  - name: alice\n    hashed_passwd: x\n  - name: root\n    hashed_passwd: {ALICE_HASH}\n"
     files = seed.seed_files("web1", [KEY1], None, user_data=userdata.parse(text))
-    assert seed_apply(tmp_path, files)["root_hash"] == ALICE_HASH
+    assert applied(tmp_path, files)["root_hash"] == ALICE_HASH
