@@ -27,10 +27,6 @@ from cloudops.errors import CloudopsError
 from cloudops.templating import render
 
 VOLUME_ID = "cidata"
-DEFAULT_NETWORK_CONFIG = {
-    "version": 2,
-    "ethernets": {"all-en": {"match": {"name": "e*"}, "dhcp4": True}},
-}
 
 
 def dhcp_config(macs) -> dict:
@@ -64,7 +60,7 @@ def _quote(value: str) -> str:
 
 
 def _network_yaml(network_config) -> str:
-    config = DEFAULT_NETWORK_CONFIG if network_config is None else network_config
+    config = network_config
     if isinstance(config, str):
         try:
             config = yaml.safe_load(config)
@@ -98,23 +94,23 @@ def user_data_text(hostname, keys, password_hash=None, user_data=None, progress=
 
 def seed_files(hostname, ssh_keys=(), password_hash=None, network_config=None, instance_id=None, *,
                user_data=None, progress=lambda m: None) -> dict:
-    """The three seed files as {name: text}; validates every value first."""
+    """The seed files as {name: text} (network-config only when given); validates every value first."""
     validate_hostname(hostname)
     keys = normalize_ssh_keys(ssh_keys)
     if password_hash is not None and not passwords.is_hash(password_hash):
         raise CloudopsError("password_hash is not a crypt hash ($6$...); hash it with passwords.hash_password")
-    network_yaml = _network_yaml(network_config)
+    network_yaml = None if network_config is None else _network_yaml(network_config)
     user_text = user_data_text(hostname, keys, password_hash, user_data, progress)
     if instance_id is None:
         digest = hashlib.sha256(json.dumps([hostname, user_text, network_yaml]).encode()).hexdigest()[:12]
         instance_id = f"iid-{hostname}-{digest}"
     elif not isinstance(instance_id, str) or not instance_id.replace("-", "").replace(".", "").isalnum():
         raise CloudopsError(f"bad instance-id {instance_id!r}: use letters, digits, '-' and '.'")
-    return {
-        "meta-data": render("seed/meta-data.j2", instance_id=instance_id, hostname=hostname),
-        "user-data": user_text,
-        "network-config": render("seed/network-config.j2", network_yaml=network_yaml),
-    }
+    files = {"meta-data": render("seed/meta-data.j2", instance_id=instance_id, hostname=hostname),
+             "user-data": user_text}
+    if network_yaml is not None:  # none given: no file, and cloud-init's fallback (DHCP on the first NIC)
+        files["network-config"] = render("seed/network-config.j2", network_yaml=network_yaml)
+    return files
 
 
 def make_seed(path, hostname, ssh_keys=(), password_hash=None, network_config=None, *, instance_id=None,
