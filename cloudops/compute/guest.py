@@ -16,10 +16,12 @@ trusts all the registered keys, so any operator of the cloud can reach any VM.
 
 import fcntl
 import hashlib
+import os
 import re
 import shlex
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,12 +46,21 @@ def cloud_dir() -> Path:
 def cloud_key() -> Path:
     """The cloud's own SSH key (made once), put into every VM so the toolkit can always reach it."""
     key = cloud_dir() / "id_ed25519"
-    if not key.exists():
+    public = key.with_name("id_ed25519.pub")
+    if not (key.exists() and public.exists()):
         with open(cloud_dir() / "id_ed25519.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not key.exists():
-                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cloudops", "-f", str(key)],
-                               check=True)
+            if key.exists() and not public.exists():  # a crash between the two files: the key decides
+                derived = subprocess.run(["ssh-keygen", "-y", "-f", str(key)], check=True, capture_output=True,
+                                         text=True).stdout.strip()
+                atomicfile.write(public, f"{derived} cloudops\n")
+            elif not key.exists():  # made aside, then moved in: the key never exists without its .pub
+                with tempfile.TemporaryDirectory(prefix=".key-", dir=cloud_dir()) as tmp:
+                    made = Path(tmp) / "id_ed25519"
+                    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "cloudops", "-f", str(made)],
+                                   check=True)
+                    os.replace(made.with_name("id_ed25519.pub"), public)
+                    os.replace(made, key)
     return key
 
 

@@ -96,3 +96,4 @@ def test_sigterm_does_what_ctrl_c_does(monkeypatch):
     monkeypatch.setattr(signal, "getsignal", lambda s: lambda signum, frame: pressed.append(signum))
     _cli.terminate_as_interrupt(signal.SIGTERM, None)  # a migration job counts it instead
     assert pressed == [signal.SIGINT]
+
