@@ -163,6 +163,25 @@ def describe(dom: libvirt.virDomain, host_name: str) -> VM:
               mac=meta.get("mac"), customize=meta.get("customize"), group=meta.get("group"))
 
 
+def details(dom: libvirt.virDomain) -> dict:
+    """What vm.info adds to a VM's listing: its firmware and each disk's size (libvirt's own block info)."""
+    root = ET.fromstring(dom.XMLDesc(0))
+    os_ = root.find("os")
+    firmware = "uefi" if os_ is not None and (os_.get("firmware") == "efi" or os_.find("loader") is not None) else "bios"
+    disks = []
+    for disk in root.findall("devices/disk"):
+        source, target = disk.find("source"), disk.find("target")
+        path = source.get("file") if source is not None else None
+        if not path or target is None:
+            continue
+        entry = {"target": target.get("dev"), "device": disk.get("device", "disk"), "path": path}
+        with contextlib.suppress(libvirt.libvirtError):
+            capacity, allocation, _physical = dom.blockInfo(path)
+            entry.update(size=sizing.format_size(capacity), allocated=sizing.format_size(allocation))
+        disks.append(entry)
+    return {"firmware": firmware, "disks": disks}
+
+
 def list_on_host(host) -> list[VM]:
     with virt.open_host(host) as conn:
         return [describe(d, host.name) for d in conn.listAllDomains()]

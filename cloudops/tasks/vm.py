@@ -185,12 +185,20 @@ def info(c, name, inventory=None, json=False):
     """Everything known about one VM."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     host = vms.locate(name, _hypervisors(c, inventory))
-    vm = next(v for v in vms.list_on_host(host) if v.name == name)
+    from cloudops import virt
+
+    with virt.open_host(host) as conn:
+        dom = conn.lookupByName(name)
+        data = {**vms.describe(dom, host.name).to_dict(), **vms.details(dom)}
     if json:
-        emit_json(vm.to_dict())
-    else:
-        for key, value in vm.to_dict().items():
-            print(f"{key:<10} {value}")
+        emit_json(data)
+        return
+    disks = data.pop("disks")
+    for key, value in data.items():
+        print(f"{key:<10} {value}")
+    for disk in disks:
+        print(f"{'disk':<10} {disk['target']} {disk['device']} {disk.get('size', '?')} "
+              f"({disk.get('allocated', '?')} allocated) {disk['path']}")
 
 
 @task(help={"name": "VM name", "command": "command to run (default: an interactive shell)",

@@ -93,6 +93,8 @@ def test_debian_guest_boots_with_uefi_firmware(lab, lab_inventory, debian_image,
         with connect(lab_inventory.hosts["hv3"]) as hv:
             xml = hv.run(f"virsh -c qemu:///system dumpxml {shlex.quote(name)}", hide=True, in_stream=False).stdout
         assert "/usr/share/OVMF/OVMF_CODE" in xml and "<nvram" in xml, xml
+        shown = invoke("vm.info", name, "--json", "--inventory", str(lab.inventory_path))
+        assert shown.returncode == 0 and json.loads(shown.stdout)["firmware"] == "uefi", shown.stderr
     finally:
         invoke("vm.delete", name, "--inventory", str(lab.inventory_path))
     assert leftovers(lab_inventory, name) == []

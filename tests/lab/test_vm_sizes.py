@@ -50,6 +50,11 @@ def test_flavor_with_explicit_overrides_and_disk_size_seen_in_the_guest(lab, lab
         assert dominfo["Max memory"].split() == ["98304", "KiB"]
         assert dominfo["CPU(s)"].strip() == "2"
         assert overlay_virtual_size(hv1, name) == G
+        shown = invoke("vm.info", name, "--json", *inv)
+        assert shown.returncode == 0, shown.stderr
+        info = json.loads(shown.stdout)
+        assert info["firmware"] == "bios"
+        assert [(d["target"], d["size"]) for d in info["disks"] if d["device"] == "disk"] == [("vda", "1G")]
         disk_bytes, root_kib = guest_disk(lab, name)
         assert disk_bytes == G
         # the tiny image grew its root partition and ext4 to the disk (the image's own is 128M)
