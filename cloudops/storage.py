@@ -35,11 +35,7 @@ def ensure_pool(conn: libvirt.virConnect, path: str, name: str = POOL_NAME) -> t
             pool = conn.storagePoolLookupByName(name)
         changed = True
     if not pool.isActive():
-        try:
-            pool.create(0)
-        except libvirt.libvirtError:
-            if not pool.isActive():  # not started by another process meanwhile: a real failure
-                raise
+        _start_pool(pool)
         changed = True
     if not pool.autostart():
         pool.setAutostart(1)
@@ -66,6 +62,29 @@ def refresh_pool(pool: libvirt.virStoragePool, wait: float = BUSY_WAIT) -> None:
 
 def _busy(error: libvirt.libvirtError) -> bool:
     return "asynchronous jobs running" in str(error)
+
+
+def _start_pool(pool: libvirt.virStoragePool, wait: float = BUSY_WAIT) -> None:
+    """Start a defined pool; several vm.start on a fresh host race here.
+
+    Another process may have defined the pool and not built its directory yet ("cannot open
+    directory"), or be starting it: build it (a directory pool's build is mkdir, harmless when
+    it exists) and try again until it is active or ``wait`` runs out."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            pool.create(0)
+            return
+        except libvirt.libvirtError:
+            if pool.isActive():  # started by another process meanwhile
+                return
+            if time.monotonic() > deadline:
+                raise
+        try:
+            pool.build(0)
+        except libvirt.libvirtError:
+            pass  # built by the other process, or a real failure that the next create reports
+        time.sleep(0.2)
 
 
 def create_overlay(pool: libvirt.virStoragePool, name: str, backing_path: str, backing_format: str,

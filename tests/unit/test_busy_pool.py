@@ -97,3 +97,48 @@ def test_sigterm_does_what_ctrl_c_does(monkeypatch):
     _cli.terminate_as_interrupt(signal.SIGTERM, None)  # a migration job counts it instead
     assert pressed == [signal.SIGINT]
 
+
+
+def test_a_pool_another_start_defined_but_did_not_build_yet_is_built_and_started(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+    class Defined:
+        """Defined by another vm.start that has not made its directory yet."""
+
+        def __init__(self):
+            self.built = self.active = False
+            self.calls = []
+
+        def isActive(self):
+            return self.active
+
+        def create(self, flags):
+            self.calls.append("create")
+            if not self.built:
+                raise libvirt.libvirtError("cannot open directory '/var/lib/cloudops/disks': No such file or directory")
+            self.active = True
+
+        def build(self, flags):
+            self.calls.append("build")
+            self.built = True
+
+    pool = Defined()
+    storage._start_pool(pool)
+    assert pool.active and pool.calls == ["create", "build", "create"]
+
+
+def test_a_pool_that_never_starts_is_an_error_after_the_wait(monkeypatch):
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+
+    class Broken:
+        def isActive(self):
+            return False
+
+        def create(self, flags):
+            raise libvirt.libvirtError("cannot open directory '/x': Permission denied")
+
+        def build(self, flags):
+            raise libvirt.libvirtError("cannot create directory '/x': Permission denied")
+
+    with pytest.raises(libvirt.libvirtError, match="Permission denied"):
+        storage._start_pool(Broken(), wait=0)
