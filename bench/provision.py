@@ -15,6 +15,8 @@ Side by side in one run, on a 1-host lab of its own (prefix "bp1"), for the tiny
   the disk, one virtio disk and NIC on the same libvirt network) + ``virsh start``, then
   polling every 0.5 s for a DHCP lease (``virsh domifaddr --source lease``) and for an SSH
   banner on port 22. The whole SSH command is timed; the domain and files are removed after.
+  Without a datasource the Debian image needs by hand what cloud-init would do (NAIVE_EXTRA):
+  cloud-init disabled, SSH host keys made, a DHCP network file.
 
 The floor is the guest's uptime (CLOCK_BOOTTIME, which starts in early kernel init) when its
 SSH server began listening: the tiny image prints it on its console ("ready ... uptime=") once
@@ -35,6 +37,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -179,8 +182,10 @@ echo "$ip"
 """
 
 NAIVE_TIMEOUT = 600  # seconds from the start of the script for a lease and an SSH banner
-NAIVE_EXTRA = {  # a cloud image without a datasource configures no NIC (cloud-init would): the operator adds one
-    "debian": ("--write", "/etc/systemd/network/80-dhcp.network:[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
+NAIVE_EXTRA = {  # a cloud image without a datasource: cloud-init off (else sshd waits while it probes metadata
+    # services for minutes), SSH host keys made (cloud-init would; the image ships none, and its
+    # ssh.service runs `sshd -t` before its drop-in's `ssh-keygen -A`), a DHCP NIC by hand (cloud-init's job too)
+    "debian": ("--touch", "/etc/cloud/cloud-init.disabled", "--run-command", "ssh-keygen -A", "--write", "/etc/systemd/network/80-dhcp.network:[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
                "--run-command", "systemctl enable systemd-networkd"),
 }
 NAIVE_CLEANUP = ("virsh -q -c qemu:///system destroy {name} >/dev/null 2>&1; "
@@ -232,6 +237,10 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print only the JSON summary")
     ap.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     args = ap.parse_args()
+    # Ctrl-C and SIGTERM take the lab down (the finally below), also when started in the background
+    # by a shell that ignores SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     chosen = [i for i in args.images.split(",") if i]
     rounds = {k: IMAGES[k]["rounds"] for k in chosen} | {
         k: int(v) for k, v in (p.split("=") for p in args.rounds.split(",") if p)}
