@@ -182,10 +182,12 @@ echo "$ip"
 """
 
 NAIVE_TIMEOUT = 600  # seconds from the start of the script for a lease and an SSH banner
-NAIVE_EXTRA = {  # a cloud image without a datasource: cloud-init off (else sshd waits while it probes metadata
-    # services for minutes), SSH host keys made (cloud-init would; the image ships none, and its
-    # ssh.service runs `sshd -t` before its drop-in's `ssh-keygen -A`), a DHCP NIC by hand (cloud-init's job too)
-    "debian": ("--touch", "/etc/cloud/cloud-init.disabled", "--run-command", "ssh-keygen -A", "--write", "/etc/systemd/network/80-dhcp.network:[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
+NAIVE_EXTRA = {
+    # A cloud image without a datasource: cloud-init off (nothing to apply); SSH host keys made (cloud-init
+    # makes them otherwise: the image ships none, and its ssh.service runs `sshd -t` before its drop-in's
+    # `ssh-keygen -A`); a DHCP NIC by hand (cloud-init writes it otherwise).
+    "debian": ("--touch", "/etc/cloud/cloud-init.disabled", "--run-command", "ssh-keygen -A",
+               "--write", "/etc/systemd/network/80-dhcp.network:[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n",
                "--run-command", "systemctl enable systemd-networkd"),
 }
 NAIVE_CLEANUP = ("virsh -q -c qemu:///system destroy {name} >/dev/null 2>&1; "
