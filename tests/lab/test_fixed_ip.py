@@ -64,7 +64,7 @@ def test_a_vm_gets_the_address_it_asked_for_and_bad_ones_are_one_line(lab, lab_i
             assert leftovers(lab_inventory, "ti-bad") == []
         bad = invoke("vm.start", "--name", "ti-bad", "--memory", "96", "--network", "nosuch", *inv)
         assert bad.returncode != 0 and bad.stderr.strip() == (
-            "cloudops: unknown network 'nosuch': not in the inventory's networks (cloudops) nor defined on "
+            "cloudops: unknown network 'nosuch': not in the inventory's networks (cloudops, lan) nor defined on "
             "hv1, hv2, hv3"), bad.stderr
         assert leftovers(lab_inventory, "ti-bad") == []
     finally:
