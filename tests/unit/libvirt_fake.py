@@ -93,3 +93,31 @@ def vm_stats(cpu_ns=0, vcpu_ns=(0, 0), delay_ns=None, rd_bytes=0, rd_reqs=0, rd_
         if delay_ns is not None:
             stats[f"vcpu.{n}.delay"] = delay_ns[n]
     return stats
+
+
+def libvirt_test_host(monkeypatch):
+    """libvirt's in-process test driver as the one host hv1: virt.open_host and vms.find answer from it.
+
+    Domains named ``u-*`` left by an earlier test are removed first. Returns (conn, host, inventory)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from cloudops import virt
+    from cloudops.compute import vms
+    from cloudops.inventory import Inventory
+
+    conn = libvirt.open("test:///default")
+    for dom in conn.listAllDomains():
+        if dom.name().startswith("u-"):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+            dom.undefine()
+    hv = SimpleNamespace(name="hv1", tags=(), vars={})
+
+    @contextlib.contextmanager
+    def open_host(_host, uri=None):
+        yield conn
+
+    monkeypatch.setattr(virt, "open_host", open_host)
+    monkeypatch.setattr(vms, "find", lambda name, hosts: ([hv] if vms.defined_on(conn, name) else [], []))
+    return conn, hv, Inventory(path="inv.yaml", hosts={"hv1": hv}, groups={"all": ["hv1"]})

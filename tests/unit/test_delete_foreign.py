@@ -2,16 +2,14 @@
 
 libvirt's in-process test driver stands in for a host; its storage volumes are files only it knows."""
 
-import contextlib
 from types import SimpleNamespace
 
-import libvirt
 import pytest
 
 from cloudops import virt
 from cloudops.compute import stack, vms
 from cloudops.errors import CloudopsError
-from cloudops.inventory import Inventory
+from tests.unit.libvirt_fake import libvirt_test_host
 
 DOMAIN = """<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type>hvm</type></os>{metadata}<devices>
@@ -22,25 +20,11 @@ META = f"<metadata><cloudops:vm xmlns:cloudops='{virt.METADATA_NS}'><cloudops:im
 
 @pytest.fixture
 def host(monkeypatch, tmp_path):
-    conn = libvirt.open("test:///default")
-    for dom in conn.listAllDomains():
-        if dom.name().startswith("u-"):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
-            dom.undefine()
-    hv = SimpleNamespace(name="hv1", tags=(), vars={})
-
-    @contextlib.contextmanager
-    def open_host(_host, uri=None):
-        yield conn
-
-    monkeypatch.setattr(virt, "open_host", open_host)
-    monkeypatch.setattr(vms, "find", lambda name, hosts: ([hv] if vms.defined_on(conn, name) else [], []))
+    conn, hv, inventory = libvirt_test_host(monkeypatch)
     monkeypatch.setattr(vms.guest, "cloud_dir", lambda: tmp_path)
     monkeypatch.setattr(vms.guest, "forget_host_keys", lambda *a: None)
     deleted = []
     monkeypatch.setattr(vms, "_delete_path", lambda _conn, path: deleted.append(path))
-    inventory = Inventory(path="inv.yaml", hosts={"hv1": hv}, groups={"all": ["hv1"]})
     return SimpleNamespace(conn=conn, hv=hv, inventory=inventory, deleted=deleted)
 
 

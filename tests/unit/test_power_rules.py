@@ -3,16 +3,14 @@
 libvirt's in-process test driver stands in for a host (as in test_delete_foreign); the real
 boots, reboots and addresses are tested on the lab (tests/lab/test_power.py)."""
 
-import contextlib
 from types import SimpleNamespace
 
-import libvirt
 import pytest
 
 from cloudops import state, virt
 from cloudops.compute import power, vms
 from cloudops.errors import CloudopsError
-from cloudops.inventory import Inventory
+from tests.unit.libvirt_fake import libvirt_test_host
 
 DOMAIN = """<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
 <os><type>hvm</type></os>{metadata}<devices/></domain>"""
@@ -23,21 +21,7 @@ META = (f"<metadata><cloudops:vm xmlns:cloudops='{virt.METADATA_NS}'><cloudops:i
 
 @pytest.fixture
 def host(monkeypatch):
-    conn = libvirt.open("test:///default")
-    for dom in conn.listAllDomains():
-        if dom.name().startswith("u-"):
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
-            dom.undefine()
-    hv = SimpleNamespace(name="hv1", tags=(), vars={})
-
-    @contextlib.contextmanager
-    def open_host(_host, uri=None):
-        yield conn
-
-    monkeypatch.setattr(virt, "open_host", open_host)
-    monkeypatch.setattr(vms, "find", lambda name, hosts: ([hv] if vms.defined_on(conn, name) else [], []))
-    inventory = Inventory(path="inv.yaml", hosts={"hv1": hv}, groups={"all": ["hv1"]})
+    conn, hv, inventory = libvirt_test_host(monkeypatch)
     return SimpleNamespace(conn=conn, hv=hv, inventory=inventory, hosts=[hv])
 
 
