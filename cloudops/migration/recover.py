@@ -80,6 +80,7 @@ def _recover(name, inventory, timeout, restart, message) -> Recovery:
         deadline = time.monotonic() + timeout
         settle_until = time.monotonic() + min(30, timeout)
         forced = None
+        watch = _PostcopyWatch(name, record, inventory, message)
         while True:
             where = outcome.where(name, hypervisors)
             missing = [h.name for h in involved if h.name in where.unreachable]
@@ -110,9 +111,19 @@ def _recover(name, inventory, timeout, restart, message) -> Recovery:
                     (host_name,) = failed
                     actions.append(_restart_orphan(name, inventory.hosts[host_name], restart, message))
                     continue
+            if busy and not failed:
+                verdict = watch.look(where)
+                if verdict == "completed":  # QEMU finished the move; libvirt lost track when its daemon died
+                    message(f"QEMU on {record['source']} finished the post-copy; libvirt had lost track of it")
+                    forced = record["target"]
+                    break
+                if verdict == "stalled":
+                    actions.append(f"paused the post-copy that made no progress for {STALL_AFTER:g}s, to resume it")
+                    continue
             if time.monotonic() > deadline:
-                raise CloudopsError(f"cannot recover {name} within {timeout:g}s: {where.describe()}")
-            message(f"waiting for the migration still running in QEMU: {where.describe()}")
+                raise CloudopsError(f"cannot recover {name} within {timeout:g}s: {where.describe()}"
+                                    f"{watch.describe()}")
+            message(f"waiting for the migration still running in QEMU: {where.describe()}{watch.describe()}")
             time.sleep(3)
         survivor = forced or _survivor(name, where, record)
         host = inventory.hosts[survivor]
@@ -181,15 +192,72 @@ def _resume_postcopy(name, record, where, inventory, message) -> str:
     return "resumed"
 
 
-def _qemu_migration_status(dom) -> str | None:
-    """QEMU's own view of the outgoing migration (``query-migrate``): completed, postcopy-paused, ..."""
+def _qemu_migration(dom) -> dict:
+    """QEMU's own view of the outgoing migration (``query-migrate``): its status (completed,
+    postcopy-active, postcopy-paused, ...) and RAM counters; {} when QEMU cannot be asked."""
     try:
         import libvirt_qemu
 
         reply = libvirt_qemu.qemuMonitorCommand(dom, '{"execute": "query-migrate"}', 0)
     except (ImportError, libvirt.libvirtError):
-        return None
-    return (json.loads(reply).get("return") or {}).get("status")
+        return {}
+    return json.loads(reply).get("return") or {}
+
+
+def _qemu_migration_status(dom) -> str | None:
+    return _qemu_migration(dom).get("status")
+
+
+STALL_AFTER = 60  # seconds a post-copy may go without moving a byte before it is paused and resumed
+
+
+class _PostcopyWatch:
+    """A post-copy that libvirt still shows running, looked at through QEMU on the source.
+
+    ``look`` says "completed" when QEMU finished the move but libvirt, its daemon killed meanwhile,
+    lost track; "stalled" when no byte moved for ``STALL_AFTER`` seconds (the stream is then paused
+    with ``abortJobFlags(POSTCOPY)``, which libvirt's post-copy recovery resumes on the next round);
+    else "running". ``describe`` is QEMU's word for the error lines."""
+
+    def __init__(self, name, record, inventory, message):
+        self.name, self.message, self.inventory = name, message, inventory
+        self.source = inventory.hosts.get(record.get("source") or "")
+        self.target = record.get("target")
+        self.status, self.remaining = None, None
+        self._transferred, self._moved_at = None, time.monotonic()
+
+    def look(self, where) -> str:
+        if self.source is None or self.source.name not in where.copies or self.target not in where.copies:
+            return "running"
+        with virt.open_host(self.source) as conn:
+            dom = conn.lookupByName(self.name)
+            info = _qemu_migration(dom)
+            self.status = info.get("status")
+            ram = info.get("ram") or {}
+            self.remaining = ram.get("remaining")
+            if self.status == "completed":  # sent; the target's QEMU must say it has it all too
+                return "completed" if self._target_status(where) == "completed" else "running"
+            if self.status != "postcopy-active":
+                return "running"
+            if ram.get("transferred") != self._transferred:
+                self._transferred, self._moved_at = ram.get("transferred"), time.monotonic()
+                return "running"
+            if time.monotonic() - self._moved_at < STALL_AFTER:
+                return "running"
+            self.message(f"the post-copy of {self.name} moved nothing for {STALL_AFTER:g}s; pausing it to resume it")
+            dom.abortJobFlags(libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY)
+            self._moved_at = time.monotonic()
+            return "stalled"
+
+    def _target_status(self, where) -> str | None:
+        with virt.open_host(self.inventory.hosts[self.target]) as conn:
+            return _qemu_migration_status(conn.lookupByName(self.name))
+
+    def describe(self) -> str:
+        if self.status is None:
+            return ""
+        left = f", {self.remaining // (1 << 20)} MiB of RAM left" if isinstance(self.remaining, int) else ""
+        return f" (QEMU on {self.source.name}: {self.status}{left})"
 
 
 def _settle_survivor(name, host, copy, message) -> list[str]:

@@ -140,3 +140,67 @@ def test_configuration_applies_where_a_flag_is_not_given():
     assert (policy.bandwidth_mib, policy.postcopy_after, policy.downtime_max_ms, policy.auto_converge) == \
         (4, None, 1, False)
     assert migrate.policy_from(config, bandwidth_mib=8).bandwidth_mib == 8  # a given flag wins
+
+
+class _Inventory:
+    hosts = {"hv1": SRC, "hv2": DST}
+
+
+class _Dom:
+    def __init__(self, host):
+        self.host, self.aborted = host, []
+
+    def abortJobFlags(self, flags):
+        self.aborted.append(flags)
+
+
+def _watch(monkeypatch, answers):
+    """A post-copy watch whose QEMU answers come from ``answers`` (host -> list of query-migrate replies)."""
+    import contextlib
+
+    doms = {h: _Dom(h) for h in answers}
+
+    class _Conn:
+        def __init__(self, host):
+            self.host = host
+
+        def lookupByName(self, name):
+            return doms[self.host]
+
+    @contextlib.contextmanager
+    def open_host(host):
+        yield _Conn(host.name)
+
+    monkeypatch.setattr(recover.virt, "open_host", open_host)
+    monkeypatch.setattr(recover, "_qemu_migration", lambda dom: answers[dom.host].pop(0))
+    record = {"source": "hv1", "target": "hv2"}
+    return recover._PostcopyWatch("web1", record, _Inventory(), lambda m: None), doms
+
+
+BOTH = where([copy("hv1", "paused", postcopy=True), copy("hv2", "running", postcopy=True)])
+
+
+def test_a_post_copy_qemu_finished_is_completed_only_once_the_target_has_it_all(monkeypatch):
+    watch, _ = _watch(monkeypatch, {"hv1": [{"status": "completed"}, {"status": "completed"}],
+                                    "hv2": [{"status": "postcopy-active"}, {"status": "completed"}]})
+    assert watch.look(BOTH) == "running"  # the source sent all, the target is still taking it in
+    assert watch.look(BOTH) == "completed"
+
+
+def test_a_post_copy_that_moves_nothing_is_paused_to_be_resumed(monkeypatch):
+    stuck = {"status": "postcopy-active", "ram": {"transferred": 5 << 20, "remaining": 3 << 20}}
+    watch, doms = _watch(monkeypatch, {"hv1": [dict(stuck), dict(stuck), dict(stuck)], "hv2": []})
+    assert watch.look(BOTH) == "running"
+    assert watch.look(BOTH) == "running" and doms["hv1"].aborted == []  # not moving, but not for long yet
+    watch._moved_at -= recover.STALL_AFTER + 1
+    assert watch.look(BOTH) == "stalled"
+    assert doms["hv1"].aborted == [recover.libvirt.VIR_DOMAIN_ABORT_JOB_POSTCOPY]
+    assert watch.describe() == " (QEMU on hv1: postcopy-active, 3 MiB of RAM left)"
+
+
+def test_a_post_copy_that_moves_is_left_alone(monkeypatch):
+    replies = [{"status": "postcopy-active", "ram": {"transferred": n << 20, "remaining": 1}} for n in (1, 2)]
+    watch, doms = _watch(monkeypatch, {"hv1": replies, "hv2": []})
+    assert watch.look(BOTH) == "running"
+    watch._moved_at -= recover.STALL_AFTER + 1
+    assert watch.look(BOTH) == "running" and doms["hv1"].aborted == []
