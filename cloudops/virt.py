@@ -147,4 +147,8 @@ def metadata(dom: libvirt.virDomain) -> dict:
     except libvirt.libvirtError:
         return {}
     root = ET.fromstring(xml)
-    return {child.tag.split("}")[-1]: (child.text or "") for child in root}
+    meta = {child.tag.split("}")[-1]: (child.text or "") for child in root if len(child) == 0}
+    for child in root:  # a list element, e.g. <cloudops:nics><cloudops:nic network= ip= mac=/>...
+        if len(child):
+            meta[child.tag.split("}")[-1]] = [dict(item.attrib) for item in child]
+    return meta

@@ -35,6 +35,7 @@ class StartPlan:
     customize: str
     user_data: str | None = None  # what the seed passes of the user's (no content)
     ip_requested: bool = False  # the address was asked for (--ip), not picked by IPAM
+    extra_nics: list[dict] = field(default_factory=list)  # NICs after the first: {network, ip, mac}
     hosts: list[dict] = field(default_factory=list)  # every candidate: chosen, score, weights, or refused: reason
     actions: list[str] = field(default_factory=list)  # what the real start would make, in order
 
@@ -44,7 +45,8 @@ class StartPlan:
                 "disk": {"size": self.disk_size, "size_human": sizing.format_size(self.disk_size),
                          "format": "qcow2", "backing": self.image},
                 "network": self.network, "ip": self.ip, "ip_requested": self.ip_requested, "mac": self.mac,
-                "customize": self.customize,
+                "customize": self.customize, "nics": [{"network": self.network, "ip": self.ip, "mac": self.mac},
+                                                      *self.extra_nics],
                 "user_data": self.user_data, "hosts": self.hosts, "would_make": self.actions}
 
     def lines(self) -> list[str]:
@@ -64,6 +66,9 @@ class StartPlan:
         else:
             out.append(f"address: {self.ip} ({self.mac}) on network {self.network}: what IPAM would give now, "
                        "not allocated")
+        for nic in self.extra_nics:
+            out.append(f"address: {nic['ip']} ({nic['mac']}) on network {nic['network']}: another NIC, what IPAM "
+                       "would give now, not allocated")
         out.append(f"disk: {sizing.format_size(self.disk_size)} qcow2 overlay on image {self.image} "
                    f"({self.image_id[:12]}, virtual size {sizing.format_size(self.image_virtual_size)})")
         out.append("would make:")
@@ -91,7 +96,8 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
-    net = vms.network_spec(spec.network, candidates[0], extra_networks, hosts=vms.network_hosts(candidates, inventory))
+    nets = vms.start_networks(spec, candidates, inventory, extra_networks)
+    net = nets[0]
     if spec.ip is not None:  # refused before any host is ranked, as start_vm refuses it
         ipam.peek(net, spec.name, also_taken=also_taken, ip=spec.ip)
     vms._ensure_name_free(spec.name, inventory.hypervisors())
@@ -102,10 +108,11 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
         raise CloudopsError(ranking.failure())
     host = next(h for h in candidates if h.name == ranking.candidates[0].host.name)
     allocation = ipam.peek(net, spec.name, also_taken=also_taken, ip=spec.ip)
-    actions, virt_type = _host_actions(image, host, net)
+    extra = [(n, ipam.peek(n, spec.name, also_taken=also_taken)) for n in nets[1:]]
+    actions, virt_type = _host_actions(image, host, nets)
     pool_dir = storage_dir(host)
-    actions.append(f"IPAM allocation {allocation.ip} ({allocation.mac}) on network {net.name}, and its DHCP "
-                   f"reservation on {host.name}")
+    for n, a in [(net, allocation), *extra]:
+        actions.append(f"IPAM allocation {a.ip} ({a.mac}) on network {n.name}, and its DHCP reservation on {host.name}")
     actions.append(f"disk {pool_dir}/{spec.name}.qcow2: qcow2 overlay of {sizing.format_size(capacity)} on image "
                    f"{image.name}" + (", customized with libguestfs" if spec.customize == "guestfs" else ""))
     if spec.customize != "guestfs":
@@ -118,6 +125,7 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
                      image_id=image.id, disk_size=capacity, image_virtual_size=image.virtual_size, network=net.name,
                      ip=allocation.ip, ip_requested=spec.ip is not None, mac=allocation.mac, customize=spec.customize,
                      user_data=spec.user_data.describe() if spec.user_data else None, hosts=ranked_hosts(ranking),
+                     extra_nics=[{"network": n.name, "ip": a.ip, "mac": a.mac} for n, a in extra],
                      actions=actions)
 
 
@@ -125,15 +133,16 @@ def storage_dir(host) -> str:
     return storage.disks_dir(images.pool_path(host))
 
 
-def _host_actions(image, host, net) -> tuple[list[str], str]:
+def _host_actions(image, host, nets) -> tuple[list[str], str]:
     """What the chosen host lacks for the VM, asked read-only (one SSH ``ls``, libvirt lookups); its domain type."""
     actions = []
     with connect(host) as hv, virt.open_host(host) as conn:
         if images.missing_on_host(image, host, hv):
             actions.append(f"copy image {image.name} to {host.name} ({images.pool_path(host)}/images)")
-        changed, message = networks.ensure_network(conn, net, check=True)
-        if changed:
-            actions.append(f"{message} on {host.name}")
+        for net in nets:
+            changed, message = networks.ensure_network(conn, net, check=True)
+            if changed:
+                actions.append(f"{message} on {host.name}")
         try:
             conn.storagePoolLookupByName(storage.POOL_NAME)
         except libvirt.libvirtError:

@@ -65,19 +65,23 @@ def _own_vm(name: str, hosts: list, doing: str):
             yield host, conn, dom
 
 
-def _allocation(vm: vms.VM, host, extra_networks=()):
-    """(network spec, IPAM allocation) of a VM, checked against what its domain says."""
+def _allocations(vm: vms.VM, host, extra_networks=()) -> list:
+    """[(network spec, IPAM allocation)] of each of a VM's NICs, the primary first, checked against what
+    its domain says."""
     if not (vm.network and vm.ip and vm.mac):
         raise CloudopsError(f"VM {vm.name} has no network address in its cloudops metadata: cannot give it its address")
-    net = vms.network_spec(vm.network, host, extra_networks)
-    allocation = ipam.lookup(net, vm.name)
-    if allocation is None:
-        raise CloudopsError(f"VM {vm.name}'s address {vm.ip} is no longer allocated to it on network {net.name} "
-                            "(see state.check): not starting it, another VM may have that address now")
-    if (allocation.ip, allocation.mac.lower()) != (vm.ip, vm.mac.lower()):
-        raise CloudopsError(f"VM {vm.name}: IPAM allocates it {allocation.ip} ({allocation.mac}) on {net.name}, but "
-                            f"its domain has {vm.ip} ({vm.mac}): not starting it (see state.check)")
-    return net, allocation
+    found = []
+    for nic in vm.nics:
+        net = vms.network_spec(nic["network"], host, extra_networks)
+        allocation = ipam.lookup(net, vm.name)
+        if allocation is None:
+            raise CloudopsError(f"VM {vm.name}'s address {nic['ip']} is no longer allocated to it on network "
+                                f"{net.name} (see state.check): not starting it, another VM may have that address now")
+        if (allocation.ip, allocation.mac.lower()) != (nic["ip"], (nic["mac"] or "").lower()):
+            raise CloudopsError(f"VM {vm.name}: IPAM allocates it {allocation.ip} ({allocation.mac}) on {net.name}, "
+                                f"but its domain has {nic['ip']} ({nic['mac']}): not starting it (see state.check)")
+        found.append((net, allocation))
+    return found
 
 
 # ---------------------------------------------------------------- power on
@@ -98,13 +102,15 @@ def poweron_vm(name: str, inventory, hosts: list | None = None, wait: bool = Tru
             if vm.state != "running":
                 raise CloudopsError(f"VM {name} on {host.name} is {vm.state}, not stopped: not powering it on")
             return PowerResult(vm, False, "none", f"{name} on {host.name}: already running, nothing to do")
-        net, allocation = _allocation(vm, host, extra_networks)
-        changed, message = networks.ensure_network(conn, net)
-        if changed:
-            progress(message)
-        added, message = networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, name)
-        if added:
-            progress(f"{message} (it was missing)")
+        nics = _allocations(vm, host, extra_networks)
+        for net, allocation in nics:
+            changed, message = networks.ensure_network(conn, net)
+            if changed:
+                progress(message)
+            added, message = networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, name)
+            if added:
+                progress(f"{message} (it was missing)")
+        net, allocation = nics[0]
         progress(f"starting {name} on {host.name}")
         dom.create()
         if not wait:

@@ -29,7 +29,7 @@ from cloudops.templating import render
 VOLUME_ID = "cidata"
 
 
-def dhcp_config(macs) -> dict:
+def dhcp_config(macs, first: int = 0) -> dict:
     """network-config v2 for a VM's NICs: each matched by its MAC, named eth0, eth1, ..., DHCP.
 
     Not a name pattern: cloud-init's ifupdown renderer (Debian's images) takes an ethernet's ID
@@ -38,20 +38,20 @@ def dhcp_config(macs) -> dict:
     the same on every renderer (ifupdown, networkd, netplan, sysconfig).
     """
     return {"version": 2, "ethernets": {f"eth{i}": {"match": {"macaddress": mac}, "set-name": f"eth{i}",
-                                                    "dhcp4": True} for i, mac in enumerate(macs)}}
+                                                    "dhcp4": True} for i, mac in enumerate(macs, first)}}
 
 
-def static_config(mac: str, address: str, gateway: str | None = None, dns=()) -> dict:
-    """network-config v2 for a NIC with a fixed address (a bridged LAN without DHCP): matched by MAC, eth0.
+def static_config(mac: str, address: str, gateway: str | None = None, dns=(), name: str = "eth0") -> dict:
+    """network-config v2 for a NIC with a fixed address (a bridged LAN without DHCP): matched by MAC, ``name``.
 
     Rendered one value a line, so the tiny image's boot script reads it too: the first
     ``addresses`` item, ``via`` of the default route, ``nameservers.addresses``."""
-    eth = {"match": {"macaddress": mac}, "set-name": "eth0", "dhcp4": False, "addresses": [address]}
+    eth = {"match": {"macaddress": mac}, "set-name": name, "dhcp4": False, "addresses": [address]}
     if gateway:
         eth["routes"] = [{"to": "default", "via": gateway}]
     if dns:
         eth["nameservers"] = {"addresses": list(dns)}
-    return {"version": 2, "ethernets": {"eth0": eth}}
+    return {"version": 2, "ethernets": {name: eth}}
 
 
 def _quote(value: str) -> str:

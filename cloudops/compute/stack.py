@@ -96,7 +96,7 @@ def load(path, flavors: dict | None = None) -> Stack:
         except CloudopsError as exc:
             raise CloudopsError(f"{where}: {exc}") from None
         if spec.ip is not None:
-            key = (spec.network, spec.ip)
+            key = (spec.networks[0], spec.ip)
             if key in asked:
                 raise CloudopsError(f"{where}: {spec.name} asks for ip {spec.ip}, as {asked[key]} does")
             asked[key] = spec.name

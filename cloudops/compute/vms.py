@@ -34,6 +34,7 @@ from cloudops.templating import render
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 MEMORY_RANGE = (32, 1 << 20)  # MiB
+MAX_NICS = 8
 VCPU_RANGE = (1, 64)
 CUSTOMIZE_WAYS = ("seed", "guestfs")
 FIRMWARES = ("bios", "uefi")
@@ -47,7 +48,7 @@ class VMSpec:
     memory: int = 128
     vcpus: int = 1
     host: str | None = None
-    network: str | None = None
+    network: "str | list[str] | None" = None  # one network, or several ("a,b"): a NIC on each, the first primary
     root_password: str | None = field(default=None, repr=False)  # plain text: hashed at once, never stored
     ssh_keys: tuple[str, ...] = ()
     hostname: str | None = None
@@ -58,7 +59,12 @@ class VMSpec:
     disk_size: int | str | None = None  # root disk bytes (or "4G"); None: the image's virtual size
     user_data: "str | Path | userdata.UserData | None" = field(default=None, repr=False)  # a file; loaded by validate
     firmware: str = "bios"  # or "uefi" (OVMF): see check_firmware
-    ip: str | None = None  # ask IPAM for this address on the network (checked against it by start_vm)
+    ip: str | None = None  # ask IPAM for this address on the (first) network (checked against it by start_vm)
+
+    @property
+    def networks(self) -> list:
+        """The network of each NIC, in order ([None]: the default network); see ``network_names``."""
+        return network_names(self.network)
 
 
 @dataclass
@@ -74,6 +80,7 @@ class VM:
     mac: str | None = None
     customize: str | None = None
     group: str | None = None
+    nics: list = field(default_factory=list)  # every NIC ({network, ip, mac}), the primary (network/ip/mac) first
     timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -109,6 +116,8 @@ def validate(spec: VMSpec) -> VMSpec:
         spec.ssh_keys = tuple(normalize_ssh_keys(spec.ssh_keys))
     if spec.ip is not None:
         spec.ip = validate_ip(spec.ip)
+    names = network_names(spec.network)  # refused now when malformed
+    spec.network = None if names == [None] else ",".join(names)
     if spec.user_data is not None:
         if spec.customize == "guestfs":
             raise CloudopsError("--user-data needs --customize seed: it travels in the NoCloud seed, "
@@ -133,6 +142,31 @@ def validate_ip(value) -> str:
         return str(ipaddress.IPv4Address(str(value).strip()))
     except ValueError:
         raise CloudopsError(f"ip {value!r} is not an IPv4 address (e.g. 192.168.150.10)") from None
+
+
+def network_names(value) -> list:
+    """The networks of a VM's NICs from ``--network``: None (the default network), "a", "a,b" or a list.
+
+    One NIC per network: IPAM gives a VM one address per network, so a network named twice is refused."""
+    if value is None or value == "" or value == [None]:
+        return [None]
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    if any(not isinstance(n, str) or not n for n in names):
+        raise CloudopsError(f"network {value!r}: one network name, or several separated by commas (e.g. cloudops,lan)")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CloudopsError(f"network {', '.join(twice)} named twice: a VM has one NIC on each network")
+    if len(names) > MAX_NICS:
+        raise CloudopsError(f"{len(names)} networks: a VM has at most {MAX_NICS} NICs")
+    return names
+
+
+def nics_of(meta: dict) -> list[dict]:
+    """Every NIC a cloudops domain's metadata records, the primary first: [{network, ip, mac}]."""
+    first = [{"network": meta["network"], "ip": meta.get("ip") or None, "mac": meta.get("mac") or None}] \
+        if meta.get("network") else []
+    return first + [{"network": n.get("network"), "ip": n.get("ip") or None, "mac": n.get("mac") or None}
+                    for n in meta.get("nics") or [] if n.get("network")]
 
 
 def network_spec(name: str | None, host, extra=(), hosts=None) -> "networks.NetworkSpec":
@@ -160,7 +194,7 @@ def describe(dom: libvirt.virDomain, host_name: str) -> VM:
     meta = virt.metadata(dom)
     return VM(name=dom.name(), host=host_name, ip=meta.get("ip") or None, state=STATES.get(state, str(state)),
               memory=max_mem_kib // 1024, vcpus=vcpus, image=meta.get("image"), network=meta.get("network"),
-              mac=meta.get("mac"), customize=meta.get("customize"), group=meta.get("group"))
+              mac=meta.get("mac"), customize=meta.get("customize"), group=meta.get("group"), nics=nics_of(meta))
 
 
 def details(dom: libvirt.virDomain) -> dict:
@@ -271,9 +305,9 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
-    net = network_spec(spec.network, candidates[0], extra_networks, hosts=network_hosts(candidates, inventory))
+    nets = start_networks(spec, candidates, inventory, extra_networks)
     if spec.ip is not None:  # a read, before anything is made; allocate checks again, atomically
-        ipam.peek(net, spec.name, ip=spec.ip)
+        ipam.peek(nets[0], spec.name, ip=spec.ip)
     password_hash = passwords.hash_password(spec.root_password) if spec.root_password else None
     keys = (*spec.ssh_keys, *guest.trusted_public_keys())
     timings = {}
@@ -289,7 +323,7 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
         progress(f"building {spec.name} on {host.name}")
         undo = _Undo()
         try:
-            vm = _build(spec, image, host, net, password_hash, keys, undo, progress, timings, t0)
+            vm = _build(spec, image, host, nets, password_hash, keys, undo, progress, timings, t0)
         except BaseException:
             progress("start failed; removing what was made")
             for leftover in undo.run():
@@ -298,6 +332,12 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     timings["total"] = round(time.monotonic() - t0, 3)
     vm.timings = timings
     return vm
+
+
+def start_networks(spec, candidates, inventory, extra_networks=()) -> list:
+    """The NetworkSpec of each of the VM's NICs (``spec.networks``), the primary first."""
+    hosts = network_hosts(candidates, inventory)
+    return [network_spec(name, candidates[0], extra_networks, hosts=hosts) for name in spec.networks]
 
 
 def network_hosts(candidates: list, inventory) -> list:
@@ -315,25 +355,30 @@ def _ensure_name_free(name: str, hosts: list) -> None:
     raise CloudopsError(f"VM {name!r} already exists on {holder.name}")
 
 
-def _build(spec, image, host, net, password_hash, keys, undo, progress, timings, t0) -> VM:
+def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings, t0) -> VM:
     def checkpoint(name):  # timings: seconds since the start began, at the end of each phase
         timings[name] = round(time.monotonic() - t0, 3)
 
     with connect(host) as hv, virt.open_host(host) as conn:
         if images.ensure_on_host(image, host, hv):
             progress(f"copied image {image.name} to {host.name}")
-        networks.ensure_network(conn, net)
+        for net in nets:
+            networks.ensure_network(conn, net)
         pool, _ = storage.ensure_pool(conn, storage.disks_dir(images.pool_path(host)))
         pool_dir = storage.target_path(pool)
         checkpoint("host_ready")
 
-        allocation = ipam.allocate(net, spec.name, ip=spec.ip)
-        undo.push(ipam.release, net, spec.name)
-        networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, spec.name)
-        undo.push(networks.remove_reservation, conn, net.name, allocation.mac, allocation.ip, spec.name)
+        allocations = []
+        for i, net in enumerate(nets):
+            allocation = ipam.allocate(net, spec.name, ip=spec.ip if i == 0 else None)
+            undo.push(ipam.release, net, spec.name)
+            networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, spec.name)
+            undo.push(networks.remove_reservation, conn, net.name, allocation.mac, allocation.ip, spec.name)
+            allocations.append(allocation)
+        net, allocation = nets[0], allocations[0]  # the primary NIC: its address is the VM's
 
         checkpoint("address")
-        network_config = guest_network_config(net, allocation)
+        network_config = nics_network_config(list(zip(nets, allocations)))
         disk_name = f"{spec.name}.qcow2"
         capacity = sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)
         seed_path = None
@@ -359,6 +404,7 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
             name=spec.name, uuid=str(uuid.uuid4()), virt_type=kvm.domain_type(conn), memory=spec.memory,
             vcpus=spec.vcpus, image_id=image.id, network=net.name, ip=allocation.ip, mac=allocation.mac,
             customize=spec.customize, group=spec.group, created=int(time.time()),
+            extra_nics=[{"network": n.name, "ip": a.ip, "mac": a.mac} for n, a in zip(nets[1:], allocations[1:])],
             disk_path=disk_path, seed_path=seed_path, console_log=guest.console_log_path(spec.name),
             boot=image.remote_boot(host), firmware=spec.firmware)
         xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=virt.METADATA_NS)
@@ -377,12 +423,23 @@ def _build(spec, image, host, net, password_hash, keys, undo, progress, timings,
 
 
 def guest_network_config(net, allocation) -> dict:
-    """The seed's network-config: DHCP by MAC from libvirt's dnsmasq, or on a bridged LAN (no DHCP from
-    libvirt) the allocated address set statically, with the network's gateway and DNS."""
-    if net.mode != "bridge":
-        return seed.dhcp_config([allocation.mac])
-    config = net.static_guest_config(allocation.ip)
-    return seed.static_config(allocation.mac, config["address"], config.get("gateway"), config.get("dns", ()))
+    """The seed's network-config for one NIC: see ``nics_network_config``."""
+    return nics_network_config([(net, allocation)])
+
+
+def nics_network_config(nics) -> dict:
+    """The seed's network-config for the VM's NICs [(network spec, allocation)], eth0 the first: each gets
+    DHCP by MAC from libvirt's dnsmasq, or on a bridged LAN (no DHCP from libvirt) its allocated address
+    set statically with the network's DNS; only the first NIC's gateway becomes the default route."""
+    ethernets = {}
+    for i, (net, allocation) in enumerate(nics):
+        if net.mode != "bridge":
+            ethernets.update(seed.dhcp_config([allocation.mac], first=i)["ethernets"])
+            continue
+        config = net.static_guest_config(allocation.ip)
+        ethernets.update(seed.static_config(allocation.mac, config["address"], config.get("gateway") if i == 0
+                                            else None, config.get("dns", ()), name=f"eth{i}")["ethernets"])
+    return {"version": 2, "ethernets": ethernets}
 
 
 def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity,
@@ -583,10 +640,12 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
             progress(f"undefined {name} on {host.name}; removing its disks and address")
             for path in disks:
                 _delete_path(conn, path)
-            if vm.network and vm.mac and vm.ip:
-                net = network_spec(vm.network, host, extra_networks)
+            for nic in vm.nics:
+                if not (nic["mac"] and nic["ip"]):
+                    continue
+                net = network_spec(nic["network"], host, extra_networks)
                 with contextlib.suppress(CloudopsError, libvirt.libvirtError):
-                    networks.remove_reservation(conn, vm.network, vm.mac, vm.ip, name)
+                    networks.remove_reservation(conn, nic["network"], nic["mac"], nic["ip"], name)
                 ipam.release(net, name)
         guest.forget_host_keys(name, vm.ip)
     return vm

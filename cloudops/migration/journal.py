@@ -31,7 +31,7 @@ def read(name: str) -> dict | None:
 
 def begin(name: str, source: str, target: str, *, live: bool, shared: bool, disks: list[str]) -> dict:
     record = {"name": name, "source": source, "target": target, "live": live, "shared": shared,
-              "disks": list(disks), "prepared_files": [], "reservation": None, "postcopy": False,
+              "disks": list(disks), "prepared_files": [], "reservations": [], "postcopy": False,
               "phase": "preparing", "started": round(time.time(), 3), "by": state.store.owner()}
     if not state.current().create(PREFIX + name, record):
         other = read(name) or {}

@@ -127,7 +127,7 @@ class _Prepared:
     """What was made on the destination, so it can be removed when the migration fails."""
 
     files: list = field(default_factory=list)
-    reservation: tuple | None = None
+    reservations: list = field(default_factory=list)  # (network, mac, ip, name) added on the destination
 
 
 # ---------------------------------------------------------------- public entry
@@ -224,7 +224,7 @@ def _after_fault(exc, name, source, dest, prepared, job, live, policy, message):
     code = 130 if interrupted else 1
     record = journal.read(name) or {}
     if (isinstance(exc, CloudopsError) and not job.postcopy and record.get("phase") == "preparing"
-            and not prepared.files and not prepared.reservation):
+            and not prepared.files and not prepared.reservations):
         journal.end(name)  # refused while preparing, before anything was made on the destination
         raise exc
     where = _settled(name, source, dest, live)
@@ -309,11 +309,11 @@ def preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage) 
     if reason:
         raise CloudopsError(f"cannot migrate {name} to {dest.name}: {reason}")
     _check_cpu(dom, src_conn, dst_conn, dest)
-    if meta.get("network"):
+    for nic in vms.nics_of(meta):
         try:  # a network outside the inventory: as the hosts define it (the source has it)
-            vms.network_spec(meta["network"], dest, hosts=[dest, source])
+            vms.network_spec(nic["network"], dest, hosts=[dest, source])
         except CloudopsError as exc:
-            raise CloudopsError(f"cannot migrate {name} to {dest.name}: its network {meta['network']!r}: {exc}") from None
+            raise CloudopsError(f"cannot migrate {name} to {dest.name}: its network {nic['network']!r}: {exc}") from None
     if meta.get("image"):
         try:
             images.resolve(meta["image"])
@@ -406,16 +406,16 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
         with connect(dest) as hv:
             if images.ensure_on_host(image, dest, hv):
                 message(f"copied image {image.name} to {dest.name}")
-    if meta.get("network"):
-        net = vms.network_spec(meta["network"], dest, hosts=[dest, source])
+    for nic in vms.nics_of(meta):
+        net = vms.network_spec(nic["network"], dest, hosts=[dest, source])
         changed, what = networks.ensure_network(dst_conn, net)
         if changed:
             message(f"{dest.name}: {what}")
-        if meta.get("mac") and meta.get("ip"):
-            added, _ = networks.add_reservation(dst_conn, net.name, meta["mac"], meta["ip"], name)
+        if nic["mac"] and nic["ip"]:
+            added, _ = networks.add_reservation(dst_conn, net.name, nic["mac"], nic["ip"], name)
             if added:
-                prepared.reservation = (net.name, meta["mac"], meta["ip"], name)
-                journal.update(name, reservation=list(prepared.reservation))
+                prepared.reservations.append((net.name, nic["mac"], nic["ip"], name))
+                journal.update(name, reservations=[list(r) for r in prepared.reservations])
     if shared:
         return
     for disk in disks:
@@ -462,9 +462,9 @@ def _undo(dst_conn, dest, prepared):
             vms._delete_path(dst_conn, path)
         with contextlib.suppress(Exception), connect(dest) as hv:
             hv.run(f"rm -f {shlex.quote(path)}", hide=True, in_stream=False)
-    if prepared.reservation:
+    for reservation in prepared.reservations:
         with contextlib.suppress(Exception):
-            networks.remove_reservation(dst_conn, *prepared.reservation)
+            networks.remove_reservation(dst_conn, *reservation)
 
 
 def _cleanup_source(src_conn, source, meta, disks, shared, name, message):
@@ -475,8 +475,9 @@ def _cleanup_source(src_conn, source, meta, disks, shared, name, message):
         if dom.isActive():
             raise CloudopsError(f"{name} still runs on {source.name} after the migration")
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-    if meta.get("network") and meta.get("mac") and meta.get("ip"):
-        networks.remove_reservation(src_conn, meta["network"], meta["mac"], meta["ip"], name)
+    for nic in vms.nics_of(meta):
+        if nic["mac"] and nic["ip"]:
+            networks.remove_reservation(src_conn, nic["network"], nic["mac"], nic["ip"], name)
     if shared:
         return
     message(f"removing {name}'s disks from {source.name}")

@@ -271,12 +271,13 @@ def _settle_survivor(name, host, copy, message) -> list[str]:
         if not dom.isPersistent():
             conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE))
             done.append(f"made its definition on {host.name} persistent")
-        meta = virt.metadata(dom)
-        if meta.get("network") and meta.get("mac") and meta.get("ip"):
+        for nic in vms.nics_of(virt.metadata(dom)):
+            if not (nic["mac"] and nic["ip"]):
+                continue
             with contextlib.suppress(CloudopsError):
-                added, _ = networks.add_reservation(conn, meta["network"], meta["mac"], meta["ip"], name)
+                added, _ = networks.add_reservation(conn, nic["network"], nic["mac"], nic["ip"], name)
                 if added:
-                    done.append(f"restored its address reservation on {host.name}")
+                    done.append(f"restored its address reservation on {nic['network']} on {host.name}")
     return done
 
 
@@ -355,11 +356,13 @@ def _clean_other(name, other, survivor, record, copy, message) -> list[str]:
         if copy is not None and _remove_copy(conn, name, paths):
             message(f"removed the copy of {name} that does not run from {other.name}")
             done.append(f"removed the stale copy from {other.name}")
-        if meta.get("network") and meta.get("mac"):
+        for nic in vms.nics_of(meta):
+            if not nic["mac"]:
+                continue
             with contextlib.suppress(CloudopsError):
-                removed, _ = networks.remove_reservation(conn, meta["network"], meta["mac"], meta.get("ip"), name)
+                removed, _ = networks.remove_reservation(conn, nic["network"], nic["mac"], nic["ip"], name)
                 if removed:
-                    done.append(f"removed its reservation from {other.name}")
+                    done.append(f"removed its reservation on {nic['network']} from {other.name}")
         in_use = {p for d in conn.listAllDomains() for p in vms._disk_paths(d)}
     shared = migrate._shared_dirs(survivor, other, {os.path.dirname(p) for p in paths})
     doomed = sorted(p for p in paths if not shared[os.path.dirname(p)] and p not in in_use)

@@ -67,6 +67,13 @@ def gather(hosts: list, local_images: set[str]) -> Facts:
                  unreachable=unreachable)
 
 
+def _nics(vm: dict) -> dict:
+    """network -> {ip, mac} of each NIC of a VM's facts (``nics``; an older VM's ``network``/``ip``/``mac``)."""
+    nics = vm.get("nics") or ([{"network": vm["network"], "ip": vm.get("ip"), "mac": vm.get("mac")}]
+                              if vm.get("network") else [])
+    return {n["network"]: n for n in nics}
+
+
 def compare(store: Store, facts: Facts) -> CheckReport:
     report = CheckReport(unreachable=list(facts.unreachable), vms=len(facts.vms))
     add = report.findings.append
@@ -83,15 +90,16 @@ def compare(store: Store, facts: Facts) -> CheckReport:
                 if complete:
                     add(Finding("allocation-without-vm", key, f"{vm_name} holds {allocation.get('ip')} but runs "
                                 "on no host"))
-            elif vm.get("network") == network and (vm.get("ip"), vm.get("mac")) != (allocation.get("ip"),
-                                                                                   allocation.get("mac")):
-                add(Finding("allocation-mismatch", key, f"{vm_name} on {vm['host']} has {vm.get('ip')} "
-                            f"{vm.get('mac')}, the store allocated {allocation.get('ip')} {allocation.get('mac')}"))
+            elif (nic := _nics(vm).get(network)) and (nic.get("ip"), nic.get("mac")) != (allocation.get("ip"),
+                                                                                        allocation.get("mac")):
+                add(Finding("allocation-mismatch", key, f"{vm_name} on {vm['host']} has {nic.get('ip')} "
+                            f"{nic.get('mac')}, the store allocated {allocation.get('ip')} {allocation.get('mac')}"))
     ipam_networks = {key[len("ipam/"):] for key in store.items("ipam/")}
     for vm in facts.vms:
-        if vm.get("network") in ipam_networks and (vm["network"], vm["name"]) not in allocated:
-            add(Finding("vm-without-allocation", f"ipam/{vm['network']}",
-                        f"{vm['name']} on {vm['host']} uses {vm.get('ip')} without an allocation"))
+        for network, nic in _nics(vm).items():
+            if network in ipam_networks and (network, vm["name"]) not in allocated:
+                add(Finding("vm-without-allocation", f"ipam/{network}",
+                            f"{vm['name']} on {vm['host']} uses {nic.get('ip')} without an allocation"))
 
     catalog = store.value("images/catalog", {})
     for image_id, fields in catalog.items():

@@ -27,7 +27,8 @@ def _keys(ssh_key):
 @task(help={
     "name": "VM name (a-z 0-9 -, up to 40)", "image": "image name or id (see image.list)",
     "memory": "MiB (default: config vm.memory)", "vcpus": "vCPUs (default: config vm.vcpus)",
-    "host": "put it on this host (default: the scheduler chooses)", "network": "network name (default: cloudops)",
+    "host": "put it on this host (default: the scheduler chooses)", "network": "network name (default: cloudops); several, comma-separated, give a NIC on each (eth0, eth1, ...; "
+               "the first is the primary: its address is the VM's, --ip applies to it)",
     "password": "refused (a password on the command line is visible in ps): use the next two",
     "password_file": "read the root password from a file (first line; else $CLOUDOPS_ROOT_PASSWORD)",
     "password_stdin": "read the root password from stdin", "ssh_key": "public key file(s) for root, comma-separated",
@@ -194,8 +195,11 @@ def info(c, name, inventory=None, json=False):
         emit_json(data)
         return
     disks = data.pop("disks")
+    nics = data.pop("nics", [])
     for key, value in data.items():
         print(f"{key:<10} {value}")
+    for i, nic in enumerate(nics):
+        print(f"{'nic':<10} eth{i} {nic['network']} {nic['ip']} {nic['mac']}")
     for disk in disks:
         print(f"{'disk':<10} {disk['target']} {disk['device']} {disk.get('size', '?')} "
               f"({disk.get('allocated', '?')} allocated) {disk['path']}")

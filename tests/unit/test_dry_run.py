@@ -61,8 +61,12 @@ def cloud(tmp_path, monkeypatch):
               "pools": sorted(p.name() for p in conn.listAllStoragePools())}
 
     @contextlib.contextmanager
-    def open_host(host, uri=None):
-        yield LibvirtTestDriver(conn)
+    def open_host(host, uri=None):  # a connection of its own to the one test driver state: hosts are asked in
+        own = libvirt.open("test:///default")  # parallel, and one connection's last error is not per thread
+        try:
+            yield LibvirtTestDriver(own)
+        finally:
+            own.close()
 
     shell = ReadOnlyShell()
     monkeypatch.setattr(virt, "open_host", open_host)
@@ -190,3 +194,19 @@ def test_dry_run_shows_the_address_asked_for_and_refuses_a_bad_one(cloud, _own_s
     ipam.allocate(networks.DEFAULT_NETWORK, "db1", ip="192.168.150.77")
     with pytest.raises(CloudopsError, match="already allocated to VM db1"):
         plan.plan_start(vms.VMSpec(name="web1", image="tiny", memory=96, ip="192.168.150.77"), cloud.inventory)
+
+
+def test_dry_run_of_two_nics_peeks_an_address_on_each_network(cloud, _own_state_store, tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text("vars:\n  networks:\n    - {name: cloudops, mode: nat, cidr: 192.168.150.0/24}\n"
+                    "    - {name: lan, mode: bridge, bridge: lan0, cidr: 10.20.0.0/24, gateway: 10.20.0.1}\n"
+                    "hosts:\n  hv1: {address: 192.0.2.1}\n  hv2: {address: 192.0.2.2}\n")
+    planned = plan.plan_start(vms.VMSpec(name="web1", image="tiny", memory=96, network="cloudops,lan"),
+                              inventory.load(path))
+    nics = planned.to_dict()["nics"]
+    assert [n["network"] for n in nics] == ["cloudops", "lan"] and nics[0]["ip"] == planned.ip
+    assert nics[1]["ip"].startswith("10.20.0.") and nics[0]["mac"] != nics[1]["mac"]
+    text = "\n".join(planned.lines())
+    assert f"address: {nics[1]['ip']} ({nics[1]['mac']}) on network lan: another NIC" in text
+    assert f"IPAM allocation {nics[1]['ip']} ({nics[1]['mac']}) on network lan" in "\n".join(planned.actions)
+    assert store_rows(_own_state_store) == []

@@ -12,12 +12,12 @@ from cloudops.errors import CloudopsError
 from cloudops.templating import render
 
 
-def domain_xml(firmware: str, boot=None) -> str:
+def domain_xml(firmware: str, boot=None, **extra) -> str:
     vm = dict(name="web1", uuid="3e1b0b52-6d0b-4f1b-9d6e-0c7f0d5e6a11", virt_type="qemu", memory=512, vcpus=1,
               image_id="ab" * 32, network="cloudops", ip="192.168.150.2", mac="52:54:00:00:00:02",
               customize="seed", group=None, created=0, disk_path="/var/lib/cloudops/disks/web1.qcow2",
               seed_path="/var/lib/cloudops/disks/web1-seed.iso", console_log="/var/log/libvirt/qemu/web1-console.log",
-              boot=boot, firmware=firmware)
+              boot=boot, firmware=firmware, **extra)
     return render("libvirt/domain.xml.j2", vm=vm, metadata_ns=virt.METADATA_NS)
 
 

@@ -91,3 +91,24 @@ def test_check_of_an_agreeing_cloud_is_clean(_own_state_store):
     report = check.compare(_own_state_store, _facts([{"name": "web", "host": "hv1", "network": "lan",
                                                       "ip": "10.0.0.2", "mac": "m"}]))
     assert report.clean and report.findings == []
+
+
+def test_check_compares_every_nic_of_a_vm_with_its_allocation_on_that_network(_own_state_store):
+    store = _own_state_store
+    store.create("ipam/nat", {"cidr": "192.168.150.0/24", "allocations": {"two": {"ip": "192.168.150.2", "mac": "m1"},
+                                                                           "three": {"ip": "192.168.150.3", "mac": "m3"}}})
+    store.create("ipam/lan", {"cidr": "10.0.0.0/24", "allocations": {"two": {"ip": "10.0.0.100", "mac": "m2"},
+                                                                      "three": {"ip": "10.0.0.101", "mac": "m4"}}})
+    nic = lambda network, ip, mac: {"network": network, "ip": ip, "mac": mac}  # noqa: E731
+    two = {"name": "two", "host": "hv1", "network": "nat", "ip": "192.168.150.2", "mac": "m1",
+           "nics": [nic("nat", "192.168.150.2", "m1"), nic("lan", "10.0.0.100", "m2")]}
+    assert check.compare(store, _facts([two, {"name": "three", "host": "hv2", "network": "nat", "ip": "192.168.150.3",
+                                              "mac": "m3", "nics": [nic("nat", "192.168.150.3", "m3"),
+                                                                    nic("lan", "10.0.0.101", "m4")]}])).clean
+    # the second NIC's address differs from the store's; a VM's NIC on a network it holds nothing on
+    moved = {**two, "nics": [two["nics"][0], nic("lan", "10.0.0.150", "m2")]}
+    stray = {"name": "three", "host": "hv2", "network": "nat", "ip": "192.168.150.3", "mac": "m3",
+             "nics": [nic("nat", "192.168.150.3", "m3"), nic("lan", "10.0.0.101", "m4"), nic("dmz", "10.9.0.5", "m5")]}
+    store.create("ipam/dmz", {"cidr": "10.9.0.0/24", "allocations": {}})
+    kinds = sorted((f.kind, f.key, f.detail.split()[0]) for f in check.compare(store, _facts([moved, stray])).findings)
+    assert kinds == [("allocation-mismatch", "ipam/lan", "two"), ("vm-without-allocation", "ipam/dmz", "three")]
