@@ -151,6 +151,19 @@ def test_deleting_a_snapshot_mid_chain_keeps_the_others(lab, lab_inventory, vm):
     assert read(lab_inventory) == "three"
 
 
+def test_a_failed_migration_leaves_the_snapshots_on_the_source(lab, lab_inventory, vm):
+    source, dest = lab_inventory.hosts["hv1"], lab_inventory.hosts["hv2"]
+    before = sorted(virsh_snapshots(source))
+    failed = cli(lab, "vm.migrate", NAME, "--to", "hv2", "--timeout", "1")  # aborted by cloudops after 1 s
+    assert failed.returncode != 0 and "keeps running on hv1" in failed.stderr, failed.stderr
+    assert where(lab_inventory).name == "hv1"
+    assert sorted(virsh_snapshots(source)) == before == sorted(qcow2_snapshots(source))
+    blocks = on_host(source, f"virsh -c qemu:///system domblklist {NAME}")
+    assert DISK in blocks and ".migrating" not in blocks  # the temporary layer was committed back
+    assert on_host(dest, f"ls /var/lib/cloudops/disks/ | grep -c '^{NAME}' || true").strip() == "0"
+    assert answers(lab_inventory)
+
+
 def test_snapshots_survive_a_live_migration(lab, lab_inventory, vm):
     before = [s["name"] for s in ok_json(cli(lab, "vm.snapshot", NAME, "--list", "--json"))["snapshots"]]
     write(lab_inventory, "before-migration")
