@@ -553,7 +553,8 @@ def _address(dom, conn, net_name, mac) -> str | None:
 def _undefine(dom):
     with contextlib.suppress(libvirt.libvirtError):
         try:
-            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)  # snapshots go with the disk
         except libvirt.libvirtError:
             dom.undefine()  # a driver that knows neither flag (libvirt's test driver)
 

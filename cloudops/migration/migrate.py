@@ -40,7 +40,7 @@ from cloudops.errors import CloudopsError, NotFound
 from cloudops.hosts import maintenance
 from cloudops.imaging import store as images
 from cloudops.inventory import is_hypervisor
-from cloudops.migration import journal, outcome
+from cloudops.migration import journal, outcome, snapcarry
 from cloudops.net import networks
 from cloudops.ssh import connect
 
@@ -168,7 +168,9 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
             journal.begin(name, source.name, dest.name, live=bool(running), shared=shared,
                           disks=[d.path for d in disks])
             job = _Job()
+            carry = None
             try:
+                carry = snapcarry.before(dom, disks, shared, source, dest, prepared, message)
                 _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, message)
                 journal.update(name, phase="migrating")
                 if running:
@@ -181,9 +183,11 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
                 _cleanup_source(src_conn, source, meta, disks, shared, name, message)
             except BaseException as exc:
                 with _sigint_deferred():  # finding out where the VM is must not be cut short either
+                    snapcarry.failed(carry, source, message)
                     _after_fault(exc, name, source, dest, prepared, job, bool(running), policy, message)
                 raise  # not reached: _after_fault always raises
             journal.end(name)
+            snapcarry.after(carry, dest, message, source=source)
     result.duration = round(time.monotonic() - t0, 3)
     result.ip = meta.get("ip") or None
     _record(result)

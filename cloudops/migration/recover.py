@@ -63,7 +63,11 @@ def recover_vm(name: str, inventory, *, timeout: float = 300, restart: bool = Fa
     ``restart``: a copy left paused by a post-copy whose target copy is gone (its newest memory went
     with the target) is destroyed and started again from its disk; without it that is refused."""
     try:
-        return _recover(name, inventory, timeout, restart, message)
+        report = _recover(name, inventory, timeout, restart, message)
+        from cloudops.migration import snapcarry
+
+        snapcarry.restore(name, inventory.hypervisors(), message)  # snapshots a broken migration carried
+        return report
     except libvirt.libvirtError as exc:
         text = (exc.get_error_message() or str(exc)).strip().splitlines()
         raise CloudopsError(f"recovering {name} stopped: {text[-1] if text else exc}; "

@@ -1,6 +1,7 @@
 """Virtual machines: start, stop, delete, list, inspect and reach them."""
 
 import sys
+import time
 
 from invoke import Exit, task
 
@@ -306,3 +307,44 @@ def migrate(c, name, to=None, timeout=None, copy_storage=True, postcopy_after=No
         emit_json({**result.to_dict(), "metrics": shipped})
     else:
         print(result.summary())
+
+
+@task(help={"name": "VM name", "create": "take a snapshot of this name", "memory": "with --create: also save the "
+            "running guest's memory (revert brings back its processes)", "list": "list the VM's snapshots",
+            "revert": "revert the VM to this snapshot", "delete": "delete this snapshot (the others stay usable)",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def snapshot(c, name, create=None, memory=False, list=False, revert=None, delete=None, inventory=None, json=False):
+    """Snapshots of a VM: --create SNAP [--memory], --list, --revert SNAP, --delete SNAP (internal qcow2)."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    from cloudops.compute import snapshots
+
+    chosen = [flag for flag, value in (("--create", create), ("--list", list), ("--revert", revert),
+                                       ("--delete", delete)) if value]
+    if len(chosen) != 1:
+        raise CloudopsError("vm.snapshot needs exactly one of --create SNAP, --list, --revert SNAP, --delete SNAP"
+                            + (f" (got {' '.join(chosen)})" if chosen else ""))
+    if memory and not create:
+        raise CloudopsError("--memory goes with --create")
+    for value in (create, revert, delete):
+        if value:
+            snapshots.validate_snapshot_name(value)
+    hosts = _hypervisors(c, inventory)
+    if list:
+        result = snapshots.list_snapshots(name, hosts)
+        if json:
+            emit_json(result.to_dict())
+            return
+        rows = [{**s.to_dict(), "memory": "yes" if s.memory else "no", "current": "*" if s.current else "",
+                 "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created)),
+                 "parent": s.parent or ""} for s in result.snapshots]
+        print(output.table(rows, ["name", "created", "state", "memory", "consistency", "parent", "current"])
+              if rows else f"{name} on {result.vm.host}: no snapshots")
+        return
+    if create:
+        result = snapshots.create_snapshot(name, create, hosts, memory=memory, progress=progress)
+    elif revert:
+        result = snapshots.revert_snapshot(name, revert, hosts, progress=progress)
+    else:
+        result = snapshots.delete_snapshot(name, delete, hosts, progress=progress)
+    _report(result, json)
