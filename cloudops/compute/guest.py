@@ -146,6 +146,46 @@ def forget_host_keys(name: str, ip: str | None) -> None:
     record_host_keys(name, ip or name, [])
 
 
+def make_host_key() -> tuple[str, tuple[str, str]]:
+    """A new ed25519 SSH host key for a VM: (private key in OpenSSH format, (type, base64) of its public half).
+
+    cloudops makes it and passes it in the seed, so it knows the VM's host key before the VM boots: SSH
+    answering with exactly this key is proof enough, no need to wait for the guest to print its key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption()).decode()
+    ktype, kdata = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                 serialization.PublicFormat.OpenSSH).decode().split()[:2]
+    return private, (ktype, kdata)
+
+
+def presents_host_key(hv_conn: Connection, ip: str, key: tuple[str, str], port: int = 22, timeout: float = 5.0) -> bool:
+    """True when the SSH server at ip:port (seen from the hypervisor) proves it holds ``key`` (type, base64):
+    a key exchange asking for that key type, whose host key signature paramiko verifies."""
+    try:
+        transport = hv_conn.client.get_transport() if hv_conn.is_connected else None
+        if transport is None:
+            hv_conn.open()
+            transport = hv_conn.client.get_transport()
+        chan = transport.open_channel("direct-tcpip", (ip, port), ("127.0.0.1", 0), timeout=timeout)
+    except (paramiko.ChannelException, paramiko.SSHException, socket.error, EOFError):
+        return False
+    guest_transport = paramiko.Transport(chan)
+    try:
+        guest_transport.get_security_options().key_types = [key[0]]
+        guest_transport.start_client(timeout=timeout)
+        offered = guest_transport.get_remote_server_key()
+        return (offered.get_name(), offered.get_base64()) == tuple(key)
+    except (paramiko.SSHException, socket.error, EOFError, ValueError):
+        return False
+    finally:
+        guest_transport.close()
+        chan.close()
+
+
 def ssh_banner(hv_conn: Connection, ip: str, port: int = 22, timeout: float = 2.0) -> bool:
     """True when an SSH server answers at ip:port, seen from the hypervisor (a direct-tcpip channel)."""
     try:

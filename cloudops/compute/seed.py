@@ -71,13 +71,19 @@ def _network_yaml(network_config) -> str:
     return yaml.safe_dump(config, default_flow_style=False, sort_keys=False).rstrip("\n")
 
 
-def user_data_text(hostname, keys, password_hash=None, user_data=None, progress=lambda m: None) -> str:
+def user_data_text(hostname, keys, password_hash=None, user_data=None, progress=lambda m: None,
+                   host_key: str | None = None) -> str:
     """The seed's user-data: cloudops's cloud-config, merged with the user's ``user_data`` when given.
 
-    ``progress`` gets one note per key of the user's that cloudops overrode (names, never values)."""
+    ``progress`` gets one note per key of the user's that cloudops overrode (names, never values).
+    ``host_key``: the guest's ed25519 SSH host key (OpenSSH private key text), for cloud-init's
+    ``ssh_keys``; left out when the user's own cloud-config sets ``ssh_keys``."""
     merged = userdata.merge(user_data.config if user_data else {}, hostname, keys, password_hash)
     for note in merged.notes:
         progress(note)
+    if host_key is not None and "ssh_keys" in merged.rest:
+        progress("your user-data sets ssh_keys: the guest's host keys are yours, cloudops reads them on its console")
+        host_key = None
     text = render(
         "seed/user-data.j2",
         hostname=_quote(hostname),
@@ -86,21 +92,36 @@ def user_data_text(hostname, keys, password_hash=None, user_data=None, progress=
         user_users=None if merged.users is None else [userdata.dump([u], indent=2) for u in merged.users],
         chpasswd_users=[userdata.dump([u], indent=4) for u in merged.chpasswd_users],
         user_rest=userdata.dump(merged.rest) if merged.rest else "",
+        host_key=None if host_key is None else _host_key_block(host_key),
     )
     if user_data and user_data.parts:
         return userdata.multipart(text, user_data.parts)
     return text
 
 
+def _host_key_block(private: str) -> dict:
+    """The private key's lines and its public half, checked: what the template writes under ``ssh_keys``."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_ssh_private_key(private.encode(), password=None)
+    except ValueError:
+        raise CloudopsError("the VM's host key is not an OpenSSH private key") from None
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    if not public.startswith(b"ssh-ed25519 "):
+        raise CloudopsError("the VM's host key must be an ed25519 key")
+    return {"private_lines": private.strip().splitlines(), "public": _quote(public.decode())}
+
+
 def seed_files(hostname, ssh_keys=(), password_hash=None, network_config=None, instance_id=None, *,
-               user_data=None, progress=lambda m: None) -> dict:
+               user_data=None, progress=lambda m: None, host_key: str | None = None) -> dict:
     """The seed files as {name: text} (network-config only when given); validates every value first."""
     validate_hostname(hostname)
     keys = normalize_ssh_keys(ssh_keys)
     if password_hash is not None and not passwords.is_hash(password_hash):
         raise CloudopsError("password_hash is not a crypt hash ($6$...); hash it with passwords.hash_password")
     network_yaml = None if network_config is None else _network_yaml(network_config)
-    user_text = user_data_text(hostname, keys, password_hash, user_data, progress)
+    user_text = user_data_text(hostname, keys, password_hash, user_data, progress, host_key=host_key)
     if instance_id is None:
         digest = hashlib.sha256(json.dumps([hostname, user_text, network_yaml]).encode()).hexdigest()[:12]
         instance_id = f"iid-{hostname}-{digest}"
@@ -114,11 +135,11 @@ def seed_files(hostname, ssh_keys=(), password_hash=None, network_config=None, i
 
 
 def make_seed(path, hostname, ssh_keys=(), password_hash=None, network_config=None, *, instance_id=None,
-              user_data=None, progress=lambda m: None) -> Path:
+              user_data=None, progress=lambda m: None, host_key: str | None = None) -> Path:
     """Write a NoCloud seed ISO at ``path`` (mode 0600, replaced atomically) and return its path."""
     path = Path(path).resolve()
     files = seed_files(hostname, ssh_keys, password_hash, network_config, instance_id, user_data=user_data,
-                       progress=progress)
+                       progress=progress, host_key=host_key)
     if shutil.which("genisoimage") is None:
         raise CloudopsError("genisoimage is not installed (apt-get install genisoimage)")
     if not path.parent.is_dir():

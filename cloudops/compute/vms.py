@@ -382,6 +382,7 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
         disk_name = f"{spec.name}.qcow2"
         capacity = sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)
         seed_path = None
+        host_key = None  # (private, (type, base64)): made here and passed in the seed, so known before the boot
         hostname = spec.hostname or spec.name
         if spec.customize == "guestfs":
             _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity,
@@ -394,8 +395,9 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
                                                capacity).path()
             undo.push(storage.delete_volume, pool, disk_name)
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
+            host_key = guest.make_host_key()
             _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name, network_config, spec.user_data,
-                         progress)
+                         progress, host_key=host_key[0])
             undo.push(storage.delete_volume, pool, f"{spec.name}-seed.iso")
             storage.refresh_pool(pool)
 
@@ -417,7 +419,7 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
         vm = describe(dom, host.name)
         if spec.wait:
             wait_ready(dom, conn, hv, net.name, allocation, spec.name, spec.timeout, progress,
-                       static=net.mode == "bridge")
+                       static=net.mode == "bridge", host_key=host_key[1] if host_key else None)
             checkpoint("ssh")
     return vm
 
@@ -464,24 +466,28 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
 
 
 def _upload_seed(hv, remote_path, hostname, keys, password_hash, name, network_config, user_data=None,
-                 progress=lambda m: None):
+                 progress=lambda m: None, host_key=None):
     with tempfile.TemporaryDirectory(prefix="cloudops-") as tmp:
         local = Path(tmp) / "seed.iso"
         if user_data is not None:
             progress(f"passing {user_data.describe()}")
         seed.make_seed(local, hostname, ssh_keys=keys, password_hash=password_hash,
                        network_config=network_config, instance_id=f"{name}-{secrets.token_hex(4)}",
-                       user_data=user_data, progress=progress)
+                       user_data=user_data, progress=progress, host_key=host_key)
         hv.run(f"mkdir -p {shlex.quote(os.path.dirname(remote_path))}", hide=True, in_stream=False)
-        hostfiles.put_private(hv, str(local), remote_path)  # may hold root's hash: 0600 from creation
+        hostfiles.put_private(hv, str(local), remote_path)  # root's hash, the host key: 0600 from creation
 
 
 def wait_ready(dom, conn, hv, net_name, allocation, name, timeout, progress=lambda m: None,
-               console_offset: int = 0, static: bool = False) -> str:
+               console_offset: int = 0, static: bool = False, host_key: tuple[str, str] | None = None) -> str:
     """Wait for the VM's IP (DHCP lease, then guest agent, then ARP), its host key, and SSH.
 
     ``static``: the guest sets its allocated address itself (a bridged LAN), so there is no
     lease to wait for; SSH answering at that address is the proof.
+
+    ``host_key`` (type, base64): the key cloudops passed in the seed. An SSH server at the address
+    that proves it holds that key ends the host-key wait as the key on the console does; a guest
+    that ignored it (the tiny image makes its own) is still read from its console.
 
     The console is read every few seconds meanwhile: a kernel panic, a failed network and the
     like end the wait at once with the console's last lines (cloudops.compute.console).
@@ -521,8 +527,19 @@ def wait_ready(dom, conn, hv, net_name, allocation, name, timeout, progress=lamb
         ip = step(f"an IP address for {name} ({allocation.ip})", lambda: _address(dom, conn, net_name, allocation.mac))
     if ip != allocation.ip:
         raise CloudopsError(f"{name} got {ip}, not its reserved address {allocation.ip}")
-    keys = step(f"{name}'s SSH host key on its console",
-                lambda: guest.host_keys_from_console(guest.read_console(hv, name)[console_offset:]), interval=0.3)
+    def host_keys():
+        found = guest.host_keys_from_console(guest.read_console(hv, name)[console_offset:])
+        if found or host_key is None:
+            return found
+        if time.monotonic() >= next_probe[0] and guest.ssh_banner(hv, ip):
+            next_probe[0] = time.monotonic() + 1  # a key exchange costs more than a console read
+            if guest.presents_host_key(hv, ip, host_key):
+                return [tuple(host_key)]
+        return []
+
+    next_probe = [0.0]
+    keys = step(f"{name}'s SSH host key" + (" (its console, or SSH with the key cloudops made)" if host_key
+                                            else " on its console"), host_keys, interval=0.3)
     guest.record_host_keys(name, ip, keys)
     step(f"SSH on {name} ({ip})", lambda: guest.ssh_banner(hv, ip))
     return ip

@@ -70,6 +70,17 @@ def test_debian_guest_reaches_ssh_with_key_password_and_hostname(lab, lab_invent
         assert lines[3] == "active"
         if way == "seed":
             assert lines[4:6] == ["from write_files", "from-runcmd"]
+            # the guest's host key is the one cloudops made and put in the seed ISO (read back with isoinfo)
+            with connect(lab_inventory.hosts[host]) as hv:
+                blk = hv.run(f"virsh -c qemu:///system domblklist {shlex.quote(name)} --details", hide=True,
+                             in_stream=False).stdout
+                iso = next(line.split()[3] for line in blk.splitlines() if line.split()[1:2] == ["cdrom"])
+                seeded = hv.run(f"isoinfo -R -i {shlex.quote(iso)} -x /user-data", hide=True,
+                                in_stream=False).stdout
+            public = next(line.split(":", 1)[1].strip().strip('"') for line in seeded.splitlines()
+                          if line.strip().startswith("ed25519_public:"))
+            in_guest = ssh_vm(lab_inventory, vm, user_key, "cat /etc/ssh/ssh_host_ed25519_key.pub")
+            assert in_guest.split()[:2] == public.split()[:2]
         with connect(lab_inventory.hosts[host]) as hv:
             agent = hv.run(f"virsh -c qemu:///system domifaddr {shlex.quote(name)} --source agent",
                            hide=True, in_stream=False).stdout

@@ -169,3 +169,38 @@ def test_tiny_guest_parser_takes_only_roots_hash(tmp_path):
     no_root = "#cloud-config\nusers:\n  - name: alice\n    hashed_passwd: \"" + other + "\"\n"
     assert seed_apply(tmp_path, {"user-data": no_root}, root2).returncode == 0
     assert (root2 / "etc/shadow").read_text().startswith("root:*:")
+
+
+def test_the_seed_carries_the_host_key_cloudops_made_for_cloud_init():
+    from cryptography.hazmat.primitives import serialization
+
+    from cloudops.compute import guest
+
+    private, (ktype, kdata) = guest.make_host_key()
+    assert ktype == "ssh-ed25519"
+    config = yaml.safe_load(seed.user_data_text("web1", [KEY1], host_key=private))
+    assert config["ssh_keys"]["ed25519_private"] == private.strip() + "\n"  # what cloud-init writes, whole
+    assert config["ssh_keys"]["ed25519_public"].split() == [ktype, kdata]
+    assert config["ssh_genkeytypes"] == []  # no other key type for the guest to make meanwhile
+    loaded = serialization.load_ssh_private_key(config["ssh_keys"]["ed25519_private"].encode(), password=None)
+    assert loaded.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                            serialization.PublicFormat.OpenSSH).decode().split() == [ktype, kdata]
+    assert "ssh_keys" not in yaml.safe_load(seed.user_data_text("web1", [KEY1]))
+
+
+def test_the_users_own_ssh_keys_win_over_the_host_key_cloudops_made():
+    from cloudops.compute import guest, userdata
+
+    private, _ = guest.make_host_key()
+    notes = []
+    theirs = userdata.UserData(path="mine.yaml", kind="cloud-config", config={"ssh_keys": {"rsa_private": "x", "rsa_public": "ssh-rsa AAAA"}},
+                               )
+    config = yaml.safe_load(seed.user_data_text("web1", [KEY1], user_data=theirs, progress=notes.append,
+                                                host_key=private))
+    assert config["ssh_keys"] == {"rsa_private": "x", "rsa_public": "ssh-rsa AAAA"} and "ssh_genkeytypes" not in config
+    assert any("cloudops reads them on its console" in n for n in notes)
+
+
+def test_a_host_key_that_is_not_ed25519_openssh_is_refused():
+    with pytest.raises(CloudopsError, match="not an OpenSSH private key"):
+        seed.user_data_text("web1", [KEY1], host_key="-----BEGIN NONSENSE-----\nabc\n-----END NONSENSE-----\n")
