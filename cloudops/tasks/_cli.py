@@ -26,11 +26,31 @@ def terminate_as_interrupt(_signum, frame):
         raise KeyboardInterrupt
 
 
+HELP_FLAGS = ("--help", "-h")
+
+
+def show_task_help(func_name: str):
+    """Show the task's help for ``<program> TASK --help`` when Invoke's parser took ``--help`` as the value of
+    a positional argument (it fills missing positionals first): the same command line with the flag before
+    the task (the word naming the function ``func_name``), which Invoke reads as a help request."""
+    argv = [a for a in sys.argv if a not in HELP_FLAGS]
+    name = func_name.rstrip("_").replace("_", "-")
+    tasks = [i for i, a in enumerate(argv) if i and (a == name or a.endswith(f".{name}")
+                                                       or a.endswith(f".{func_name.rstrip('_')}"))]
+    if not tasks:
+        raise Exit(f"cloudops: for a task's options: {os.path.basename(sys.argv[0])} --help TASK", code=2)
+    first = tasks[0]
+    sys.stdout.flush()
+    os.execvp(argv[0], [argv[0], *argv[1:first], "--help", argv[first]])
+
+
 def user_errors(func):
     """Decorator for task bodies: CloudopsError -> invoke.Exit("cloudops: <message>")."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        if any(isinstance(a, str) and a in HELP_FLAGS for a in (*args[1:], *kwargs.values())):  # see show_task_help
+            show_task_help(func.__name__)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, terminate_as_interrupt)
         try:
