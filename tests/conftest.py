@@ -1,5 +1,6 @@
 """Shared fixtures: the test lab (prefix "cot", its own subnet) is brought up once per session."""
 
+import json
 import os
 import subprocess
 import sys
@@ -121,3 +122,21 @@ def invoke(*args, check=False, env=None, timeout=600):
     cmd = [str(Path(sys.executable).parent / "invoke"), *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=check,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def cli(lab, *args, timeout=600):
+    """The real CLI against a lab's inventory."""
+    return invoke(*args, "--inventory", str(lab.inventory_path), timeout=timeout)
+
+
+def ok_json(proc) -> dict:
+    """The JSON a CLI run printed, once it is sure the run succeeded."""
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def one_line_error(proc, text):
+    """The run failed with exactly one line (progress lines aside) that says ``text``, and no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("… ")]
+    assert len(lines) == 1 and text in lines[0] and "Traceback" not in proc.stderr, proc.stderr

@@ -162,16 +162,23 @@ def make_host_key() -> tuple[str, tuple[str, str]]:
     return private, (ktype, kdata)
 
 
-def presents_host_key(hv_conn: Connection, ip: str, key: tuple[str, str], port: int = 22, timeout: float = 5.0) -> bool:
-    """True when the SSH server at ip:port (seen from the hypervisor) proves it holds ``key`` (type, base64):
-    a key exchange asking for that key type, whose host key signature paramiko verifies."""
+def _tunnel(hv_conn: Connection, ip: str, port: int, timeout: float):
+    """A direct-tcpip channel to ip:port through the hypervisor's SSH connection; None when it cannot be opened."""
     try:
         transport = hv_conn.client.get_transport() if hv_conn.is_connected else None
         if transport is None:
             hv_conn.open()
             transport = hv_conn.client.get_transport()
-        chan = transport.open_channel("direct-tcpip", (ip, port), ("127.0.0.1", 0), timeout=timeout)
+        return transport.open_channel("direct-tcpip", (ip, port), ("127.0.0.1", 0), timeout=timeout)
     except (paramiko.ChannelException, paramiko.SSHException, socket.error, EOFError):
+        return None
+
+
+def presents_host_key(hv_conn: Connection, ip: str, key: tuple[str, str], port: int = 22, timeout: float = 5.0) -> bool:
+    """True when the SSH server at ip:port (seen from the hypervisor) proves it holds ``key`` (type, base64):
+    a key exchange asking for that key type, whose host key signature paramiko verifies."""
+    chan = _tunnel(hv_conn, ip, port, timeout)
+    if chan is None:
         return False
     guest_transport = paramiko.Transport(chan)
     try:
@@ -188,13 +195,8 @@ def presents_host_key(hv_conn: Connection, ip: str, key: tuple[str, str], port: 
 
 def ssh_banner(hv_conn: Connection, ip: str, port: int = 22, timeout: float = 2.0) -> bool:
     """True when an SSH server answers at ip:port, seen from the hypervisor (a direct-tcpip channel)."""
-    try:
-        transport = hv_conn.client.get_transport() if hv_conn.is_connected else None
-        if transport is None:
-            hv_conn.open()
-            transport = hv_conn.client.get_transport()
-        chan = transport.open_channel("direct-tcpip", (ip, port), ("127.0.0.1", 0), timeout=timeout)
-    except (paramiko.ChannelException, paramiko.SSHException, socket.error, EOFError):
+    chan = _tunnel(hv_conn, ip, port, timeout)
+    if chan is None:
         return False
     try:
         chan.settimeout(timeout)

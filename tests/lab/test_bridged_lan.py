@@ -17,14 +17,10 @@ import pytest
 from cloudops.compute import vms
 from cloudops.net import ipam
 from cloudops.ssh import connect
-from tests.conftest import invoke
+from tests.conftest import cli
 from tests.lab.test_vms import leftovers
 
 NAMES = ("t-lan1", "t-lan2")
-
-
-def cli(lab, *args):
-    return invoke(*args, "--inventory", str(lab.inventory_path))
 
 
 def in_guest(lab, name, command) -> str:

@@ -6,7 +6,6 @@ every test; each test first powers it on (which changes nothing when it runs). V
 with "pw-" so they never meet another test's.
 """
 
-import json
 import shlex
 import time
 
@@ -14,7 +13,7 @@ import pytest
 
 from cloudops.compute import vms
 from cloudops.ssh import connect
-from tests.conftest import invoke
+from tests.conftest import cli, ok_json, one_line_error
 
 NAME = "pw-vm"
 FOREIGN = "pw-foreign"
@@ -29,21 +28,6 @@ def sh(host, command, warn=False):
 
 def domstate(host, name=NAME) -> str:
     return sh(host, f"virsh -c qemu:///system domstate {shlex.quote(name)}").stdout.strip()
-
-
-def cli(lab, *args):
-    return invoke(*args, "--inventory", str(lab.inventory_path))
-
-
-def ok_json(proc) -> dict:
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def one_line_error(proc, text):
-    assert proc.returncode != 0, proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("… ")]
-    assert len(lines) == 1 and text in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
 def in_guest(lab, command) -> str:

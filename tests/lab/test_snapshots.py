@@ -5,7 +5,6 @@ has the VM, and files and processes inside the guest. One tiny VM (96 MiB) serve
 order; the last one migrates it. VM names start with "sn-" so they never meet another test's.
 """
 
-import json
 import shlex
 
 import pytest
@@ -13,25 +12,10 @@ import pytest
 from cloudops.compute import guest, vms
 from cloudops.migration import journal
 from cloudops.ssh import connect
-from tests.conftest import invoke
+from tests.conftest import cli, ok_json, one_line_error
 
 NAME = "sn-vm"
 DISK = f"/var/lib/cloudops/disks/{NAME}.qcow2"
-
-
-def cli(lab, *args):
-    return invoke(*args, "--inventory", str(lab.inventory_path))
-
-
-def ok_json(proc) -> dict:
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def one_line_error(proc, text):
-    assert proc.returncode != 0, proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("… ")]
-    assert len(lines) == 1 and text in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
 def where(lab_inventory):

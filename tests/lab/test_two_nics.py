@@ -14,14 +14,10 @@ import pytest
 from cloudops.compute import vms
 from cloudops.net import ipam
 from cloudops.ssh import connect
-from tests.conftest import invoke
+from tests.conftest import cli
 from tests.lab.test_vms import leftovers
 
 NAME = "t-nics"
-
-
-def cli(lab, *args):
-    return invoke(*args, "--inventory", str(lab.inventory_path))
 
 
 def in_guest(lab, command) -> str:
