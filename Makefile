@@ -48,7 +48,7 @@ demo: setup
 	$(INV) demo
 
 test: setup
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=30
 
 # Unit tests need no lab, no QEMU and no libguestfs (tests/unit/conftest.py enforces it).
 test-unit: setup
