@@ -44,12 +44,14 @@ def _keys(ssh_key):
           "address, in its DHCP range, reserved, or allocated to another VM)",
     "user_data": "your own cloud-init user-data file (#cloud-config, a #! script, or MIME multipart), merged with "
                  "cloudops's (hostname, keys, password hash): see the README",
-    "firmware": "bios (default: config vm.firmware) or uefi (OVMF; the image must boot from an EFI system partition)"})
+    "firmware": "bios (default: config vm.firmware) or uefi (OVMF; the image must boot from an EFI system partition)",
+    "max_memory": "MiB the running VM can later be grown to live (vm.resize; default: its memory)",
+    "max_vcpus": "vCPUs it can later be grown to live by CPU hotplug (vm.resize; default: its vCPUs)"})
 @user_errors
 def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None, password=None, password_file=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
           inventory=None, json=False, disk_size=None, flavor=None, dry_run=False, user_data=None, ip=None,
-          firmware=None):
+          firmware=None, max_memory=None, max_vcpus=None):
     """Start a VM from an image; prints its name, host and IP once SSH answers."""
     vms.validate_name(name)
     root_password = _password(password, password_file, password_stdin)  # refused before anything is read
@@ -61,7 +63,9 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
         root_password=root_password, ssh_keys=_keys(ssh_key),
         hostname=hostname, customize=customize or c.vm.customize, group=group, wait=not no_wait,
         timeout=float(timeout or c.vm.timeout), disk_size=size["disk_size"], user_data=user_data, ip=ip,
-        firmware=firmware or c.vm.get("firmware") or "bios")
+        firmware=firmware or c.vm.get("firmware") or "bios",
+        max_memory=_int(max_memory, "max memory") if max_memory is not None else None,
+        max_vcpus=_int(max_vcpus, "max vCPUs") if max_vcpus is not None else None)
     if dry_run:
         from cloudops.compute import plan
 
