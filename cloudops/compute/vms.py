@@ -628,8 +628,8 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
 
     A domain without cloudops metadata is refused; with ``force`` it is destroyed and
     undefined, but its disks (which cloudops did not create) are never deleted. Even for a
-    cloudops VM only the disks cloudops makes (``<name>.qcow2``, ``<name>-seed.iso``) are
-    deleted: a disk attached by hand stays."""
+    cloudops VM only the disks cloudops makes (``<name>.qcow2``, ``<name>-seed.iso``, and the
+    extra disks of ``vm.disk --add``) are deleted: a disk attached by hand stays."""
     validate_name(name)
     hosts = hosts or inventory.hypervisors()
     with _name_lock(name):
@@ -640,7 +640,7 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
             if not ours and not force:
                 raise foreign_refusal(name, host.name)
             vm = describe(dom, host.name)
-            disks = [p for p in _disk_paths(dom) if ours and os.path.basename(p) in _own_disk_names(name)]
+            disks = [p for p in _disk_paths(dom) if ours and os.path.basename(p) in _own_disk_names(name, dom)]
             _destroy(dom)
             _undefine(dom)
             if not ours:
@@ -660,9 +660,12 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
     return vm
 
 
-def _own_disk_names(name: str) -> set[str]:
-    """The file names of the disks ``start_vm`` makes for a VM."""
-    return {f"{name}.qcow2", f"{name}-seed.iso"}
+def _own_disk_names(name: str, dom=None) -> set[str]:
+    """The file names of the disks ``start_vm`` makes for a VM, and those ``vm.disk --add`` gave ``dom``."""
+    from cloudops.compute import diskfacts
+
+    extra = {d.volume for d in diskfacts.extra_disks(dom.XMLDesc(0), name)} if dom is not None else set()
+    return {f"{name}.qcow2", f"{name}-seed.iso", *extra}
 
 
 def _disk_paths(dom) -> list[str]:

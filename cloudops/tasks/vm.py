@@ -152,6 +152,39 @@ def reboot(c, name, force=False, timeout=60, inventory=None, json=False):
                             wait_timeout=float(c.vm.timeout), progress=progress), json)
 
 
+@task(help={"vm": "VM name", "add": "add an empty virtio disk (hot-plugged when the VM runs)",
+            "size": "with --add: its size, e.g. 1G (K/M/G/T, binary)",
+            "name": "the disk's name (a-z 0-9 -, up to 20; default with --add: data, data2, ...)",
+            "list_": "list the VM's extra disks", "remove": "hot-unplug (or detach) this disk and delete its volume",
+            "timeout": "with --remove: seconds the guest has to release the disk (default 30)",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def disk(c, vm, add=False, size=None, name=None, list_=False, remove=None, timeout=None, inventory=None, json=False):
+    """Extra disks of a VM: --add --size 1G [--name data], --list, --remove data (live on a running VM)."""
+    from cloudops.compute import disks
+
+    vms.validate_name(vm)  # one line, before the inventory is read or any host asked
+    if sum(bool(x) for x in (add, list_, remove)) != 1:
+        raise CloudopsError("vm.disk needs one of --add, --list or --remove NAME")
+    if not add and (size is not None or name is not None):
+        raise CloudopsError("--size and --name go with --add")
+    hosts = _hypervisors(c, inventory)
+    if add:
+        result = disks.add_disk(vm, hosts, size, name=name, progress=progress)
+    elif remove:
+        result = disks.remove_disk(vm, hosts, remove, timeout=float(timeout or disks.DETACH_TIMEOUT),
+                                   progress=progress)
+    else:
+        result = disks.list_disks(vm, hosts)
+        if not json:
+            from cloudops import output as out
+
+            print(out.table(result.disks, ["name", "target", "size", "allocated", "attached", "path"])
+                  if result.disks else result.message)
+            return
+    _report(result, json)
+
+
 @task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")},
             "force": "also undefine a domain cloudops did not make (its disks are never deleted)"})
 @user_errors
