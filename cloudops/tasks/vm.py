@@ -185,6 +185,21 @@ def disk(c, vm, add=False, size=None, name=None, list_=False, remove=None, timeo
     _report(result, json)
 
 
+@task(help={"name": "VM name", "memory": "MiB (live up to the VM's maximum, else at the next boot)",
+            "vcpus": "vCPUs (live by CPU hotplug up to the VM's maximum, else at the next boot)",
+            "disk_size": "root disk size, e.g. 8G (grown live; shrinking is refused)",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def resize(c, name, memory=None, vcpus=None, disk_size=None, inventory=None, json=False):
+    """Give a VM more (or less) memory, vCPUs or root disk: live where it can, else at the next boot, and says which."""
+    from cloudops.compute import resize as resizing
+
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    resizing.check_request(memory, vcpus, disk_size)
+    _report(resizing.resize_vm(name, _hypervisors(c, inventory), memory=memory, vcpus=vcpus, disk_size=disk_size,
+                               progress=progress), json)
+
+
 @task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")},
             "force": "also undefine a domain cloudops did not make (its disks are never deleted)"})
 @user_errors
