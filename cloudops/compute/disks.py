@@ -183,6 +183,11 @@ def remove_disk(vm: str, hosts: list, name: str, timeout: float = DETACH_TIMEOUT
         if entry is None:
             return _remove_leftover(vm, host, conn, dom, name, config, live)
         disk, where = entry["disk"], entry["in"]
+        held = in_snapshots(dom, vm, disk)
+        if held:
+            raise CloudopsError(f"disk {name} of {vm} is in its snapshot{'s' if len(held) > 1 else ''} "
+                                f"{', '.join(held)}: delete {'them' if len(held) > 1 else 'it'} first "
+                                f"(vm.snapshot {vm} --delete SNAP), or reverting would miss the disk")
         flags = 0
         if "config" in where:
             flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
@@ -206,6 +211,18 @@ def remove_disk(vm: str, hosts: list, name: str, timeout: float = DETACH_TIMEOUT
         return DiskResult(vm, host.name, True, "removed",
                           f"{vm} on {host.name}: disk {name} {how} and its volume {disk.volume} deleted",
                           disk=disk.to_dict())
+
+
+def in_snapshots(dom, vm: str, disk) -> list[str]:
+    """Names of the VM's snapshots whose domain has this extra disk (their revert needs its volume)."""
+    names = []
+    with contextlib.suppress(libvirt.libvirtError):
+        for snapshot in dom.listAllSnapshots(0):
+            inner = ET.fromstring(snapshot.getXMLDesc(0)).find("domain")
+            if inner is not None and any(d.path == disk.path for d in
+                                         diskfacts.extra_disks(ET.tostring(inner, encoding="unicode"), vm)):
+                names.append(snapshot.getName())
+    return sorted(names)
 
 
 def wait_detached(dom, vm: str, name: str, timeout: float, interval: float = 0.3) -> bool:

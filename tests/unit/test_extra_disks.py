@@ -138,8 +138,11 @@ def test_a_foreign_domain_is_refused(host):
 class _HeldDisk:
     """A running domain whose guest never releases a hot-unplugged disk."""
 
-    def __init__(self, xml):
-        self.xml, self.detached = xml, []
+    def __init__(self, xml, snapshots=()):
+        self.xml, self.detached, self.snapshots = xml, [], list(snapshots)
+
+    def listAllSnapshots(self, flags=0):
+        return [SimpleNamespace(getName=lambda n=n: n, getXMLDesc=lambda f=0, x=x: x) for n, x in self.snapshots]
 
     def isActive(self):
         return True
@@ -165,6 +168,21 @@ def test_an_unplug_the_guest_does_not_finish_keeps_the_volume_and_says_so(monkey
     assert dom.detached == [libvirt.VIR_DOMAIN_AFFECT_CONFIG | libvirt.VIR_DOMAIN_AFFECT_LIVE]
     assert result.action == "detached from the config" and deleted == []
     assert "stays attached until the next boot" in result.message and "is kept" in result.message
+
+
+def test_a_disk_in_a_snapshot_is_not_removed(monkeypatch):
+    xml = domain("u-web", extra("u-web", "data", "vdb"))
+    dom = _HeldDisk(xml, snapshots=[("before", f"<domainsnapshot><name>before</name>{xml}</domainsnapshot>"),
+                                    ("bare", f"<domainsnapshot><name>bare</name>{domain('u-web')}</domainsnapshot>")])
+
+    @contextlib.contextmanager
+    def own_vm(name, hosts, doing):
+        yield SimpleNamespace(name="hv1"), None, dom
+
+    monkeypatch.setattr(power, "_own_vm", own_vm)
+    with pytest.raises(CloudopsError, match="disk data of u-web is in its snapshot before: delete it first"):
+        disks.remove_disk("u-web", [], "data")
+    assert dom.detached == []
 
 
 def test_delete_takes_the_extra_disks_and_leaves_one_attached_by_hand(monkeypatch, tmp_path, host):
