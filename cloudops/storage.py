@@ -1,4 +1,4 @@
-"""libvirt storage on a host: the cloudops pool for VM disks, qcow2 overlays on images, volume removal."""
+"""libvirt storage on a host: the cloudops pool for VM disks, qcow2 overlays on images, empty volumes, removal."""
 
 import time
 import xml.etree.ElementTree as ET
@@ -99,6 +99,18 @@ def create_overlay(pool: libvirt.virStoragePool, name: str, backing_path: str, b
     xml = render("libvirt/overlay.xml.j2", name=name, capacity=capacity,
                  backing_path=backing_path, backing_format=backing_format)
     return pool.createXML(xml, 0)
+
+
+def create_volume(pool: libvirt.virStoragePool, name: str, capacity: int,
+                  format: str = "qcow2") -> libvirt.virStorageVol:
+    """An empty volume (a data disk, or where a migration copies one); fails if the name exists."""
+    try:
+        pool.storageVolLookupByName(name)
+    except libvirt.libvirtError:
+        pass
+    else:
+        raise CloudopsError(f"volume {name} already exists in pool {pool.name()}")
+    return pool.createXML(render("libvirt/volume.xml.j2", name=name, capacity=capacity, format=format), 0)
 
 
 def delete_volume(pool: libvirt.virStoragePool, name: str) -> bool:

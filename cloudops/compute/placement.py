@@ -53,8 +53,9 @@ def host_states(hosts: list) -> list[scheduler.HostState]:
 
 
 def request_for(spec) -> scheduler.PlacementRequest:
-    return scheduler.PlacementRequest(memory_mb=spec.memory, vcpus=spec.vcpus, name=spec.name,
-                                      anti_affinity_group=spec.group)
+    # memory as host_state counts the VMs a host runs: at their maximum (room to grow: VMSpec.max_memory)
+    return scheduler.PlacementRequest(memory_mb=max(spec.memory, getattr(spec, "max_memory", None) or 0),
+                                      vcpus=spec.vcpus, name=spec.name, anti_affinity_group=spec.group)
 
 
 def choose(spec, candidates: list):

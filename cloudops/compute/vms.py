@@ -60,6 +60,8 @@ class VMSpec:
     user_data: "str | Path | userdata.UserData | None" = field(default=None, repr=False)  # a file; loaded by validate
     firmware: str = "bios"  # or "uefi" (OVMF): see check_firmware
     ip: str | None = None  # ask IPAM for this address on the (first) network (checked against it by start_vm)
+    max_memory: int | None = None  # MiB the running VM can be grown to (vm.resize); None: ``memory``
+    max_vcpus: int | None = None  # vCPUs it can be grown to by CPU hotplug; None: ``vcpus``
 
     @property
     def networks(self) -> list:
@@ -100,6 +102,10 @@ def validate(spec: VMSpec) -> VMSpec:
     for what, value, (low, high) in (("memory (MiB)", spec.memory, MEMORY_RANGE), ("vCPUs", spec.vcpus, VCPU_RANGE)):
         if not isinstance(value, int) or not low <= value <= high:
             raise CloudopsError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+    for what, top, now, (_low, high) in (("max memory (MiB)", spec.max_memory, spec.memory, MEMORY_RANGE),
+                                         ("max vCPUs", spec.max_vcpus, spec.vcpus, VCPU_RANGE)):
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not now <= top <= high):
+            raise CloudopsError(f"{what} must be a whole number from {now} (the VM's own) to {high}, got {top!r}")
     if spec.firmware not in FIRMWARES:
         raise CloudopsError(f"firmware must be one of {', '.join(FIRMWARES)}, got {spec.firmware!r}")
     if spec.customize not in CUSTOMIZE_WAYS:
@@ -408,7 +414,9 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
             customize=spec.customize, group=spec.group, created=int(time.time()),
             extra_nics=[{"network": n.name, "ip": a.ip, "mac": a.mac} for n, a in zip(nets[1:], allocations[1:])],
             disk_path=disk_path, seed_path=seed_path, console_log=guest.console_log_path(spec.name),
-            boot=image.remote_boot(host), firmware=spec.firmware)
+            boot=image.remote_boot(host), firmware=spec.firmware,
+            max_memory=spec.max_memory if (spec.max_memory or 0) > spec.memory else None,
+            max_vcpus=spec.max_vcpus if (spec.max_vcpus or 0) > spec.vcpus else None)
         xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=virt.METADATA_NS)
         dom = conn.defineXML(xml)
         undo.push(_undefine, dom)
@@ -637,8 +645,8 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
 
     A domain without cloudops metadata is refused; with ``force`` it is destroyed and
     undefined, but its disks (which cloudops did not create) are never deleted. Even for a
-    cloudops VM only the disks cloudops makes (``<name>.qcow2``, ``<name>-seed.iso``) are
-    deleted: a disk attached by hand stays."""
+    cloudops VM only the disks cloudops makes (``<name>.qcow2``, ``<name>-seed.iso``, and the
+    extra disks of ``vm.disk --add``) are deleted: a disk attached by hand stays."""
     validate_name(name)
     hosts = hosts or inventory.hypervisors()
     with _name_lock(name):
@@ -649,7 +657,7 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
             if not ours and not force:
                 raise foreign_refusal(name, host.name)
             vm = describe(dom, host.name)
-            disks = [p for p in _disk_paths(dom) if ours and os.path.basename(p) in _own_disk_names(name)]
+            disks = [p for p in _disk_paths(dom) if ours and os.path.basename(p) in _own_disk_names(name, dom)]
             _destroy(dom)
             _undefine(dom)
             if not ours:
@@ -669,9 +677,12 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
     return vm
 
 
-def _own_disk_names(name: str) -> set[str]:
-    """The file names of the disks ``start_vm`` makes for a VM."""
-    return {f"{name}.qcow2", f"{name}-seed.iso"}
+def _own_disk_names(name: str, dom=None) -> set[str]:
+    """The file names of the disks ``start_vm`` makes for a VM, and those ``vm.disk --add`` gave ``dom``."""
+    from cloudops.compute import diskfacts
+
+    extra = {d.volume for d in diskfacts.extra_disks(dom.XMLDesc(0), name)} if dom is not None else set()
+    return {f"{name}.qcow2", f"{name}-seed.iso", *extra}
 
 
 def _disk_paths(dom) -> list[str]:

@@ -7,8 +7,9 @@ boot files, network, IP reservation, pre-created overlay and seed), and migrates
 peer to peer with ``migrateToURI3``: live, persistent on the destination,
 undefined on the source. Disks on storage both hosts see (a marker file written
 on one is read on the other) stay where they are; otherwise the overlay's top
-layer is copied with the migration (NBD, ``NON_SHARED_INC``) and the read-only
-seed is copied ahead.
+layer, and all of an extra disk (``vm.disk --add``: no backing file, so its top
+layer is all of it), is copied with the migration into volumes made empty on the
+destination (NBD, ``NON_SHARED_INC``), and the read-only seed is copied ahead.
 
 While the job runs, this thread polls ``jobStats()``: it draws the progress and
 applies the ``Policy``: a max-downtime ramp per memory iteration, auto-converge,
@@ -435,11 +436,13 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
             pass
         prepared.files.append(disk.path)
         journal.update(name, prepared_files=list(prepared.files))
-        if disk.readonly or not dom.isActive() or not disk.backing:
+        if disk.readonly or not dom.isActive() or not (disk.backing or disk.capacity):
             message(f"copying {volume} to {dest.name}")
             _copy_file(source, dest, disk.path)
-        else:
+        elif disk.backing:
             storage.create_overlay(pool, volume, disk.backing, disk.backing_format, disk.capacity)
+        else:  # a writable disk of its own (vm.disk --add): an empty volume that the NBD copy fills, never a
+            storage.create_volume(pool, volume, disk.capacity, disk.format)  # copy of a file QEMU is writing
         storage.refresh_pool(pool)
 
 

@@ -44,12 +44,14 @@ def _keys(ssh_key):
           "address, in its DHCP range, reserved, or allocated to another VM)",
     "user_data": "your own cloud-init user-data file (#cloud-config, a #! script, or MIME multipart), merged with "
                  "cloudops's (hostname, keys, password hash): see the README",
-    "firmware": "bios (default: config vm.firmware) or uefi (OVMF; the image must boot from an EFI system partition)"})
+    "firmware": "bios (default: config vm.firmware) or uefi (OVMF; the image must boot from an EFI system partition)",
+    "max_memory": "MiB the running VM can later be grown to live (vm.resize; default: its memory)",
+    "max_vcpus": "vCPUs it can later be grown to live by CPU hotplug (vm.resize; default: its vCPUs)"})
 @user_errors
 def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None, password=None, password_file=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
           inventory=None, json=False, disk_size=None, flavor=None, dry_run=False, user_data=None, ip=None,
-          firmware=None):
+          firmware=None, max_memory=None, max_vcpus=None):
     """Start a VM from an image; prints its name, host and IP once SSH answers."""
     vms.validate_name(name)
     root_password = _password(password, password_file, password_stdin)  # refused before anything is read
@@ -61,7 +63,9 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
         root_password=root_password, ssh_keys=_keys(ssh_key),
         hostname=hostname, customize=customize or c.vm.customize, group=group, wait=not no_wait,
         timeout=float(timeout or c.vm.timeout), disk_size=size["disk_size"], user_data=user_data, ip=ip,
-        firmware=firmware or c.vm.get("firmware") or "bios")
+        firmware=firmware or c.vm.get("firmware") or "bios",
+        max_memory=_int(max_memory, "max memory") if max_memory is not None else None,
+        max_vcpus=_int(max_vcpus, "max vCPUs") if max_vcpus is not None else None)
     if dry_run:
         from cloudops.compute import plan
 
@@ -146,6 +150,54 @@ def reboot(c, name, force=False, timeout=60, inventory=None, json=False):
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     _report(power.reboot_vm(name, _hypervisors(c, inventory), force=force, timeout=float(timeout),
                             wait_timeout=float(c.vm.timeout), progress=progress), json)
+
+
+@task(help={"vm": "VM name", "add": "add an empty virtio disk (hot-plugged when the VM runs)",
+            "size": "with --add: its size, e.g. 1G (K/M/G/T, binary)",
+            "name": "the disk's name (a-z 0-9 -, up to 20; default with --add: data, data2, ...)",
+            "list_": "list the VM's extra disks", "remove": "hot-unplug (or detach) this disk and delete its volume",
+            "timeout": "with --remove: seconds the guest has to release the disk (default 30)",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def disk(c, vm, add=False, size=None, name=None, list_=False, remove=None, timeout=None, inventory=None, json=False):
+    """Extra disks of a VM: --add --size 1G [--name data], --list, --remove data (live on a running VM)."""
+    from cloudops.compute import disks
+
+    vms.validate_name(vm)  # one line, before the inventory is read or any host asked
+    if sum(bool(x) for x in (add, list_, remove)) != 1:
+        raise CloudopsError("vm.disk needs one of --add, --list or --remove NAME")
+    if not add and (size is not None or name is not None):
+        raise CloudopsError("--size and --name go with --add")
+    hosts = _hypervisors(c, inventory)
+    if add:
+        result = disks.add_disk(vm, hosts, size, name=name, progress=progress)
+    elif remove:
+        result = disks.remove_disk(vm, hosts, remove, timeout=float(timeout or disks.DETACH_TIMEOUT),
+                                   progress=progress)
+    else:
+        result = disks.list_disks(vm, hosts)
+        if not json:
+            from cloudops import output as out
+
+            print(out.table(result.disks, ["name", "target", "size", "allocated", "attached", "path"])
+                  if result.disks else result.message)
+            return
+    _report(result, json)
+
+
+@task(help={"name": "VM name", "memory": "MiB (live up to the VM's maximum, else at the next boot)",
+            "vcpus": "vCPUs (live by CPU hotplug up to the VM's maximum, else at the next boot)",
+            "disk_size": "root disk size, e.g. 8G (grown live; shrinking is refused)",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def resize(c, name, memory=None, vcpus=None, disk_size=None, inventory=None, json=False):
+    """Give a VM more (or less) memory, vCPUs or root disk: live where it can, else at the next boot, and says which."""
+    from cloudops.compute import resize as resizing
+
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    resizing.check_request(memory, vcpus, disk_size)
+    _report(resizing.resize_vm(name, _hypervisors(c, inventory), memory=memory, vcpus=vcpus, disk_size=disk_size,
+                               progress=progress), json)
 
 
 @task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")},
