@@ -87,15 +87,18 @@ def _start_pool(pool: libvirt.virStoragePool, wait: float = BUSY_WAIT) -> None:
         time.sleep(0.2)
 
 
-def create_overlay(pool: libvirt.virStoragePool, name: str, backing_path: str, backing_format: str,
-                   capacity: int) -> libvirt.virStorageVol:
-    """A qcow2 volume backed by an image (copy-on-write); fails if the name exists."""
+def _refuse_existing(pool: libvirt.virStoragePool, name: str) -> None:
     try:
         pool.storageVolLookupByName(name)
     except libvirt.libvirtError:
-        pass
-    else:
-        raise CloudopsError(f"volume {name} already exists in pool {pool.name()}")
+        return
+    raise CloudopsError(f"volume {name} already exists in pool {pool.name()}")
+
+
+def create_overlay(pool: libvirt.virStoragePool, name: str, backing_path: str, backing_format: str,
+                   capacity: int) -> libvirt.virStorageVol:
+    """A qcow2 volume backed by an image (copy-on-write); fails if the name exists."""
+    _refuse_existing(pool, name)
     xml = render("libvirt/overlay.xml.j2", name=name, capacity=capacity,
                  backing_path=backing_path, backing_format=backing_format)
     return pool.createXML(xml, 0)
@@ -104,12 +107,7 @@ def create_overlay(pool: libvirt.virStoragePool, name: str, backing_path: str, b
 def create_volume(pool: libvirt.virStoragePool, name: str, capacity: int,
                   format: str = "qcow2") -> libvirt.virStorageVol:
     """An empty volume (a data disk, or where a migration copies one); fails if the name exists."""
-    try:
-        pool.storageVolLookupByName(name)
-    except libvirt.libvirtError:
-        pass
-    else:
-        raise CloudopsError(f"volume {name} already exists in pool {pool.name()}")
+    _refuse_existing(pool, name)
     return pool.createXML(render("libvirt/volume.xml.j2", name=name, capacity=capacity, format=format), 0)
 
 

@@ -140,3 +140,14 @@ def one_line_error(proc, text):
     assert proc.returncode != 0, proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("… ")]
     assert len(lines) == 1 and text in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def run_in_vm(lab_inventory, name, command) -> str:
+    """``command``'s output in VM ``name``, wherever it runs, over SSH through its host (host key verified)."""
+    from cloudops.compute import guest, vms
+    from cloudops.ssh import connect
+
+    host = vms.locate(name, lab_inventory.hypervisors())
+    vm = next(v for v in vms.list_on_host(host) if v.name == name)
+    with connect(host) as hv, guest.connect_vm(hv, vm.ip) as conn:
+        return conn.run(command, hide=True, in_stream=False).stdout.strip()

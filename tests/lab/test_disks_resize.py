@@ -18,29 +18,14 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from cloudops.compute import guest, vms
+from cloudops.compute import vms
 from cloudops.errors import NotFound
 from cloudops.imaging import store as images
 from cloudops.ssh import connect
-from tests.conftest import invoke
+from tests.conftest import cli, ok_json, one_line_error, run_in_vm
 
 NAME = "dr-vm"
 MARK = "cloudops-data-disk-mark"
-
-
-def cli(lab, *args):
-    return invoke(*args, "--inventory", str(lab.inventory_path))
-
-
-def ok_json(proc) -> dict:
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def one_line_error(proc, text):
-    assert proc.returncode != 0, proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("… ")]
-    assert len(lines) == 1 and text in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
 def where(lab_inventory):
@@ -53,10 +38,7 @@ def sh(host, command, warn=False) -> str:
 
 
 def in_guest(lab_inventory, command) -> str:
-    host = where(lab_inventory)
-    vm = next(v for v in vms.list_on_host(host) if v.name == NAME)
-    with connect(host) as hv, guest.connect_vm(hv, vm.ip) as conn:
-        return conn.run(command, hide=True, in_stream=False).stdout.strip()
+    return run_in_vm(lab_inventory, NAME, command)
 
 
 def mem_total_kib(lab_inventory) -> int:

@@ -12,7 +12,7 @@ import pytest
 from cloudops.compute import guest, vms
 from cloudops.migration import journal
 from cloudops.ssh import connect
-from tests.conftest import cli, ok_json, one_line_error
+from tests.conftest import cli, ok_json, one_line_error, run_in_vm
 
 NAME = "sn-vm"
 DISK = f"/var/lib/cloudops/disks/{NAME}.qcow2"
@@ -38,10 +38,7 @@ def qcow2_snapshots(host) -> list[str]:
 
 
 def in_guest(lab_inventory, command) -> str:
-    host = where(lab_inventory)
-    vm = next(v for v in vms.list_on_host(host) if v.name == NAME)
-    with connect(host) as hv, guest.connect_vm(hv, vm.ip) as conn:
-        return conn.run(command, hide=True, in_stream=False).stdout.strip()
+    return run_in_vm(lab_inventory, NAME, command)
 
 
 def answers(lab_inventory) -> bool:

@@ -121,3 +121,13 @@ def libvirt_test_host(monkeypatch):
     monkeypatch.setattr(virt, "open_host", open_host)
     monkeypatch.setattr(vms, "find", lambda name, hosts: ([hv] if vms.defined_on(conn, name) else [], []))
     return conn, hv, Inventory(path="inv.yaml", hosts={"hv1": hv}, groups={"all": ["hv1"]})
+
+
+def pool_test_host(monkeypatch, prefix="u-"):
+    """``libvirt_test_host`` and its pool "default-pool", emptied of the volumes an earlier test left (``prefix``)."""
+    conn, hv, inventory = libvirt_test_host(monkeypatch)
+    pool = conn.storagePoolLookupByName("default-pool")
+    for name in pool.listVolumes():
+        if name.startswith(prefix):
+            pool.storageVolLookupByName(name).delete(0)
+    return conn, hv, inventory, pool

@@ -14,7 +14,7 @@ from cloudops import storage, virt
 from cloudops.compute import diskfacts, disks, power, vms
 from cloudops.errors import CloudopsError
 from cloudops.templating import render
-from tests.unit.libvirt_fake import libvirt_test_host
+from tests.unit.libvirt_fake import pool_test_host
 
 META = f"<metadata><cloudops:vm xmlns:cloudops='{virt.METADATA_NS}'><cloudops:image>x</cloudops:image></cloudops:vm></metadata>"
 DISK = "<disk type='file' device='disk'><source file='{path}'/><target dev='{target}' bus='virtio'/>{alias}</disk>"
@@ -68,11 +68,7 @@ def test_the_disk_device_is_a_virtio_disk_with_its_serial_and_alias():
 
 @pytest.fixture
 def host(monkeypatch):
-    conn, hv, inventory = libvirt_test_host(monkeypatch)
-    pool = conn.storagePoolLookupByName("default-pool")
-    for name in pool.listVolumes():
-        if name.startswith("u-"):
-            pool.storageVolLookupByName(name).delete(0)
+    conn, hv, inventory, pool = pool_test_host(monkeypatch)
     monkeypatch.setattr(storage, "refresh_pool", lambda pool, wait=0: None)
     return SimpleNamespace(conn=conn, hv=hv, inventory=inventory, hosts=[hv], pool=pool)
 

@@ -13,7 +13,7 @@ import pytest
 from cloudops import virt
 from cloudops.compute import placement, resize, vms
 from cloudops.errors import CloudopsError
-from tests.unit.libvirt_fake import libvirt_test_host
+from tests.unit.libvirt_fake import pool_test_host
 
 META = f"<metadata><cloudops:vm xmlns:cloudops='{virt.METADATA_NS}'><cloudops:image>x</cloudops:image></cloudops:vm></metadata>"
 DOMAIN = ("<domain type='test'><name>{name}</name><memory unit='MiB'>{memory}</memory>"
@@ -40,11 +40,7 @@ def test_bad_requests_are_one_line(args, why):
 
 @pytest.fixture
 def host(monkeypatch):
-    conn, hv, inventory = libvirt_test_host(monkeypatch)
-    pool = conn.storagePoolLookupByName("default-pool")
-    for name in pool.listVolumes():
-        if name.startswith("u-"):
-            pool.storageVolLookupByName(name).delete(0)
+    conn, hv, inventory, pool = pool_test_host(monkeypatch)
     free = SimpleNamespace(memory_free_mb=4096)
     monkeypatch.setattr(placement, "host_state", lambda host, down: free)
     return SimpleNamespace(conn=conn, hv=hv, hosts=[hv], pool=pool, free=free)
