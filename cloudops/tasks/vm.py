@@ -348,3 +348,19 @@ def snapshot(c, name, create=None, memory=False, list=False, revert=None, delete
     else:
         result = snapshots.delete_snapshot(name, delete, hosts, progress=progress)
     _report(result, json)
+
+
+@task(help={"name": "VM name", "file": "the export's qcow2 on this machine; its description is written to FILE.json",
+            "force": "replace FILE and FILE.json when they exist", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def export(c, name, file, force=False, inventory=None, json=False):
+    """Export a running or stopped VM to FILE: a flattened qcow2 (no backing file) and FILE.json describing it."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    from cloudops.compute import export as exporting
+
+    exporting.check_target(file, force)  # refused before any host is asked
+    result = exporting.export_vm(name, file, _hypervisors(c, inventory), force=force, progress=progress)
+    for note in result.notes:
+        progress(note)
+    _report(result, json)
+
