@@ -364,3 +364,24 @@ def export(c, name, file, force=False, inventory=None, json=False):
         progress(note)
     _report(result, json)
 
+
+@task(name="import", help={
+    "file": "an export (vm.export): FILE and its description FILE.json", "name": "the new VM's name",
+    "host": "put it on this host (default: the scheduler chooses)",
+    "network": "network(s), comma-separated (default: the exported VM's); new addresses and MACs from IPAM",
+    "no_wait": "do not wait for SSH", "timeout": "seconds to wait for the IP and SSH",
+    **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def import_(c, file, name, host=None, network=None, no_wait=False, timeout=None, inventory=None, json=False):
+    """Start a new VM from an export: checks FILE's sha256 against FILE.json, uploads it as the VM's disk."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    from cloudops.compute import vmimport
+
+    vmimport.read_description(file)  # refused before the inventory is read
+    inv = load_inventory(c, inventory)
+    vm = vmimport.import_vm(file, name, inv, host=host, network=network, timeout=float(timeout or c.vm.timeout),
+                            wait=not no_wait, progress=progress)
+    if json:
+        emit_json(vm.to_dict())
+    else:
+        print(f"{vm.name} {vm.host} {vm.ip}")
