@@ -281,18 +281,23 @@ def _write_error(path, exc: OSError) -> CloudopsError:
 # ---------------------------------------------------------------- the verb
 
 def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda m: None,
-              meter=None) -> ExportResult:
-    """Write ``path`` (flattened qcow2) and ``path.json`` (its description) of the cloudops VM ``name``."""
+              meter=None, stopped_for: str | None = None) -> ExportResult:
+    """Write ``path`` (flattened qcow2) and ``path.json`` (its description) of the cloudops VM ``name``.
+
+    ``stopped_for`` (e.g. "clone it"): only a stopped VM, for what that says."""
     vms.validate_name(name)
     path = check_target(path, force)
     desc_path = description_path(path)
     meter = meter or download.Meter(progress, verb=("copying", "copied"))
-    with power._own_vm(name, hosts, "export it") as (host, _conn, dom):
+    with power._own_vm(name, hosts, stopped_for or "export it") as (host, _conn, dom):
         domain_xml = dom.XMLDesc(0)
         target, disk_path = root_disk(domain_xml)
         vm = vms.describe(dom, host.name)
         if vm.state not in ("running", "paused", "shut off"):
             raise CloudopsError(f"VM {name} on {host.name} is {vm.state}: export it running, paused or stopped")
+        if stopped_for and vm.state != "shut off":
+            raise CloudopsError(f"VM {name} on {host.name} is {vm.state}: stop it first to {stopped_for} "
+                                f"(invoke vm.stop {name})")
         snapshot_names = [s.name for s in snapshots.snapshots_of(dom)]
         left_out = other_disks(domain_xml, target)
         out = f"{os.path.dirname(disk_path)}/{name}.export-{secrets.token_hex(4)}.qcow2"

@@ -102,8 +102,14 @@ def import_vm(path, name: str, inventory, host: str | None = None, network=None,
     progress(f"checking {path} against {path.name}.json (size and sha256)")
     verify(path, data)
     image = image_for(data)
+    spec = spec_for(data, name, path, image, host=host, network=network, timeout=timeout, wait=wait)
+    return vms.start_vm(spec, inventory, progress=progress, image=image)
+
+
+def spec_for(data: dict, name: str, path, image, host=None, network=None, timeout: float = 180,
+             wait: bool = True) -> vms.VMSpec:
+    """The VMSpec of a VM on the exported disk ``path``: the export's size, firmware and (default) networks."""
     networks = network if network else [n for n in data.get("networks") or [] if n] or None
-    spec = vms.VMSpec(name=name, image=image.id, memory=int(data["memory"]), vcpus=int(data["vcpus"]), host=host,
+    return vms.VMSpec(name=name, image=image.id, memory=int(data["memory"]), vcpus=int(data["vcpus"]), host=host,
                       network=networks, firmware=data.get("firmware") or "bios", timeout=timeout, wait=wait,
                       disk_size=int(data["disk"]["virtual_size"]), disk_file=os.fspath(path))
-    return vms.start_vm(spec, inventory, progress=progress, image=image)

@@ -385,3 +385,23 @@ def import_(c, file, name, host=None, network=None, no_wait=False, timeout=None,
         emit_json(vm.to_dict())
     else:
         print(f"{vm.name} {vm.host} {vm.ip}")
+
+
+@task(help={
+    "source": "the stopped VM to copy", "name": "the clone's name (and hostname)",
+    "host": "put it on this host (default: the scheduler chooses)", "no_wait": "do not wait for SSH",
+    "timeout": "seconds to wait for the IP and SSH", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def clone(c, source, name, host=None, no_wait=False, timeout=None, inventory=None, json=False):
+    """Clone a stopped VM: its disk's content with a new name, hostname, MAC, address and SSH host keys."""
+    vms.validate_name(source)  # one line, before the inventory is read or any host asked
+    vms.validate_name(name)
+    from cloudops.compute import clone as cloning
+
+    inv = load_inventory(c, inventory)
+    vm = cloning.clone_vm(source, name, inv, host=host, timeout=float(timeout or c.vm.timeout), wait=not no_wait,
+                          progress=progress)
+    if json:
+        emit_json(vm.to_dict())
+    else:
+        print(f"{vm.name} {vm.host} {vm.ip}")

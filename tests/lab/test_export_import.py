@@ -151,3 +151,28 @@ def cli_args(lab, *args) -> list:
     """The command line ``cli`` runs (see tests.conftest.invoke), for a shell of the test's own."""
     return ["env", f"PYTHONPATH={ROOT}", str(Path(sys.executable).parent / "invoke"), *args,
             "--inventory", str(lab.inventory_path)]
+
+
+HOST_KEY = "dropbearkey -y -f /etc/dropbear/dropbear_ed25519_host_key | grep '^ssh-ed25519' | cut -d' ' -f2"
+TWIN = "ex-twin"
+
+
+def test_a_clone_runs_beside_its_source_with_an_identity_of_its_own(lab, lab_inventory, vm):
+    source_key = in_guest(lab_inventory, NAME, HOST_KEY)
+    one_line_error(cli(lab, "vm.clone", NAME, TWIN), "stop it first to clone it")
+    for host in lab_inventory.hypervisors():
+        assert TWIN not in on_host(host, "virsh -c qemu:///system list --all --name").split()
+    assert cli(lab, "vm.stop", NAME).returncode == 0
+    made = ok_json(cli(lab, "vm.clone", NAME, TWIN, "--host", "hv2", "--json"))
+    try:
+        ok_json(cli(lab, "vm.poweron", NAME, "--json"))
+        hv1, hv2 = lab_inventory.hosts["hv1"], lab_inventory.hosts["hv2"]
+        assert domstate(hv1, NAME) == "running" and domstate(hv2, TWIN) == "running"
+        assert made["ip"] != vm.ip and made["mac"] != vm.mac
+        assert in_guest(lab_inventory, NAME, "cat /etc/hostname") == NAME
+        assert in_guest(lab_inventory, TWIN, "cat /etc/hostname") == TWIN
+        twin_key = in_guest(lab_inventory, TWIN, HOST_KEY)
+        assert twin_key and twin_key != source_key and in_guest(lab_inventory, NAME, HOST_KEY) == source_key
+        assert in_guest(lab_inventory, TWIN, "cat /root/marker") == "written-before-export"
+    finally:
+        vms.delete_vm(TWIN, lab_inventory)
