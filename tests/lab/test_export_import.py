@@ -66,6 +66,8 @@ def vm(lab, lab_inventory, tiny_image):
 
 @pytest.fixture(scope="module")
 def exported(lab, vm, tmp_path_factory):
+    """The VM's export, taken while it runs and has an internal snapshot (which the export leaves out)."""
+    assert cli(lab, "vm.snapshot", NAME, "--create", "before").returncode == 0
     path = tmp_path_factory.mktemp("export") / "ex-src.qcow2"
     result = ok_json(cli(lab, "vm.export", NAME, str(path), "--json"))
     return path, result
@@ -82,6 +84,10 @@ def test_export_of_a_running_vm_is_flat_clean_and_checksummed(lab, lab_inventory
     assert desc["disk"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert desc["disk"]["virtual_size"] == info["virtual-size"] and desc["state"] == "running"
     assert desc["memory"] == 96 and desc["networks"] == ["cloudops"] and desc["image"]["name"] == "tiny"
+    assert desc["not_exported"]["snapshots"] == ["before"] and "snapshots not exported: before" in " ".join(
+        result["notes"])
+    assert subprocess.run(["qemu-img", "snapshot", "-l", str(path)], capture_output=True, text=True,
+                          check=True).stdout.strip() == ""  # the VM's internal snapshot is not in the export
     hv1 = lab_inventory.hosts["hv1"]
     assert sorted(on_host(hv1, f"ls -A {POOL}").split()) == sorted([f"{NAME}-seed.iso", f"{NAME}.qcow2"])  # host copy removed
     assert domstate(hv1, NAME) == "running"
@@ -98,7 +104,7 @@ def test_import_on_another_host_keeps_the_guests_files(lab, lab_inventory, vm, e
         disk = f"{POOL}/{COPY}.qcow2"
         assert disk in on_host(hv2, f"virsh -c qemu:///system domblklist {COPY}")
         info = json.loads(on_host(hv2, f"qemu-img info -U --output=json {shlex.quote(disk)}"))
-        assert "backing-filename" not in info
+        assert "backing-filename" not in info and on_host(hv2, f"stat -c %a {shlex.quote(disk)}").strip() == "600"
         assert in_guest(lab_inventory, COPY, "cat /root/marker") == "written-before-export"
         assert in_guest(lab_inventory, COPY, "cat /etc/hostname") == COPY
         assert in_guest(lab_inventory, NAME, "cat /etc/hostname") == NAME  # the source still runs and answers
@@ -122,6 +128,8 @@ def test_export_to_an_existing_file_needs_force(lab, lab_inventory, vm, tmp_path
     target = tmp_path / "taken.qcow2"
     target.write_bytes(b"keep me")
     one_line_error(cli(lab, "vm.export", NAME, str(target)), "exists: not overwriting it")
+    one_line_error(cli(lab, "vm.export", "ex-nobody", str(tmp_path / "n.qcow2")), "unknown VM 'ex-nobody'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.qcow2"]
     assert target.read_bytes() == b"keep me" and not (tmp_path / "taken.qcow2.json").exists()
     ok_json(cli(lab, "vm.export", NAME, str(target), "--force", "--json"))
     desc = json.loads((tmp_path / "taken.qcow2.json").read_text())
