@@ -70,6 +70,7 @@ bench: setup
 	$(PY) bench/metrics_ship.py
 	$(PY) bench/metrics.py
 	$(PY) bench/migrate.py
+	$(PY) bench/day2.py
 
 lab-down: venv
 	$(INV) lab.down

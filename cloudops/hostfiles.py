@@ -9,6 +9,7 @@ writes (atomically: a 0600 file beside it, upload, chmod, rename) only when they
 
 import base64
 import io
+import os
 import posixpath
 import secrets
 import shlex
@@ -86,16 +87,19 @@ def create_private(conn, path: str) -> None:
     conn.run(f"umask 077 && rm -f {q} && : > {q}", hide=True, in_stream=False)
 
 
-def put_private(conn, local, path: str) -> None:
+def put_private(conn, local, path: str, callback=None) -> None:
     """Upload ``local`` (a path or a file object) to ``path`` on the host, 0600 from the first byte on.
 
     The content goes into a 0600 file made beforehand under a temporary name (SFTP keeps
     an existing file's mode; Fabric is told not to copy the local mode over it), which is
-    then renamed over ``path``."""
+    then renamed over ``path``. ``callback(bytes done, total)``: progress of a local file."""
     tmp = f"{path}.partial-{secrets.token_hex(4)}"
     create_private(conn, tmp)
     try:
-        conn.put(local, remote=tmp, preserve_mode=False)
+        if callback is not None and isinstance(local, (str, os.PathLike)):
+            conn.sftp().put(os.fspath(local), tmp, callback=callback)  # keeps the 0600 file's mode
+        else:
+            conn.put(local, remote=tmp, preserve_mode=False)
         conn.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(path)}", hide=True, in_stream=False)
     except BaseException:
         conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)

@@ -62,6 +62,7 @@ class VMSpec:
     ip: str | None = None  # ask IPAM for this address on the (first) network (checked against it by start_vm)
     max_memory: int | None = None  # MiB the running VM can be grown to (vm.resize); None: ``memory``
     max_vcpus: int | None = None  # vCPUs it can be grown to by CPU hotplug; None: ``vcpus``
+    disk_file: str | None = None  # vm.import: a standalone qcow2 here, uploaded as the disk (no overlay on the image)
 
     @property
     def networks(self) -> list:
@@ -130,6 +131,8 @@ def validate(spec: VMSpec) -> VMSpec:
                                 "and guestfs customization attaches none")
         if not isinstance(spec.user_data, userdata.UserData):
             spec.user_data = userdata.load(spec.user_data)  # read and checked now, before anything is made
+    if spec.disk_file is not None and spec.customize != "seed":
+        raise CloudopsError("a VM from an existing disk (vm.import) is customized by its seed only")
     return spec
 
 
@@ -300,10 +303,12 @@ class _Undo:
         return failed
 
 
-def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()) -> VM:
-    """Start a VM from an image; returns it with its host and IP once SSH answers."""
+def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=(), image=None) -> VM:
+    """Start a VM from an image; returns it with its host and IP once SSH answers.
+
+    ``image``: the Image already resolved (vm.import passes a stand-in for an image this cloud lacks)."""
     validate(spec)
-    image = images.resolve(spec.image)
+    image = image or images.resolve(spec.image)
     sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)  # before anything is made
     sizing.check_memory(spec.memory, image)
     check_firmware(spec.firmware, image)
@@ -366,7 +371,8 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
         timings[name] = round(time.monotonic() - t0, 3)
 
     with connect(host) as hv, virt.open_host(host) as conn:
-        if images.ensure_on_host(image, host, hv):
+        needs_image = spec.disk_file is None or image.direct_boot  # an imported disk stands alone; a kernel does not
+        if needs_image and images.ensure_on_host(image, host, hv):
             progress(f"copied image {image.name} to {host.name}")
         for net in nets:
             networks.ensure_network(conn, net)
@@ -397,9 +403,15 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
             storage.refresh_pool(pool)
             disk_path = pool.storageVolLookupByName(disk_name).path()
         else:
-            disk_path = storage.create_overlay(pool, disk_name, image.remote_path(host), image.format,
-                                               capacity).path()
-            undo.push(storage.delete_volume, pool, disk_name)
+            if spec.disk_file is not None:
+                _upload_disk(hv, spec.disk_file, f"{pool_dir}/{disk_name}", host.name, progress)
+                undo.push(storage.delete_volume, pool, disk_name)
+                storage.refresh_pool(pool)
+                disk_path = pool.storageVolLookupByName(disk_name).path()
+            else:
+                disk_path = storage.create_overlay(pool, disk_name, image.remote_path(host), image.format,
+                                                   capacity).path()
+                undo.push(storage.delete_volume, pool, disk_name)
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
             host_key = guest.make_host_key()
             _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name, network_config, spec.user_data,
@@ -471,6 +483,19 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
                        check=True)
         hv.run(f"mkdir -p {shlex.quote(pool_dir)}", hide=True, in_stream=False)
         hostfiles.put_private(hv, str(local), f"{pool_dir}/{disk_name}")  # holds root's hash: 0600 from creation
+
+
+def _upload_disk(hv, local: str, remote_path: str, host_name: str, progress) -> None:
+    """An imported disk into the pool, with a progress bar (the guest's data: 0600 from creation)."""
+    from cloudops.imaging.download import Meter
+
+    meter = Meter(progress, verb=("uploading", "uploaded"))
+    meter.start(f"{os.path.basename(local)} to {host_name}", 0, os.path.getsize(local))
+    try:
+        hostfiles.put_private(hv, local, remote_path, callback=lambda done, _total: meter.update(done))
+    finally:
+        meter.stop()
+    meter.finish(os.path.getsize(local))
 
 
 def _upload_seed(hv, remote_path, hostname, keys, password_hash, name, network_config, user_data=None,

@@ -424,3 +424,44 @@ def customize_image(disks, root_password=None, ssh_keys=(), hostname=None, files
     say(f"customized {len(paths)} disk(s) in {time.monotonic() - started:.1f} s")
     return report
 
+
+
+# --- a copy's own identity ------------------------------------------------------------------
+
+# What makes a guest one machine and not another, and is made again at its next boot when missing:
+# SSH host keys (the tiny image's dropbear key in its boot script; OpenSSH's by cloud-init or
+# ssh-keygen -A), the systemd machine id (an empty file: systemd makes a new one), cloud-init's
+# record of the instance it last booted as (a new instance-id comes with the new seed anyway).
+IDENTITY_GLOBS = ("/etc/dropbear/dropbear_*_host_key", "/etc/ssh/ssh_host_*_key", "/etc/ssh/ssh_host_*_key.pub")
+IDENTITY_EMPTIED = ("/etc/machine-id",)
+
+
+def forget_identity(disk, progress=None) -> list[str]:
+    """Remove a disk's SSH host keys and empty its machine id, in one appliance launch; the paths changed.
+
+    For a clone: at its first boot the guest makes keys and an id of its own, so it never shares
+    them with the machine it was copied from."""
+    say = progress or (lambda message: None)
+    path = _disk_list([disk])[0]
+    fmt = _check_disk(path)
+    changed = []
+    with appliance([(path, fmt, False)], say) as g:
+        dev = g.list_devices()[0]
+        root = _quick_root(g, dev, g.list_partitions(), ["/etc"])
+        if root is None:
+            (root, mounts), = _inspect_roots(g, [(path, dev)], ["/etc"]).values()
+        else:
+            mounts = [("/", root)]
+        g.umount_all()
+        _mount(g, mounts)
+        for pattern in IDENTITY_GLOBS:
+            for found in g.glob_expand(pattern):
+                g.rm_f(found)
+                changed.append(found)
+        for target in IDENTITY_EMPTIED:
+            if g.is_file(target) and g.filesize(target) > 0:
+                g.truncate(target)
+                changed.append(target)
+        g.umount_all()
+    say(f"{path.name}: removed {', '.join(changed) if changed else 'nothing (no host keys or machine id)'}")
+    return changed

@@ -202,8 +202,9 @@ class Meter:
     or ``step`` percent (through ``progress``, the tasks' stderr messages)."""
 
     def __init__(self, progress, stream=None, tty: bool | None = None, clock=time.monotonic, every: float = 5.0,
-                 step: int = 10):
+                 step: int = 10, verb: tuple[str, str] = ("downloading", "downloaded")):
         self.progress, self.stream, self.clock, self.every, self.step = progress, stream or sys.stderr, clock, every, step
+        self.verb = verb  # (doing, done): a copy other than a download says what it is
         self.tty = self.stream.isatty() if tty is None else tty
         self.label, self.total, self.start_done = "", None, 0
         self.started = self.last = 0.0
@@ -215,7 +216,7 @@ class Meter:
         self.started = self.last = self.clock()
         self.last_pct = self._pct(done)
         what = f"{_mib(total)}" if total else "size unknown"
-        self.progress(f"downloading {label} ({what})" + (f", resuming at {_mib(done)}" if done else ""))
+        self.progress(f"{self.verb[0]} {label} ({what})" + (f", resuming at {_mib(done)}" if done else ""))
 
     def _pct(self, done: int) -> int:
         return done * 100 // self.total if self.total else -1
@@ -246,7 +247,7 @@ class Meter:
 
     def finish(self, done: int) -> None:
         self.stop()
-        self.progress(f"downloaded {self.label}: {_mib(done)}")
+        self.progress(f"{self.verb[1]} {self.label}: {_mib(done)}")
 
     def stop(self) -> None:
         """Clear the bar, so that what is printed next starts on a line of its own."""

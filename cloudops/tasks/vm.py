@@ -400,3 +400,60 @@ def snapshot(c, name, create=None, memory=False, list=False, revert=None, delete
     else:
         result = snapshots.delete_snapshot(name, delete, hosts, progress=progress)
     _report(result, json)
+
+
+@task(help={"name": "VM name", "file": "the export's qcow2 on this machine; its description is written to FILE.json",
+            "force": "replace FILE and FILE.json when they exist", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def export(c, name, file, force=False, inventory=None, json=False):
+    """Export a running or stopped VM to FILE: a flattened qcow2 (no backing file) and FILE.json describing it."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    from cloudops.compute import export as exporting
+
+    exporting.check_target(file, force)  # refused before any host is asked
+    result = exporting.export_vm(name, file, _hypervisors(c, inventory), force=force, progress=progress)
+    for note in result.notes:
+        progress(note)
+    _report(result, json)
+
+
+@task(name="import", help={
+    "file": "an export (vm.export): FILE and its description FILE.json", "name": "the new VM's name",
+    "host": "put it on this host (default: the scheduler chooses)",
+    "network": "network(s), comma-separated (default: the exported VM's); new addresses and MACs from IPAM",
+    "no_wait": "do not wait for SSH", "timeout": "seconds to wait for the IP and SSH",
+    **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def import_(c, file, name, host=None, network=None, no_wait=False, timeout=None, inventory=None, json=False):
+    """Start a new VM from an export: checks FILE's sha256 against FILE.json, uploads it as the VM's disk."""
+    vms.validate_name(name)  # one line, before the inventory is read or any host asked
+    from cloudops.compute import vmimport
+
+    vmimport.read_description(file)  # refused before the inventory is read
+    inv = load_inventory(c, inventory)
+    vm = vmimport.import_vm(file, name, inv, host=host, network=network, timeout=float(timeout or c.vm.timeout),
+                            wait=not no_wait, progress=progress)
+    if json:
+        emit_json(vm.to_dict())
+    else:
+        print(f"{vm.name} {vm.host} {vm.ip}")
+
+
+@task(help={
+    "source": "the stopped VM to copy", "name": "the clone's name (and hostname)",
+    "host": "put it on this host (default: the scheduler chooses)", "no_wait": "do not wait for SSH",
+    "timeout": "seconds to wait for the IP and SSH", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@user_errors
+def clone(c, source, name, host=None, no_wait=False, timeout=None, inventory=None, json=False):
+    """Clone a stopped VM: its disk's content with a new name, hostname, MAC, address and SSH host keys."""
+    vms.validate_name(source)  # one line, before the inventory is read or any host asked
+    vms.validate_name(name)
+    from cloudops.compute import clone as cloning
+
+    inv = load_inventory(c, inventory)
+    vm = cloning.clone_vm(source, name, inv, host=host, timeout=float(timeout or c.vm.timeout), wait=not no_wait,
+                          progress=progress)
+    if json:
+        emit_json(vm.to_dict())
+    else:
+        print(f"{vm.name} {vm.host} {vm.ip}")
