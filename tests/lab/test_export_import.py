@@ -17,26 +17,11 @@ import pytest
 
 from cloudops.compute import guest, vms
 from cloudops.ssh import connect
-from tests.conftest import ROOT, invoke
+from tests.conftest import ROOT, cli, ok_json, one_line_error
 
 NAME = "ex-src"
 COPY = "ex-copy"
 POOL = "/var/lib/cloudops/disks"
-
-
-def cli(lab, *args):
-    return invoke(*args, "--inventory", str(lab.inventory_path))
-
-
-def ok_json(proc) -> dict:
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def one_line_error(proc, text):
-    assert proc.returncode != 0, proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("… ")]
-    assert len(lines) == 1 and text in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
 def on_host(host, command) -> str:
