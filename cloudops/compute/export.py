@@ -29,12 +29,14 @@ import json
 import os
 import secrets
 import shlex
+import socket
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
+import paramiko
 
 from cloudops import atomicfile, virt
 from cloudops.compute import power, snapshots, vms
@@ -46,6 +48,7 @@ from cloudops.ssh import connect
 FORMAT = "cloudops-export"
 VERSION = 1
 CHUNK = 1 << 20
+STALL = 60  # seconds a read of the host's copy may wait for a byte before the export is given up
 BACKUP_TIMEOUT = 3600  # seconds a backup job may run before it is aborted
 
 
@@ -241,16 +244,24 @@ def stream(sftp, remote: str, size: int, out, meter, label: str) -> str:
     digest = hashlib.sha256()
     done = 0
     meter.start(label, 0, size)
-    with sftp.open(remote, "rb") as src:
-        src.prefetch(size)
-        while done < size:
-            chunk = src.read(min(CHUNK, size - done))
-            if not chunk:
-                break
-            out.write(chunk)
-            digest.update(chunk)
-            done += len(chunk)
-            meter.update(done)
+    try:
+        sftp.get_channel().settimeout(STALL)  # a host gone silent is an error, not a wait without end
+        with sftp.open(remote, "rb") as src:
+            src.prefetch(size)
+            while done < size:
+                chunk = src.read(min(CHUNK, size - done))
+                if not chunk:
+                    break
+                out.write(chunk)  # a local write error is an OSError of its own (fetch_to names the file)
+                digest.update(chunk)
+                done += len(chunk)
+                meter.update(done)
+    except (EOFError, paramiko.SSHException, socket.error) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            raise
+        meter.stop()
+        reason = str(exc).strip() or type(exc).__name__
+        raise CloudopsError(f"{label}: the host stopped answering after {done} of {size} bytes ({reason})") from None
     meter.stop()
     if done != size:
         raise CloudopsError(f"{label}: got {done} of {size} bytes")
@@ -276,6 +287,28 @@ def fetch_to(sftp, remote: str, size: int, tmp: Path, meter, label: str, final) 
 def _write_error(path, exc: OSError) -> CloudopsError:
     why = "the filesystem is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
     return CloudopsError(f"cannot write {path}: {why} (the partial file was removed)")
+
+
+def _remove_on_host(hv, host, path: str) -> bool:
+    """Remove the host's copy, over ``hv`` or else a new connection; False when the host could not be told."""
+    for attempt in (lambda: hv, lambda: connect(host)):
+        try:
+            conn = attempt()
+            conn.run(f"rm -f {shlex.quote(path)}", hide=True, in_stream=False, timeout=20)
+            return True
+        except Exception:  # noqa: BLE001 - the host may be gone: the caller says what is left where
+            continue
+    return False
+
+
+def _sweep_earlier_copies(hv, directory: str, name: str, progress) -> None:
+    """Remove what an export of ``name`` that lost its host left there (under the VM's name lock: no other
+    export of it runs now)."""
+    pattern = f"{shlex.quote(directory)}/{shlex.quote(name)}.export-*.qcow2"
+    out = hv.run(f"for f in {pattern}; do [ -e \"$f\" ] && rm -f -- \"$f\" && echo \"$f\"; done; true",
+                 hide=True, in_stream=False).stdout.split()
+    if out:
+        progress(f"removed {len(out)} copy(ies) an earlier export of {name} left on the host: {', '.join(out)}")
 
 
 # ---------------------------------------------------------------- the verb
@@ -304,6 +337,7 @@ def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda
         tmp = atomicfile.temp_path(path)
         tmp_desc = atomicfile.temp_path(desc_path)
         with connect(host) as hv:
+            _sweep_earlier_copies(hv, os.path.dirname(disk_path), name, progress)
             try:
                 consistency = make_on_host(dom, hv, disk_path, target, out, progress)
                 info = inspect_on_host(hv, out)
@@ -323,14 +357,15 @@ def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda
                     atomicfile.replace(tmp_desc, desc_path)
                 except OSError as exc:
                     raise _write_error(path, exc) from None
-            except BaseException:
+            except BaseException as exc:
                 for leftover in (tmp, tmp_desc):
                     with contextlib.suppress(OSError):
                         leftover.unlink()
+                if not _remove_on_host(hv, host, out) and isinstance(exc, CloudopsError):
+                    raise CloudopsError(f"{exc}; the copy made on {host.name} ({out}) could not be removed: the "
+                                        f"next vm.export of {name} removes it") from None
                 raise
-            finally:
-                with contextlib.suppress(Exception):
-                    hv.run(f"rm -f {shlex.quote(out)}", hide=True, warn=True, in_stream=False)
+            _remove_on_host(hv, host, out)
         vm = vms.describe(dom, host.name)
     notes = []
     if snapshot_names:

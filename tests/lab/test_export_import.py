@@ -17,7 +17,7 @@ import pytest
 
 from cloudops.compute import guest, vms
 from cloudops.ssh import connect
-from tests.conftest import ROOT, cli, ok_json, one_line_error
+from tests.conftest import ROOT, cli, ok_json, one_line_error, run_in_vm
 
 NAME = "ex-src"
 COPY = "ex-copy"
@@ -30,10 +30,7 @@ def on_host(host, command) -> str:
 
 
 def in_guest(lab_inventory, name, command) -> str:
-    host = vms.locate(name, lab_inventory.hypervisors())
-    vm = next(v for v in vms.list_on_host(host) if v.name == name)
-    with connect(host) as hv, guest.connect_vm(hv, vm.ip) as conn:
-        return conn.run(command, hide=True, in_stream=False).stdout.strip()
+    return run_in_vm(lab_inventory, name, command)
 
 
 def domstate(host, name) -> str:
@@ -138,6 +135,49 @@ def test_export_to_a_full_filesystem_leaves_nothing_and_the_vm_runs(lab, lab_inv
     assert sorted(on_host(hv1, f"ls -A {POOL}").split()) == sorted([f"{NAME}-seed.iso", f"{NAME}.qcow2"])
     assert domstate(hv1, NAME) == "running"
     assert in_guest(lab_inventory, NAME, "cat /root/marker") == "written-before-export"
+
+
+def _cut(lab, host_name, op):
+    """The lab host refuses every TCP packet from this machine with a reset (``op`` -I), or again lets them in (-D)."""
+    from cloudops.lab import hosts as lab_lib
+
+    state = lab_lib.load(lab.prefix)
+    subprocess.run(["ip", "netns", "exec", state.host(host_name).namespace, "iptables", op, "INPUT", "-s",
+                    state.gateway, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                   check=op == "-I", capture_output=True)
+
+
+def test_a_host_lost_in_the_middle_of_an_export_leaves_no_file_and_the_vm_runs(lab, lab_inventory, vm, tmp_path):
+    """hv1 stops answering this machine just as its copy starts streaming: one line, no local file, the VM
+    untouched; the copy the host could not be told to remove goes with the next export."""
+    from cloudops.compute import export
+    from cloudops.errors import CloudopsError
+
+    cut = []
+
+    def progress(message):
+        if message.startswith("copying") and not cut:
+            _cut(lab, "hv1", "-I")
+            cut.append(message)
+
+    target = tmp_path / "lost.qcow2"
+    try:
+        with pytest.raises(CloudopsError) as info:
+            export.export_vm(NAME, target, lab_inventory.hypervisors(), progress=progress)
+    finally:
+        _cut(lab, "hv1", "-D")
+    assert cut, "the copy never started"
+    error = str(info.value)
+    assert "\n" not in error and "the host stopped answering" in error and f"next vm.export of {NAME}" in error, error
+    assert list(tmp_path.iterdir()) == []  # no partial file, no description, no temporary
+    hv1 = lab_inventory.hosts["hv1"]
+    left = [f for f in on_host(hv1, f"ls -A {POOL}").split() if f.startswith(f"{NAME}.export-")]
+    assert len(left) == 1, left  # what the error said is there
+    assert domstate(hv1, NAME) == "running"
+    assert in_guest(lab_inventory, NAME, "cat /root/marker") == "written-before-export"
+    again = cli(lab, "vm.export", NAME, str(tmp_path / "again.qcow2"))
+    assert again.returncode == 0 and "an earlier export" in again.stderr, again.stderr
+    assert [f for f in on_host(hv1, f"ls -A {POOL}").split() if f.startswith(f"{NAME}.export-")] == []
 
 
 def cli_args(lab, *args) -> list:

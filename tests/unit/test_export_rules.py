@@ -72,12 +72,35 @@ class _Remote(io.BytesIO):
         pass
 
 
+class _Channel:
+    timeout = None
+
+    def settimeout(self, seconds):
+        self.timeout = seconds
+
+
 class _Sftp:
-    def __init__(self, data):
-        self.data = data
+    def __init__(self, data, fail_after=None):
+        self.data, self.fail_after, self.channel = data, fail_after, _Channel()
+
+    def get_channel(self):
+        return self.channel
 
     def open(self, _path, _mode):
-        return _Remote(self.data)
+        if self.fail_after is None:
+            return _Remote(self.data)
+        remote = _Remote(self.data)
+        first = remote.read
+
+        def read(n, served=[0]):  # noqa: B006 - the bytes served so far, across calls
+            if served[0] >= self.fail_after:
+                raise EOFError()  # paramiko's word for a transport that went away
+            chunk = first(min(n, self.fail_after - served[0]))
+            served[0] += len(chunk)
+            return chunk
+
+        remote.read = read
+        return remote
 
 
 class _Meter:
@@ -107,6 +130,14 @@ def test_streaming_checksums_what_it_writes():
 def test_a_short_read_is_an_error_not_a_short_export():
     with pytest.raises(CloudopsError, match="got 3 of 10 bytes"):
         export.stream(_Sftp(b"abc"), "/r", 10, io.BytesIO(), _Meter(), "disk")
+
+
+def test_a_host_that_stops_answering_is_one_line_and_reads_never_wait_forever():
+    sftp = _Sftp(b"y" * (export.CHUNK * 3), fail_after=export.CHUNK)
+    with pytest.raises(CloudopsError, match=r"^disk: the host stopped answering after 1048576 of 3145728 bytes "
+                                            r"\(EOFError\)$"):
+        export.stream(sftp, "/r", export.CHUNK * 3, io.BytesIO(), _Meter(), "disk")
+    assert sftp.channel.timeout == export.STALL
 
 
 def test_a_full_filesystem_is_said_in_one_line():
