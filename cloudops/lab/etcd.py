@@ -135,6 +135,10 @@ def up(prefix: str, members: int = 3, progress=lambda msg: None) -> dict:
     base = ipaddress.ip_address(base_address(prefix))
     cluster = [Member(name=f"etcd{i}", address=str(base + i), dir=str(etcd_dir(prefix) / f"etcd{i}"))
                for i in range(1, members + 1)]
+    deadline = time.monotonic() + PORT_WAIT  # an etcd of this prefix killed just before may still be exiting
+    while not all(_port_free(m.address, p) for m in cluster for p in (CLIENT_PORT, PEER_PORT)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
     for member in cluster:
         for port in (CLIENT_PORT, PEER_PORT):
             if not _port_free(member.address, port):
@@ -161,6 +165,9 @@ def up(prefix: str, members: int = 3, progress=lambda msg: None) -> dict:
             raise CloudopsError(f"lab etcd did not start: {logs}") from None
         raise
     return {**status(prefix), "already_up": False}
+
+
+PORT_WAIT = 30  # seconds up() waits for a member address's ports to be free
 
 
 def _port_free(address: str, port: int) -> bool:
