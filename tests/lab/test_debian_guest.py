@@ -60,8 +60,12 @@ def test_debian_guest_reaches_ssh_with_key_password_and_hostname(lab, lab_invent
         assert proc.returncode == 0, proc.stderr
         vm = types.SimpleNamespace(**json.loads(proc.stdout))
         assert vm.host == host
+        # `cloud-init status --wait` returned once before the final stage had run the runcmd (CI, 09:26):
+        # the file is waited for, bounded, then the same assertion as before reads it
+        wait_for_runcmd = "i=0; while [ ! -e /var/tmp/ran ] && [ $i -lt 120 ]; do i=$((i + 1)); sleep 1; done; "
         out = ssh_vm(lab_inventory, vm, user_key, "hostname; grep '^root:' /etc/shadow; df -k / | tail -n 1; "
                      "systemctl is-active qemu-guest-agent; cloud-init status --wait >/dev/null; "
+                     + (wait_for_runcmd if way == "seed" else "") +
                      "test -d /sys/firmware/efi && echo uefi || echo bios; "
                      "cat /etc/cloudops-test/written /var/tmp/ran 2>/dev/null; true")
         lines = out.splitlines()
