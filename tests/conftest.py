@@ -151,3 +151,14 @@ def run_in_vm(lab_inventory, name, command) -> str:
     vm = next(v for v in vms.list_on_host(host) if v.name == name)
     with connect(host) as hv, guest.connect_vm(hv, vm.ip) as conn:
         return conn.run(command, hide=True, in_stream=False).stdout.strip()
+
+
+def refuse_control_tcp(lab, host_name, refuse: bool) -> None:
+    """Lab host ``host_name`` answers every TCP packet from this machine with a reset (the host "stops
+    answering" at once, open connections break), or (``refuse`` False) lets them in again."""
+    from cloudops.lab import hosts as lab_lib
+
+    state = lab_lib.load(lab.prefix)
+    subprocess.run(["ip", "netns", "exec", state.host(host_name).namespace, "iptables", "-I" if refuse else "-D",
+                    "INPUT", "-s", state.gateway, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
+                   check=refuse, capture_output=True)

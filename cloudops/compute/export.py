@@ -117,11 +117,12 @@ def parse_qemu_img_info(text: str) -> dict:
 
 
 def describe_export(vm: vms.VM, meta: dict, firmware: str, disk: dict, image, consistency: str,
-                    snapshot_names: list, left_out: list, source_host: str) -> dict:
-    """The content of ``FILE.json``. ``image`` is the catalog's Image the VM was made from, or None."""
+                    snapshot_names: list, left_out: list, source_host: str, snapshot: str | None = None) -> dict:
+    """The content of ``FILE.json``. ``image`` is the catalog's Image the VM was made from, or None;
+    ``snapshot`` the internal snapshot the disk was taken from (None: its state at the export)."""
     return {
         "format": FORMAT, "version": VERSION, "name": vm.name, "exported": int(time.time()),
-        "source_host": source_host, "state": vm.state, "consistency": consistency,
+        "source_host": source_host, "state": vm.state, "consistency": consistency, "snapshot": snapshot,
         "disk": disk,  # {"file", "format", "virtual_size", "size", "sha256"}
         "image": {"id": vm.image, "name": image.name if image else None,
                   "boot": image.boot if image and image.direct_boot else None},
@@ -192,8 +193,29 @@ def _wait_backup(dom, progress, timeout: float = BACKUP_TIMEOUT) -> None:
         raise CloudopsError(f"the backup of {dom.name()} failed: {done.get('errmsg') or 'libvirt gave no reason'}")
 
 
-def make_on_host(dom, hv, disk_path: str, target: str, out: str, progress) -> str:
-    """Write the flattened copy ``out`` of disk ``target`` on the VM's host; returns its consistency."""
+def convert_command(disk_path: str, out: str, snapshot: str | None = None, running: bool = False) -> str:
+    """The ``qemu-img convert`` that flattens a disk chain (or one internal snapshot of it) into ``out``.
+
+    A snapshot's clusters are never written again (qcow2 copies a cluster shared with a snapshot before
+    writing it), so reading them while the VM runs is safe: ``-U`` only lets qemu-img open the file
+    QEMU holds; the VM's name lock keeps the snapshot from being deleted meanwhile."""
+    share = "-U " if running else ""
+    load = f"-l {shlex.quote('snapshot.name=' + snapshot)} " if snapshot else ""
+    return f"qemu-img convert {share}{load}-O qcow2 {shlex.quote(disk_path)} {shlex.quote(out)}"
+
+
+def make_on_host(dom, hv, disk_path: str, target: str, out: str, progress, snapshot=None) -> str:
+    """Write the flattened copy ``out`` of disk ``target`` on the VM's host; returns its consistency.
+
+    ``snapshot`` (a ``snapshots.Snapshot``): the disk as that internal snapshot holds it, running VM or not."""
+    if snapshot is not None:
+        progress(f"converting snapshot {snapshot.name} of {dom.name()}'s disk on the host (qemu-img convert -l)")
+        result = hv.run(convert_command(disk_path, out, snapshot.name, running=bool(dom.isActive())),
+                        hide=True, warn=True, in_stream=False)
+        if not result.ok:
+            raise CloudopsError(f"qemu-img convert of snapshot {snapshot.name} failed on {hv.host}: "
+                                f"{_first_line(result.stderr)}")
+        return snapshot.consistency
     if dom.isActive():
         progress(f"backing up {dom.name()}'s disk {target} on the host (libvirt push backup)")
         xml = backup_xml(dom.XMLDesc(0), target, out)
@@ -213,8 +235,7 @@ def make_on_host(dom, hv, disk_path: str, target: str, out: str, progress) -> st
             raise
         return "quiesced" if frozen else "crash-consistent"
     progress(f"converting {dom.name()}'s disk on the host (qemu-img convert of the stopped VM)")
-    result = hv.run(f"qemu-img convert -O qcow2 {shlex.quote(disk_path)} {shlex.quote(out)}",
-                    hide=True, warn=True, in_stream=False)
+    result = hv.run(convert_command(disk_path, out), hide=True, warn=True, in_stream=False)
     if not result.ok:
         raise CloudopsError(f"qemu-img convert failed on {hv.host}: {_first_line(result.stderr)}")
     return "powered-off"
@@ -314,11 +335,14 @@ def _sweep_earlier_copies(hv, directory: str, name: str, progress) -> None:
 # ---------------------------------------------------------------- the verb
 
 def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda m: None,
-              meter=None, stopped_for: str | None = None) -> ExportResult:
+              meter=None, stopped_for: str | None = None, snapshot: str | None = None) -> ExportResult:
     """Write ``path`` (flattened qcow2) and ``path.json`` (its description) of the cloudops VM ``name``.
 
-    ``stopped_for`` (e.g. "clone it"): only a stopped VM, for what that says."""
+    ``stopped_for`` (e.g. "clone it"): only a stopped VM, for what that says. ``snapshot``: the disk as
+    that internal snapshot holds it instead of its current state (the VM may run: it is not touched)."""
     vms.validate_name(name)
+    if snapshot is not None:
+        snapshots.validate_snapshot_name(snapshot)
     path = check_target(path, force)
     desc_path = description_path(path)
     meter = meter or download.Meter(progress, verb=("copying", "copied"))
@@ -328,9 +352,10 @@ def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda
         vm = vms.describe(dom, host.name)
         if vm.state not in ("running", "paused", "shut off"):
             raise CloudopsError(f"VM {name} on {host.name} is {vm.state}: export it running, paused or stopped")
-        if stopped_for and vm.state != "shut off":
+        chosen = snapshots.parse(snapshots._lookup(dom, name, snapshot).getXMLDesc(0)) if snapshot else None
+        if stopped_for and vm.state != "shut off" and chosen is None:
             raise CloudopsError(f"VM {name} on {host.name} is {vm.state}: stop it first to {stopped_for} "
-                                f"(invoke vm.stop {name})")
+                                f"(invoke vm.stop {name}), or take it from a snapshot (--snapshot)")
         snapshot_names = [s.name for s in snapshots.snapshots_of(dom)]
         left_out = other_disks(domain_xml, target)
         out = f"{os.path.dirname(disk_path)}/{name}.export-{secrets.token_hex(4)}.qcow2"
@@ -339,7 +364,7 @@ def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda
         with connect(host) as hv:
             _sweep_earlier_copies(hv, os.path.dirname(disk_path), name, progress)
             try:
-                consistency = make_on_host(dom, hv, disk_path, target, out, progress)
+                consistency = make_on_host(dom, hv, disk_path, target, out, progress, snapshot=chosen)
                 info = inspect_on_host(hv, out)
                 if info["format"] != "qcow2" or info["backing"]:
                     raise CloudopsError(f"the copy made on {host.name} is not a standalone qcow2 "
@@ -351,7 +376,7 @@ def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda
                             "size": info["size"], "sha256": sha256}
                     description = describe_export(vm, virt.metadata(dom), vms.details(dom)["firmware"], disk,
                                                   _image_of(vm.image), consistency, snapshot_names, left_out,
-                                                  host.name)
+                                                  host.name, snapshot=snapshot)
                     tmp_desc.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
                     atomicfile.replace(tmp, path)
                     atomicfile.replace(tmp_desc, desc_path)
@@ -368,11 +393,14 @@ def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda
             _remove_on_host(hv, host, out)
         vm = vms.describe(dom, host.name)
     notes = []
+    if snapshot:
+        snapshot_names = [s for s in snapshot_names if s != snapshot]
     if snapshot_names:
-        notes.append(f"internal snapshots not exported: {', '.join(snapshot_names)} (the export is the disk's "
-                     "current state)")
+        state = f"snapshot {snapshot}" if snapshot else "the disk's current state"
+        notes.append(f"internal snapshots not exported: {', '.join(snapshot_names)} (the export is {state})")
     if left_out:
         notes.append(f"disks not exported: {', '.join(left_out)} (only the root disk {target} is)")
-    message = (f"exported {name} from {host.name} ({consistency}) to {path}: {_mib(disk['size'])}, "
+    taken = f"snapshot {snapshot}, " if snapshot else ""
+    message = (f"exported {name} from {host.name} ({taken}{consistency}) to {path}: {_mib(disk['size'])}, "
                f"virtual size {_mib(disk['virtual_size'])}, sha256 {disk['sha256'][:12]}...; description {desc_path}")
     return ExportResult(vm, str(path), description, True, message, notes)

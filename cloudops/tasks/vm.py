@@ -403,15 +403,21 @@ def snapshot(c, name, create=None, memory=False, list=False, revert=None, delete
 
 
 @task(help={"name": "VM name", "file": "the export's qcow2 on this machine; its description is written to FILE.json",
-            "force": "replace FILE and FILE.json when they exist", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+            "force": "replace FILE and FILE.json when they exist",
+            "snapshot": "export this internal snapshot (vm.snapshot) instead of the disk's current state",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
 @user_errors
-def export(c, name, file, force=False, inventory=None, json=False):
+def export(c, name, file, force=False, snapshot=None, inventory=None, json=False):
     """Export a running or stopped VM to FILE: a flattened qcow2 (no backing file) and FILE.json describing it."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     from cloudops.compute import export as exporting
+    from cloudops.compute import snapshots
 
+    if snapshot is not None:
+        snapshots.validate_snapshot_name(snapshot)
     exporting.check_target(file, force)  # refused before any host is asked
-    result = exporting.export_vm(name, file, _hypervisors(c, inventory), force=force, progress=progress)
+    result = exporting.export_vm(name, file, _hypervisors(c, inventory), force=force, progress=progress,
+                                 snapshot=snapshot)
     for note in result.notes:
         progress(note)
     _report(result, json)
@@ -440,19 +446,24 @@ def import_(c, file, name, host=None, network=None, no_wait=False, timeout=None,
 
 
 @task(help={
-    "source": "the stopped VM to copy", "name": "the clone's name (and hostname)",
+    "source": "the VM to copy: stopped, or any with --snapshot", "name": "the clone's name (and hostname)",
+    "snapshot": "copy this internal snapshot of SOURCE (vm.snapshot), which may run meanwhile",
     "host": "put it on this host (default: the scheduler chooses)", "no_wait": "do not wait for SSH",
     "timeout": "seconds to wait for the IP and SSH", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
 @user_errors
-def clone(c, source, name, host=None, no_wait=False, timeout=None, inventory=None, json=False):
-    """Clone a stopped VM: its disk's content with a new name, hostname, MAC, address and SSH host keys."""
+def clone(c, source, name, snapshot=None, host=None, no_wait=False, timeout=None, inventory=None, json=False):
+    """Clone a stopped VM, or a snapshot of any: its disk's content with a new name, hostname, MAC, address and
+    SSH host keys."""
     vms.validate_name(source)  # one line, before the inventory is read or any host asked
     vms.validate_name(name)
     from cloudops.compute import clone as cloning
+    from cloudops.compute import snapshots
 
+    if snapshot is not None:
+        snapshots.validate_snapshot_name(snapshot)
     inv = load_inventory(c, inventory)
     vm = cloning.clone_vm(source, name, inv, host=host, timeout=float(timeout or c.vm.timeout), wait=not no_wait,
-                          progress=progress)
+                          progress=progress, snapshot=snapshot)
     if json:
         emit_json(vm.to_dict())
     else:

@@ -17,7 +17,7 @@ import pytest
 
 from cloudops.compute import guest, vms
 from cloudops.ssh import connect
-from tests.conftest import ROOT, cli, ok_json, one_line_error, run_in_vm
+from tests.conftest import ROOT, cli, ok_json, one_line_error, refuse_control_tcp, run_in_vm
 
 NAME = "ex-src"
 COPY = "ex-copy"
@@ -137,16 +137,6 @@ def test_export_to_a_full_filesystem_leaves_nothing_and_the_vm_runs(lab, lab_inv
     assert in_guest(lab_inventory, NAME, "cat /root/marker") == "written-before-export"
 
 
-def _cut(lab, host_name, op):
-    """The lab host refuses every TCP packet from this machine with a reset (``op`` -I), or again lets them in (-D)."""
-    from cloudops.lab import hosts as lab_lib
-
-    state = lab_lib.load(lab.prefix)
-    subprocess.run(["ip", "netns", "exec", state.host(host_name).namespace, "iptables", op, "INPUT", "-s",
-                    state.gateway, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"],
-                   check=op == "-I", capture_output=True)
-
-
 def test_a_host_lost_in_the_middle_of_an_export_leaves_no_file_and_the_vm_runs(lab, lab_inventory, vm, tmp_path):
     """hv1 stops answering this machine just as its copy starts streaming: one line, no local file, the VM
     untouched; the copy the host could not be told to remove goes with the next export."""
@@ -157,7 +147,7 @@ def test_a_host_lost_in_the_middle_of_an_export_leaves_no_file_and_the_vm_runs(l
 
     def progress(message):
         if message.startswith("copying") and not cut:
-            _cut(lab, "hv1", "-I")
+            refuse_control_tcp(lab, "hv1", True)
             cut.append(message)
 
     target = tmp_path / "lost.qcow2"
@@ -165,7 +155,7 @@ def test_a_host_lost_in_the_middle_of_an_export_leaves_no_file_and_the_vm_runs(l
         with pytest.raises(CloudopsError) as info:
             export.export_vm(NAME, target, lab_inventory.hypervisors(), progress=progress)
     finally:
-        _cut(lab, "hv1", "-D")
+        refuse_control_tcp(lab, "hv1", False)
     assert cut, "the copy never started"
     error = str(info.value)
     assert "\n" not in error and "the host stopped answering" in error and f"next vm.export of {NAME}" in error, error
@@ -188,6 +178,33 @@ def cli_args(lab, *args) -> list:
 
 HOST_KEY = "dropbearkey -y -f /etc/dropbear/dropbear_ed25519_host_key | grep '^ssh-ed25519' | cut -d' ' -f2"
 TWIN = "ex-twin"
+
+
+SNAP_TWIN = "ex-snaptwin"
+
+
+def test_a_clone_of_a_snapshot_of_a_running_vm_has_the_snapshots_files(lab, lab_inventory, vm):
+    in_guest(lab_inventory, NAME, "echo at-snapshot > /root/cloned && sync")
+    assert cli(lab, "vm.snapshot", NAME, "--create", "forclone").returncode == 0
+    in_guest(lab_inventory, NAME, "echo after-snapshot > /root/cloned && sync")
+    one_line_error(cli(lab, "vm.clone", NAME, SNAP_TWIN, "--snapshot", "nosuch"), "has no snapshot named 'nosuch'")
+    one_line_error(cli(lab, "vm.clone", NAME, SNAP_TWIN, "--snapshot", "1bad"), "invalid snapshot name")
+    for host in lab_inventory.hypervisors():
+        assert SNAP_TWIN not in on_host(host, "virsh -c qemu:///system list --all --name").split()
+    made = ok_json(cli(lab, "vm.clone", NAME, SNAP_TWIN, "--snapshot", "forclone", "--host", "hv2", "--json"))
+    try:
+        hv1, hv2 = lab_inventory.hosts["hv1"], lab_inventory.hosts["hv2"]
+        assert domstate(hv1, NAME) == "running" and domstate(hv2, SNAP_TWIN) == "running"
+        assert made["host"] == "hv2" and made["ip"] != vm.ip
+        assert in_guest(lab_inventory, SNAP_TWIN, "cat /root/cloned") == "at-snapshot"
+        assert in_guest(lab_inventory, NAME, "cat /root/cloned") == "after-snapshot"
+        assert in_guest(lab_inventory, SNAP_TWIN, "cat /etc/hostname") == SNAP_TWIN
+        disk = on_host(hv2, f"virsh -c qemu:///system domblklist {SNAP_TWIN} | awk '$1==\"vda\" {{print $2}}'").strip()
+        info = json.loads(on_host(hv2, f"qemu-img info -U --output=json {shlex.quote(disk)}"))
+        assert "backing-filename" not in info  # the import's own disk: flat
+        assert "forclone" in on_host(hv1, f"virsh -c qemu:///system snapshot-list {NAME} --name").split()
+    finally:
+        vms.delete_vm(SNAP_TWIN, lab_inventory)
 
 
 def test_a_clone_runs_beside_its_source_with_an_identity_of_its_own(lab, lab_inventory, vm):

@@ -236,3 +236,36 @@ def test_a_full_filesystem_mid_copy_leaves_no_partial_file(tmp_path, monkeypatch
     with pytest.raises(CloudopsError, match=r"cannot write .*x\.qcow2: the filesystem is full"):
         export.fetch_to(None, "/r", 10, tmp, _Meter(), "disk", tmp_path / "x.qcow2")
     assert list(tmp_path.iterdir()) == []
+
+
+def _qemu_io(disk, command) -> subprocess.CompletedProcess:
+    return subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, str(disk)], capture_output=True, text=True)
+
+
+def test_the_convert_of_a_snapshot_is_flat_and_holds_the_snapshots_data(tmp_path):
+    """qemu-img itself runs the command: the copy of snapshot s1 has the data s1 saw, through the backing file."""
+    base, disk = tmp_path / "base.qcow2", tmp_path / "vm1.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    assert _qemu_io(base, "write -P 0x41 0 64k").returncode == 0  # in the image only
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(disk)], check=True)
+    assert _qemu_io(disk, "write -P 0x42 1M 64k").returncode == 0
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(disk)], check=True)
+    assert _qemu_io(disk, "write -P 0x43 1M 64k").returncode == 0  # after the snapshot
+    for snap, at_1m in (("s1", "0x42"), (None, "0x43")):
+        out = tmp_path / f"out-{snap}.qcow2"
+        subprocess.run(["bash", "-c", export.convert_command(str(disk), str(out), snap)], check=True)
+        info = export.parse_qemu_img_info(subprocess.run(["qemu-img", "info", "--output=json", str(out)],
+                                                         capture_output=True, text=True, check=True).stdout)
+        assert info["format"] == "qcow2" and info["backing"] is None
+        for check in ("read -P 0x41 0 64k", f"read -P {at_1m} 1M 64k"):
+            read = _qemu_io(out, check)
+            assert read.returncode == 0 and "Pattern verification failed" not in read.stdout, (snap, check)
+    missing = subprocess.run(["bash", "-c", export.convert_command(str(disk), str(tmp_path / "x.qcow2"), "nope")],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0
+
+
+def test_a_running_vms_snapshot_is_read_with_shared_locks_and_names_are_quoted():
+    command = export.convert_command("/d/vm 1.qcow2", "/d/out.qcow2", "s1", running=True)
+    assert command == "qemu-img convert -U -l snapshot.name=s1 -O qcow2 '/d/vm 1.qcow2' /d/out.qcow2"
+    assert " -U " not in export.convert_command("/d/a.qcow2", "/d/b.qcow2", "s1")
