@@ -213,6 +213,33 @@ def remove_disk(vm: str, hosts: list, name: str, timeout: float = DETACH_TIMEOUT
                           disk=disk.to_dict())
 
 
+def reattach_missing(dom, vm: str, before: str) -> list[str]:
+    """Attach again the extra disks the persistent definition ``before`` had and the domain's has not.
+
+    A libvirt revert (memory or powered-off snapshot) puts back the definition the snapshot saved: a
+    disk added since is not in it, and its volume would stay in the pool outside the VM, where neither
+    the guest nor ``vm.delete`` reaches it. The snapshot never held that disk's content, so it comes
+    back as it is now, on a free target if the snapshot's definition took its own. Returns their names."""
+    config, live = _xmls(dom)
+    present = {d.name for d in diskfacts.extra_disks(config, vm)}
+    again = []
+    for disk in diskfacts.extra_disks(before, vm):
+        if disk.name in present:
+            continue
+        element = ET.fromstring(diskfacts.device_xml(before, disk.target))
+        element.find("target").set("dev", diskfacts.free_target(config, *([live] if live else [])))
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
+        try:
+            dom.attachDeviceFlags(ET.tostring(element, encoding="unicode"), flags)
+        except libvirt.libvirtError as exc:
+            raise CloudopsError(f"{vm} was reverted, but its disk {disk.name} ({disk.volume}), added after the "
+                                f"snapshot, could not be attached again: {_libvirt_line(exc)}; `vm.disk {vm} --list` "
+                                "shows it as a leftover volume") from None
+        again.append(disk.name)
+        config, live = _xmls(dom)
+    return again
+
+
 def in_snapshots(dom, vm: str, disk) -> list[str]:
     """Names of the VM's snapshots whose domain has this extra disk (their revert needs its volume)."""
     names = []

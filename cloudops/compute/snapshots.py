@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import libvirt
 
 from cloudops.compute import power, vms
+from cloudops.compute.disks import reattach_missing
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.ssh import connect
 
@@ -282,17 +283,22 @@ def revert_snapshot(name: str, snap: str, hosts: list, progress=lambda m: None) 
         xml = handle.getXMLDesc(0)
         target = parse(xml)
         was_running = bool(dom.isActive())
-        if target.state == "disk-snapshot":
+        kept = []
+        if target.state == "disk-snapshot":  # the definition stays: disks added since stay attached
             _revert_disk_only(dom, host, handle, xml, was_running, progress)
         else:
+            before = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
             flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING if was_running and not target.memory else 0
             progress(f"reverting {name} on {host.name} to {snap}")
             dom.revertToSnapshot(handle, flags)
+            kept = reattach_missing(dom, name, before)
         running = bool(dom.isActive())
         how = ("running again from its saved memory" if target.memory else
                "booting from the snapshot's disk" if running else "stopped, with the snapshot's disk")
+        also = (f"; disk{'s' if len(kept) > 1 else ''} {', '.join(kept)}, added after the snapshot, attached again "
+                "as they are now" if kept else "")
         return SnapshotResult(vms.describe(dom, host.name), True, "reverted",
-                              f"{name} on {host.name}: reverted to {snap}, {how}",
+                              f"{name} on {host.name}: reverted to {snap}, {how}{also}",
                               snapshot=parse(handle.getXMLDesc(0), current=True))
 
 

@@ -113,6 +113,26 @@ def test_memory_snapshot_brings_back_a_process(lab, lab_inventory, vm):
     in_guest(lab_inventory, f"kill {pid}")
 
 
+def test_a_disk_added_after_a_snapshot_stays_attached_through_its_revert(lab, lab_inventory, vm):
+    """m1 (memory) has a definition without the disk: libvirt's revert drops it, cloudops attaches it again."""
+    host = lab_inventory.hosts["hv1"]
+    volume = f"/var/lib/cloudops/disks/{NAME}-disk-late.qcow2"
+    ok_json(cli(lab, "vm.disk", NAME, "--add", "--size", "16M", "--name", "late", "--json"))
+    guest.wait_until(lambda: in_guest(lab_inventory, "cat /sys/block/vdb/serial 2>/dev/null") == "late", 60,
+                     "the guest to see the new disk")
+    in_guest(lab_inventory, "echo kept-through-revert | dd of=/dev/vdb conv=fsync 2>/dev/null")
+    reverted = ok_json(cli(lab, "vm.snapshot", NAME, "--revert", "m1", "--json"))
+    assert "late, added after the snapshot, attached again" in reverted["message"]
+    assert volume in on_host(host, f"virsh -c qemu:///system domblklist {NAME}")
+    assert volume in on_host(host, f"virsh -c qemu:///system domblklist --inactive {NAME}")
+    wait_shell(lab_inventory)
+    guest.wait_until(lambda: in_guest(lab_inventory, "cat /sys/block/vdb/serial 2>/dev/null") == "late", 60,
+                     "the guest to see the disk again")
+    assert in_guest(lab_inventory, "head -c 19 /dev/vdb") == "kept-through-revert"
+    ok_json(cli(lab, "vm.disk", NAME, "--remove", "late", "--json"))
+    assert on_host(host, f"test -e {volume} && echo left || echo gone").strip() == "gone"
+
+
 def test_deleting_a_snapshot_mid_chain_keeps_the_others(lab, lab_inventory, vm):
     host = lab_inventory.hosts["hv1"]
     for snap, text in (("c1", "one"), ("c2", "two"), ("c3", "three")):
