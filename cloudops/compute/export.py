@@ -353,6 +353,9 @@ def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda
         if vm.state not in ("running", "paused", "shut off"):
             raise CloudopsError(f"VM {name} on {host.name} is {vm.state}: export it running, paused or stopped")
         chosen = snapshots.parse(snapshots._lookup(dom, name, snapshot).getXMLDesc(0)) if snapshot else None
+        if chosen is not None and chosen.consistency == snapshots.UNFINISHED:
+            raise CloudopsError(f"snapshot {snapshot} of {name} was left unfinished by a lost host: not a copy to "
+                                f"trust (the next vm.snapshot {name} removes it)")
         if stopped_for and vm.state != "shut off" and chosen is None:
             raise CloudopsError(f"VM {name} on {host.name} is {vm.state}: stop it first to {stopped_for} "
                                 f"(invoke vm.stop {name}), or take it from a snapshot (--snapshot)")

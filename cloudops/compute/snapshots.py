@@ -23,6 +23,13 @@ description (``cloudops: <consistency>``). Three kinds, by how the VM is when it
   snapshot current (redefine), start the domain again if it ran. Deleting goes through libvirt
   for every kind (``delvm`` on a running domain, ``qemu-img snapshot -d`` on a stopped one).
 
+A host lost in the middle (``_lost_host``) is one line saying the outcome is unknown. libvirt's own
+snapshots are all or nothing on the host; for the disk-only kind cloudops records the snapshot in
+libvirt *before* QEMU takes it, marked ``unfinished``, and rewrites the record once it is taken, so
+an interruption leaves something listed (``--list`` says so) that the next verb on the VM clears:
+QEMU's internal snapshots of that name, the record, and a freeze the guest may have been left in
+(``clear_unfinished``).
+
 Revert keeps the VM's power state, except a memory snapshot, which brings back the running guest
 it saved. A live migration carries the snapshots (``cloudops.migration.snapcarry``). Every verb
 takes the VM's name lock, refuses a VM with an unfinished migration and domains cloudops did not
@@ -47,6 +54,7 @@ from cloudops.ssh import connect
 SNAPSHOT_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,63}$")  # never all digits: qemu-img takes "1" for an ID
 DESCRIPTION = "cloudops: "  # + consistency, in the snapshot's <description>
 KINDS = ("powered-off", "memory", "quiesced", "crash-consistent")
+UNFINISHED = "unfinished"  # a disk-only snapshot's record while QEMU takes it: left only by a lost host
 
 
 @dataclass
@@ -197,6 +205,65 @@ def _disk_snapshot_running(dom, snap: str, disks: list[tuple[str, str]]) -> bool
     return frozen
 
 
+# ---------------------------------------------------------------- a host lost in the middle
+
+@contextlib.contextmanager
+def _lost_host(conn, host, name: str, doing: str):
+    """A libvirt error on a connection that died (the host stopped answering) is one line saying what may
+    be left, not libvirt's "End of file while reading data"."""
+    try:
+        yield
+    except libvirt.libvirtError as exc:
+        if conn.isAlive():
+            raise
+        raise CloudopsError(f"{host.name} stopped answering during {doing} of {name} ({exc.get_error_message()}): "
+                            f"whether it was done is unknown; `vm.snapshot {name} --list` once {host.name} answers "
+                            "(a disk snapshot left unfinished is removed by the next vm.snapshot)") from None
+
+
+def _tags_on_disks(dom, host, snap: str) -> list[tuple[str, str]]:
+    """(path, block node or "") of the VM's qcow2 disks whose file holds an internal snapshot ``snap``."""
+    paths = [path for _, path in qcow2_disks(dom.XMLDesc(0))]
+    if dom.isActive():
+        return [(inserted["file"], inserted["node-name"]) for inserted in
+                (device.get("inserted") or {} for device in _qmp(dom, "query-block"))
+                if inserted.get("file") in paths
+                and any(s.get("name") == snap for s in (inserted.get("image") or {}).get("snapshots") or [])]
+    found = []
+    with connect(host) as hv:
+        for path in paths:
+            listed = hv.run(f"qemu-img snapshot -l {shlex.quote(path)}", hide=True, warn=True, in_stream=False).stdout
+            if any(line.split()[1:2] == [snap] for line in listed.splitlines() if line[:1].isdigit()):
+                found.append((path, ""))
+    return found
+
+
+def clear_unfinished(dom, host, progress=lambda m: None) -> list[str]:
+    """Remove what a disk-only snapshot interrupted by a lost host left: QEMU's internal snapshots of that
+    name and libvirt's ``unfinished`` record; thaw the guest's filesystems, which it may have left frozen.
+    Returns the names cleared."""
+    cleared = []
+    for handle in dom.listAllSnapshots(0):
+        if parse(handle.getXMLDesc(0)).consistency != UNFINISHED:
+            continue
+        snap = handle.getName()
+        if dom.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.fsThaw(None, 0)  # a no-op unless the freeze outlived the lost connection
+        for path, node in _tags_on_disks(dom, host, snap):
+            if node:
+                _qmp(dom, "blockdev-snapshot-delete-internal-sync", device=node, name=snap)
+            else:
+                with connect(host) as hv:
+                    hv.run(f"qemu-img snapshot -d {shlex.quote(snap)} {shlex.quote(path)}", hide=True, in_stream=False)
+        handle.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        cleared.append(snap)
+    if cleared:
+        progress(f"removed snapshot(s) {', '.join(cleared)} of {dom.name()}, left unfinished when {host.name} "
+                 "stopped answering during their creation")
+    return cleared
+
+
 # ---------------------------------------------------------------- verbs
 
 def _lookup(dom, name: str, snap: str):
@@ -211,7 +278,8 @@ def _lookup(dom, name: str, snap: str):
 def create_snapshot(name: str, snap: str, hosts: list, memory: bool = False, progress=lambda m: None) -> SnapshotResult:
     """Take snapshot ``snap`` of VM ``name`` (see the module docstring for the kinds)."""
     validate_snapshot_name(snap)
-    with power._own_vm(name, hosts, "snapshot it") as (host, _conn, dom):
+    with power._own_vm(name, hosts, "snapshot it") as (host, conn, dom), _lost_host(conn, host, name, f"snapshot {snap}"):
+        clear_unfinished(dom, host, progress)
         with contextlib.suppress(libvirt.libvirtError):
             dom.snapshotLookupByName(snap, 0)
             raise CloudopsError(f"VM {name} already has a snapshot named {snap!r}: delete it first or choose another name")
@@ -232,6 +300,7 @@ def create_snapshot(name: str, snap: str, hosts: list, memory: bool = False, pro
             dom.snapshotCreateXML(snapshot_xml(snap, "memory", domain_xml, memory=True), 0)
             kind = "memory"
         else:
+            progress(f"snapshot {snap} of {name} on {host.name}, disk only (the guest goes on running)")
             kind = _create_disk_only(dom, snap, domain_xml, disks)
         made = parse(dom.snapshotLookupByName(snap, 0).getXMLDesc(0), current=True)
         what = {"powered-off": "of its disk, taken stopped", "memory": "with memory (disk and memory of one instant)",
@@ -250,18 +319,39 @@ def _current_name(dom) -> str | None:
 
 
 def _create_disk_only(dom, snap, domain_xml, disks) -> str:
+    """QEMU's internal snapshot of every disk, between two records in libvirt: first one marked
+    ``unfinished``, then the real one. A host lost in between leaves a record cloudops knows how to
+    clear (``clear_unfinished``), never an internal snapshot nothing lists."""
     parent = _current_name(dom)
-    quiesced = _disk_snapshot_running(dom, snap, disks)
+    pending = snapshot_xml(snap, UNFINISHED, domain_xml, memory=False, redefine_state="disk-snapshot", parent=parent)
+    try:
+        dom.snapshotCreateXML(pending, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE)
+    except libvirt.libvirtError as exc:
+        if not dom.connect().isAlive():
+            raise
+        raise CloudopsError(f"libvirt refused the metadata of snapshot {snap} of {dom.name()}: "
+                            f"{exc.get_error_message()}") from None
+    try:
+        quiesced = _disk_snapshot_running(dom, snap, disks)  # all disks or none
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.connect().isAlive():
+                dom.snapshotLookupByName(snap, 0).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+        raise
     kind = "quiesced" if quiesced else "crash-consistent"
     metadata = snapshot_xml(snap, kind, domain_xml, memory=False, redefine_state="disk-snapshot", parent=parent)
     try:
         dom.snapshotCreateXML(metadata, libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REDEFINE |
                               libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_CURRENT)
-    except libvirt.libvirtError as exc:  # nothing half-made: take the disk snapshots back
+    except libvirt.libvirtError as exc:  # nothing half-made: take the disk snapshots and the record back
+        if not dom.connect().isAlive():
+            raise  # the host is gone: the unfinished record says what to clear once it answers
         nodes = _node_names(dom, [p for _, p in disks])
         for _, path in disks:
             with contextlib.suppress(Exception):
                 _qmp(dom, "blockdev-snapshot-delete-internal-sync", device=nodes[path], name=snap)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.snapshotLookupByName(snap, 0).delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
         raise CloudopsError(f"libvirt refused the metadata of snapshot {snap} of {dom.name()}: "
                             f"{exc.get_error_message()}") from None
     return kind
@@ -271,14 +361,18 @@ def list_snapshots(name: str, hosts: list) -> SnapshotResult:
     """The snapshots of VM ``name``, parents first."""
     with power._own_vm(name, hosts, "list its snapshots") as (host, _conn, dom):
         found = snapshots_of(dom)
+        unfinished = [s.name for s in found if s.consistency == UNFINISHED]
+        note = (f" ({', '.join(unfinished)} left unfinished by a lost host: the next vm.snapshot removes it)"
+                if unfinished else "")
         return SnapshotResult(vms.describe(dom, host.name), False, "listed",
-                              f"{name} on {host.name}: {len(found)} snapshot(s)", snapshots=found)
+                              f"{name} on {host.name}: {len(found)} snapshot(s){note}", snapshots=found)
 
 
 def revert_snapshot(name: str, snap: str, hosts: list, progress=lambda m: None) -> SnapshotResult:
     """Bring back the disk(s) of snapshot ``snap`` (and the running guest, for a memory snapshot)."""
     validate_snapshot_name(snap)
-    with power._own_vm(name, hosts, "revert it") as (host, _conn, dom):
+    with power._own_vm(name, hosts, "revert it") as (host, conn, dom), _lost_host(conn, host, name, f"the revert to {snap}"):
+        clear_unfinished(dom, host, progress)
         handle = _lookup(dom, name, snap)
         xml = handle.getXMLDesc(0)
         target = parse(xml)
@@ -330,7 +424,9 @@ def _revert_disk_only(dom, host, handle, xml, was_running, progress):
 def delete_snapshot(name: str, snap: str, hosts: list, progress=lambda m: None) -> SnapshotResult:
     """Delete snapshot ``snap``; its children (if any) keep their data and get its parent as theirs."""
     validate_snapshot_name(snap)
-    with power._own_vm(name, hosts, "delete its snapshot") as (host, _conn, dom):
+    with power._own_vm(name, hosts, "delete its snapshot") as (host, conn, dom), \
+            _lost_host(conn, host, name, f"the deletion of snapshot {snap}"):
+        clear_unfinished(dom, host, progress)
         handle = _lookup(dom, name, snap)
         gone = parse(handle.getXMLDesc(0), current=bool(handle.isCurrent()))
         progress(f"deleting snapshot {snap} of {name} on {host.name}")

@@ -12,7 +12,7 @@ import pytest
 from cloudops.compute import guest, vms
 from cloudops.migration import journal
 from cloudops.ssh import connect
-from tests.conftest import cli, ok_json, one_line_error, run_in_vm
+from tests.conftest import cli, ok_json, one_line_error, refuse_control_tcp, run_in_vm
 
 NAME = "sn-vm"
 DISK = f"/var/lib/cloudops/disks/{NAME}.qcow2"
@@ -99,6 +99,47 @@ def test_bad_input_is_one_line_and_makes_nothing(lab, lab_inventory, vm):
     finally:
         journal.end(NAME)
     assert virsh_snapshots(host) == ["s1"] and qcow2_snapshots(host) == ["s1"]
+
+
+def test_a_host_lost_in_the_middle_of_a_snapshot_leaves_nothing_unlisted(lab, lab_inventory, vm, monkeypatch):
+    """hv1 stops answering just after QEMU took the disk snapshot, before libvirt got its final record: one
+    line; the unfinished snapshot is listed as such, and the next vm.snapshot removes it from disk and libvirt."""
+    from cloudops.compute import snapshots
+    from cloudops.errors import CloudopsError
+
+    host = lab_inventory.hosts["hv1"]
+    real_qmp, cut = snapshots._qmp, []
+
+    def qmp_then_cut(dom, command, **arguments):
+        answer = real_qmp(dom, command, **arguments)
+        if command == "blockdev-snapshot-internal-sync" and not cut:
+            refuse_control_tcp(lab, "hv1", True)
+            cut.append(command)
+        return answer
+
+    monkeypatch.setattr(snapshots, "_qmp", qmp_then_cut)
+    try:
+        with pytest.raises(CloudopsError) as info:
+            snapshots.create_snapshot(NAME, "lost1", lab_inventory.hypervisors())
+    finally:
+        refuse_control_tcp(lab, "hv1", False)
+        monkeypatch.undo()
+    error = str(info.value)
+    assert cut and "\n" not in error and "hv1 stopped answering during snapshot lost1" in error, error
+    assert "lost1" in qcow2_snapshots(host) and "lost1" in virsh_snapshots(host)  # what the line says may be left
+    listed = ok_json(cli(lab, "vm.snapshot", NAME, "--list", "--json"))
+    assert [s["consistency"] for s in listed["snapshots"] if s["name"] == "lost1"] == ["unfinished"]
+    assert "left unfinished" in listed["message"]
+    made = cli(lab, "vm.snapshot", NAME, "--create", "after1", "--json")
+    assert made.returncode == 0 and "removed snapshot(s) lost1" in made.stderr, made.stderr
+    assert "lost1" not in qcow2_snapshots(host) and "lost1" not in virsh_snapshots(host)
+    assert "after1" in qcow2_snapshots(host) and domstate(host) == "running"
+    assert read(lab_inventory) == "first"
+    ok_json(cli(lab, "vm.snapshot", NAME, "--delete", "after1", "--json"))
+
+
+def domstate(host) -> str:
+    return on_host(host, f"virsh -c qemu:///system domstate {NAME}").strip()
 
 
 def test_memory_snapshot_brings_back_a_process(lab, lab_inventory, vm):
