@@ -340,3 +340,62 @@ def test_ctrl_c_aborts_every_migration_of_a_parallel_evacuation(lab, lab_invento
         invoke("host.maintenance", source, "off", "--inventory", str(lab.inventory_path))
         with contextlib.suppress(Exception):
             vms.delete_vm(other, lab_inventory)
+
+
+# ---------------------------------------------------------------- snapshots through a broken migration
+
+def test_snapshots_a_broken_migration_carried_come_back_with_recover(lab, lab_inventory, vm):
+    """The source's libvirtd killed in pre-copy while the VM has a snapshot, whose metadata snapcarry took
+    off the source for the migration (and whose disk got a temporary top layer): after ``--recover`` the
+    snapshot is on the VM's host again, no temporary layer is left, and reverting to it works."""
+    import xml.etree.ElementTree as ET
+
+    from cloudops import state
+    from cloudops.migration import snapcarry
+
+    (source,) = copies(lab_inventory)
+    dest = "hv2" if source == "hv1" else "hv1"
+    in_vm(lab_inventory, "pkill -f /run/dirty; echo at-snapshot > /root/snapped; sync")
+    made = invoke("vm.snapshot", NAME, "--create", "carried", "--inventory", str(lab.inventory_path))
+    assert made.returncode == 0, made.stderr
+    in_vm(lab_inventory, "echo after-snapshot > /root/snapped; sync")
+    in_vm(lab_inventory, WRITER)
+    fault = Fault(lab, lab_inventory, "source", source, dest)
+    policy = migrate.Policy(downtime_ms=1, downtime_step_ms=0, downtime_max_ms=1, auto_converge=False,
+                            postcopy_after=None, bandwidth_mib=4)
+
+    def progress(sample):
+        if sample.iteration >= 1 and sample.elapsed > 2:
+            fault.fire()
+
+    error = None
+    try:
+        migrate.migrate_vm(NAME, dest, lab_inventory, policy=policy, progress=progress)
+    except CloudopsError as exc:
+        error = str(exc)
+    finally:
+        fault.repair()
+    assert fault.fired.is_set(), f"the fault never fired ({error})"
+    # the source's libvirtd was gone when the migration gave up: the snapshots could not be put back, and
+    # the state store still holds them (what --recover restores)
+    assert error and "--recover" in error, error
+    assert [ET.fromstring(x).findtext("name") for x in state.current().value(snapcarry.PREFIX + NAME)["xmls"]] == \
+        ["carried"]
+    proc = invoke("vm.migrate", NAME, "--recover", "--inventory", str(lab.inventory_path))
+    assert proc.returncode == 0, (proc.stdout, proc.stderr, error)
+    final = copies(lab_inventory)
+    assert list(final.values()) == ["running"], final
+    (host_name,) = final
+    host = lab_inventory.hosts[host_name]
+    assert virsh(host, "snapshot-list", NAME, "--name").stdout.split() == ["carried"]
+    assert state.current().value(snapcarry.PREFIX + NAME) is None  # the record is dropped once restored
+    assert not any(p.endswith(snapcarry.SUFFIX) for p in virsh(host, "domblklist", NAME).stdout.split())
+    for host_name_ in lab_inventory.hosts:
+        assert not [f for f in leftovers(lab_inventory, host_name_) if f.endswith(snapcarry.SUFFIX)]
+    in_vm(lab_inventory, "pkill -f /run/dirty; true")
+    reverted = invoke("vm.snapshot", NAME, "--revert", "carried", "--inventory", str(lab.inventory_path))
+    assert reverted.returncode == 0, reverted.stderr
+    guest.wait_until(lambda: _answers(lab_inventory), 120, f"a shell on {NAME} after the revert")
+    assert in_vm(lab_inventory, "cat /root/snapped") == "at-snapshot"
+    assert in_vm(lab_inventory, "cat /root/mark") == "kept-across-faults"
+    assert invoke("vm.snapshot", NAME, "--delete", "carried", "--inventory", str(lab.inventory_path)).returncode == 0
