@@ -1,4 +1,4 @@
-"""Day-2 benchmark: `invoke vm.export` of a running VM against the naive way, side by side in one run.
+"""Day-2 benchmark: `invoke vm.export` and `vm.snapshot` of a running VM against the naive way and virsh.
 
 On a 1-host lab of its own (prefix "exb"), one tiny VM (96 MiB guest) with 40 MiB of random data
 written into its disk beforehand (so the export is not only the image's 18 MiB), rounds alternating
@@ -18,9 +18,20 @@ VM (interpreter and imports, inventory, finding the VM on the hosts, a libvirt c
 export's own work is its wall time minus that.
 
 Both outputs are checked after each round, untimed: ``qemu-img check`` clean, no backing file.
-Snapshot create/revert against virsh defaults (the rest of issue 13's benchmark) is not here.
 
-    .venv/bin/python bench/day2.py [--rounds 3] [--json] [--keep]
+``--part snapshot`` (or ``all``): snapshot create and revert of the same running VM, A B A B, against
+``virsh`` run on the hypervisor over one open SSH connection (so virsh pays no interpreter start and no
+SSH handshake; cloudops's whole CLI does, which ``vm.info`` measures):
+
+* ``vm.snapshot --create`` (disk only: QEMU's internal snapshot, the guest never pauses, crash-consistent
+  without an agent) against ``virsh snapshot-create-as VM NAME`` with its defaults (a full system
+  checkpoint of a running domain: the guest pauses while its RAM is saved);
+* ``vm.snapshot --create --memory`` against the same virsh default: the same kind of snapshot;
+* ``vm.snapshot --revert`` of a memory snapshot against ``virsh snapshot-revert VM NAME``.
+
+Each snapshot is deleted after its round, untimed, and ``qemu-img snapshot -l`` is checked for it first.
+
+    .venv/bin/python bench/day2.py [--part export|snapshot|all] [--rounds 3] [--json] [--keep]
 """
 
 import argparse
@@ -89,6 +100,57 @@ def run_naive(host, out: Path) -> dict:
     return {"wall": wall, "size": out.stat().st_size, "paused_s": round(float(end) - float(start), 3)}
 
 
+def run_virsh(hv, command: str) -> float:
+    t0 = time.perf_counter()
+    hv.run(f"virsh -c qemu:///system {command}", hide=True, in_stream=False)
+    return time.perf_counter() - t0
+
+
+def snapshot_tags(hv) -> list[str]:
+    lines = hv.run(f"qemu-img snapshot -U -l {DISK}", hide=True, in_stream=False).stdout.splitlines()
+    return [line.split()[1] for line in lines if line[:1].isdigit()]
+
+
+def snapshot_rounds(inv_path, host, rounds: int, waits: list, quiet=wait_for_quiet) -> dict:
+    """Samples (seconds) of snapshot create and revert, cloudops's CLI against virsh on the host, interleaved."""
+    samples = {k: [] for k in ("cloudops_create_disk", "cloudops_create_memory", "virsh_create",
+                               "cloudops_revert_memory", "virsh_revert", "vm_info")}
+    with connect(host) as hv:
+        for n in range(1, rounds + 1):
+            ours, theirs, disk_only = f"cm{n}", f"vm{n}", f"cd{n}"
+            steps = (
+                ("cloudops_create_disk", lambda: invoke("vm.snapshot", NAME, "--create", disk_only, "--json",
+                                                        "--inventory", str(inv_path))[0]),
+                ("virsh_create", lambda: run_virsh(hv, f"snapshot-create-as {NAME} {theirs}")),
+                ("cloudops_create_memory", lambda: invoke("vm.snapshot", NAME, "--create", ours, "--memory", "--json",
+                                                          "--inventory", str(inv_path))[0]),
+                ("virsh_revert", lambda: run_virsh(hv, f"snapshot-revert {NAME} {theirs}")),
+                ("cloudops_revert_memory", lambda: invoke("vm.snapshot", NAME, "--revert", ours, "--json",
+                                                          "--inventory", str(inv_path))[0]),
+                ("vm_info", lambda: invoke("vm.info", NAME, "--json", "--inventory", str(inv_path))[0]),
+            )
+            for kind, run in steps:
+                quiet(waits)
+                samples[kind].append(round(run(), 3))
+                print(f"{kind:<24} #{n}: {samples[kind][-1]:.3f} s", file=sys.stderr)
+            tags = snapshot_tags(hv)
+            if not {ours, theirs, disk_only} <= set(tags):
+                raise RuntimeError(f"round {n}: the disk's snapshots are {tags}")
+            for snap in (disk_only, ours, theirs):  # untimed: the disk does not grow round after round
+                hv.run(f"virsh -c qemu:///system snapshot-delete {NAME} {snap}", hide=True, in_stream=False)
+    report = {kind: stats(values) for kind, values in samples.items()}
+    median = {kind: v["median"] for kind, v in report.items()}
+    report["ratios"] = {
+        "create_disk_only_over_virsh_default": round(median["cloudops_create_disk"] / median["virsh_create"], 3),
+        "create_memory_over_virsh_default": round(median["cloudops_create_memory"] / median["virsh_create"], 3),
+        "revert_memory_over_virsh": round(median["cloudops_revert_memory"] / median["virsh_revert"], 3),
+    }
+    report["cloudops_own_work_s"] = {kind: round(median[kind] - median["vm_info"], 2) for kind in
+                                     ("cloudops_create_disk", "cloudops_create_memory", "cloudops_revert_memory")}
+    report["samples"] = samples
+    return report
+
+
 def check_flat(path: Path) -> None:
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(path)], capture_output=True,
                                      text=True, check=True).stdout)
@@ -105,6 +167,9 @@ def stats(values) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3, help="rounds of each (default 3)")
+    ap.add_argument("--part", choices=("export", "snapshot", "all"), default="all", help="what to time (default all)")
+    ap.add_argument("--beside-tests", action="store_true",
+                    help="do not wait for test runs to end (the report says so: its times are of a busy machine)")
     ap.add_argument("--json", action="store_true", help="print only the JSON summary")
     ap.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     args = ap.parse_args()
@@ -112,6 +177,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     load_start = os.getloadavg()
+    quiet = _no_wait if args.beside_tests else wait_for_quiet
     images.add_image(imagebuild.build_image("tiny"), name="tiny", replace=True)
     waits, samples = [], {"cloudops": [], "naive": [], "vm_info": []}
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -126,12 +192,15 @@ def main() -> int:
                 conn.run("dd if=/dev/urandom of=/root/data bs=1M count=40 2>/dev/null && sync", hide=True,
                          in_stream=False)
         with tempfile.TemporaryDirectory(prefix="cloudops-bench-") as tmp:
-            run_cloudops(the_lab.inventory_path, Path(tmp) / "warm.qcow2")  # warm-up, not timed
-            for n in range(1, args.rounds + 1):  # interleaved A B A B: machine noise hits both alike
+            if args.part != "export":
+                snapshot_report = snapshot_rounds(the_lab.inventory_path, host, args.rounds, waits, quiet)
+            if args.part != "snapshot":
+                run_cloudops(the_lab.inventory_path, Path(tmp) / "warm.qcow2")  # warm-up, not timed
+            for n in range(1, args.rounds + 1 if args.part != "snapshot" else 1):  # interleaved A B A B: machine noise hits both alike
                 for kind, run in (("cloudops", lambda p: run_cloudops(the_lab.inventory_path, p)),
                                   ("naive", lambda p: run_naive(host, p)),
                                   ("vm_info", lambda p: run_info(the_lab.inventory_path, p))):
-                    wait_for_quiet(waits)
+                    quiet(waits)
                     out = Path(tmp) / f"{kind}-{n}.qcow2"
                     sample = run(out)
                     if kind != "vm_info":
@@ -144,12 +213,31 @@ def main() -> int:
         if not args.keep:
             lab.down(PREFIX)
 
-    fast, slow = stats(s["wall"] for s in samples["cloudops"]), stats(s["wall"] for s in samples["naive"])
     report = {
         "date": started, "machine": f"{platform.node()} {os.cpu_count()} cpu {platform.machine()}, QEMU TCG",
+        "link": "the lab's bridge (a veth pair into the host's namespace)",
         "load_average_at_start": [round(x, 2) for x in load_start],
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "waited_for_test_runs": waits, "rounds": args.rounds,
+        "beside_test_runs": args.beside_tests,
+    }
+    if args.part != "export":
+        report["snapshot"] = snapshot_report
+        ratios = snapshot_report["ratios"]
+        if not args.json:
+            print(f"snapshot (medians of {args.rounds}): create disk-only {snapshot_report['cloudops_create_disk']['median']:.2f} s, "
+                  f"with memory {snapshot_report['cloudops_create_memory']['median']:.2f} s, virsh default "
+                  f"{snapshot_report['virsh_create']['median']:.2f} s (ratios {ratios['create_disk_only_over_virsh_default']}, "
+                  f"{ratios['create_memory_over_virsh_default']}); revert {snapshot_report['cloudops_revert_memory']['median']:.2f} s, "
+                  f"virsh {snapshot_report['virsh_revert']['median']:.2f} s (ratio {ratios['revert_memory_over_virsh']}); "
+                  f"vm.info {snapshot_report['vm_info']['median']:.2f} s")
+    if args.part == "snapshot":
+        print(json.dumps(report if args.json else {k: v for k, v in report.items() if k != "snapshot"}
+                         | ({} if args.json else {"snapshot": {k: v for k, v in snapshot_report.items()
+                                                               if k != "samples"}}), indent=2))
+        return 0
+    fast, slow = stats(s["wall"] for s in samples["cloudops"]), stats(s["wall"] for s in samples["naive"])
+    report.update({
         "export_size_mib": round(samples["cloudops"][0]["size"] / (1 << 20), 1),
         "naive_size_mib": round(samples["naive"][0]["size"] / (1 << 20), 1),
         "vm_export_s": fast, "naive_s": slow,
@@ -158,7 +246,7 @@ def main() -> int:
         "vm_info_s": stats(s["wall"] for s in samples["vm_info"]),
         "export_work_s": round(fast["median"] - statistics.median(s["wall"] for s in samples["vm_info"]), 2),
         "samples": samples,
-    }
+    })
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -168,6 +256,10 @@ def main() -> int:
           f"{report['vm_info_s']['median']:.2f} s, so the export's own work {report['export_work_s']:.2f} s")
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2))
     return 0
+
+
+def _no_wait(_log: list) -> None:
+    """--beside-tests: time at once, whatever else runs."""
 
 
 def _answers(hv, ip) -> bool:
