@@ -92,6 +92,18 @@ def test_debian_guest_reaches_ssh_with_key_password_and_hostname(lab, lab_invent
             agent = hv.run(f"virsh -c qemu:///system domifaddr {shlex.quote(name)} --source agent",
                            hide=True, in_stream=False).stdout
         assert f"{vm.ip}/" in agent, agent
+        if way == "seed":  # the guest agent freezes the filesystems for a disk snapshot of the running VM
+            made = invoke("vm.snapshot", name, "--create", "q1", "--json", "--inventory", str(lab.inventory_path))
+            assert made.returncode == 0, made.stderr
+            assert json.loads(made.stdout)["snapshot"]["consistency"] == "quiesced"
+            thawed = ssh_vm(lab_inventory, vm, user_key, "touch /var/tmp/after-snapshot && echo written; "
+                            "journalctl -u qemu-guest-agent --no-pager | grep -c 'guest-fsfreeze called'")
+            assert thawed.splitlines()[0] == "written" and int(thawed.splitlines()[1]) >= 1, thawed
+            with connect(lab_inventory.hosts[host]) as hv:
+                disk = hv.run(f"virsh -c qemu:///system domblklist {shlex.quote(name)} | awk '$1==\"vda\" "
+                              "{print $2}'", hide=True, in_stream=False).stdout.strip()
+                tags = hv.run(f"qemu-img snapshot -U -l {shlex.quote(disk)}", hide=True, in_stream=False).stdout
+            assert " q1 " in tags, tags
         if firmware == "uefi":
             with connect(lab_inventory.hosts[host]) as hv:
                 xml = hv.run(f"virsh -c qemu:///system dumpxml {shlex.quote(name)}", hide=True,
