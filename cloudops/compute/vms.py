@@ -25,7 +25,7 @@ from pathlib import Path
 import libvirt
 
 from cloudops import hostfiles, kvm, passwords, state, storage, virt
-from cloudops.compute import console, guest, placement, seed, sizing, userdata
+from cloudops.compute import console, guest, placement, records, seed, sizing, userdata
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
 from cloudops.net import defined, ipam, networks
@@ -441,6 +441,7 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
             wait_ready(dom, conn, hv, net.name, allocation, spec.name, spec.timeout, progress,
                        static=net.mode == "bridge", host_key=host_key[1] if host_key else None)
             checkpoint("ssh")
+        records.save_domain(dom, host.name)  # last: a failed start leaves no record; a dead host's VM is known
     return vm
 
 
@@ -699,6 +700,7 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
                     networks.remove_reservation(conn, nic["network"], nic["mac"], nic["ip"], name)
                 ipam.release(net, name)
         guest.forget_host_keys(name, vm.ip)
+        records.forget(name)
     return vm
 
 

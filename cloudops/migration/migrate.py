@@ -36,7 +36,7 @@ from pathlib import Path
 import libvirt
 
 from cloudops import cloudkeys, kvm, state, storage, virt
-from cloudops.compute import placement, scheduler, vms
+from cloudops.compute import placement, records, scheduler, vms
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.hosts import maintenance
 from cloudops.imaging import store as images
@@ -189,6 +189,7 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
                 raise  # not reached: _after_fault always raises
             journal.end(name)
             snapcarry.after(carry, dest, message, source=source)
+            records.save_domain(dst_conn.lookupByName(name), dest.name)  # where the VM lives, for a failover
     result.duration = round(time.monotonic() - t0, 3)
     result.ip = meta.get("ip") or None
     _record(result)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import libvirt
 
 from cloudops import storage, virt
-from cloudops.compute import vms
+from cloudops.compute import records, vms
 from cloudops.errors import CloudopsError
 from cloudops.migration import journal, migrate, outcome
 from cloudops.net import networks
@@ -138,6 +138,7 @@ def _recover(name, inventory, timeout, restart, message) -> Recovery:
             if other.name in where.copies or other.name in (record.get("source"), record.get("target")):
                 actions += _clean_other(name, other, host, record, where.copies.get(other.name), message)
         journal.end(name)
+        _record(host, name)
         final = outcome.where(name, [host]).copies.get(survivor)
     return Recovery(name=name, host=survivor, state=final.state if final else None, actions=actions)
 
@@ -383,3 +384,12 @@ def _clean_other(name, other, survivor, record, copy, message) -> list[str]:
             done.append(f"deleted {len(deleted)} leftover disk file(s) from {other.name}")
     return done
 
+
+def _record(host, name) -> None:
+    """The VM's record says where it lives now (its definition read again there); kept as it was when
+    libvirt cannot say."""
+    try:
+        with virt.open_host(host) as conn:
+            records.save_domain(conn.lookupByName(name), host.name)
+    except (libvirt.libvirtError, CloudopsError):
+        records.moved(name, host.name)

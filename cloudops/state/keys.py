@@ -8,5 +8,8 @@ PREFIXES = (
     "trust/",        # trust/<fingerprint>: control machines' cloud public keys (cloudops.compute.guest)
     "migrating/",    # migrating/<vm>: the migration journal (cloudops.migration.journal)
     "migrations/",   # migrations/<time>-<vm>: history (cloudops.migration.migrate)
+    "vms/",          # vms/<name>: each VM's record, its definition (cloudops.compute.records)
+    "ha/",           # ha/<host>: since when a host is missing, its fencing and failover (cloudops.ha.watch)
+    "failovers/",    # failovers/<time>-<host>: history of failovers (cloudops.ha.failover)
     "locks/",        # leased locks (cloudops.state.store.Store.lock)
 )
