@@ -80,3 +80,49 @@ def rebalance(c, dry_run=False, apply=False, max_moves=None, margin=0.0, cpu_int
         print("\n".join(report.lines()))
     if report.failed:
         raise Exit(code=1)
+
+
+@task(help={"grace": "seconds a host may be missing before it is declared dead and failed over (default 30)",
+            "interval": "run a cycle every this many seconds until interrupted (default: one cycle, for cron)",
+            "timeout": "seconds each probe (SSH, libvirt) of a host may take (default 5)",
+            "fence_timeout": "seconds a fence_command may take before fencing counts as failed (default 60)",
+            "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+@user_errors
+def watch(c, grace=30, interval=None, timeout=None, fence_timeout=None, inventory=None, json=False):
+    """Probe every hypervisor; fence a host missing for --grace seconds and restart its shared-storage VMs elsewhere.
+
+    Exit 1 when a dead host could not be failed over completely (no or failed fencing, a VM without a host)."""
+    from invoke import Exit
+
+    from cloudops.errors import CloudopsError
+    from cloudops.ha import figures, probe
+    from cloudops.ha import watch as watching
+    from cloudops.metrics.cycle import run_every
+
+    grace = watching.check_grace(grace)
+    probe_timeout = float(timeout) if timeout is not None else probe.DEFAULT_TIMEOUT
+    if not probe_timeout > 0:
+        raise CloudopsError(f"--timeout must be a positive number of seconds, got {timeout!r}")
+    inv = load_inventory(c, inventory)
+    attention = []
+
+    def one():
+        report = watching.cycle(inv, grace, probe_timeout=probe_timeout,
+                                fence_timeout=float(fence_timeout) if fence_timeout is not None else 60.0,
+                                ship=lambda r: figures.ship(r, c.metrics.carbon, c.metrics.prefix),
+                                message=progress)
+        if json:
+            emit_json(report.to_dict())
+        else:
+            print("\n".join(report.lines()), flush=True)
+        attention[:] = report.attention
+
+    if interval is None:
+        one()
+    else:
+        try:
+            run_every(float(interval), one)
+        except KeyboardInterrupt:
+            raise Exit("cloudops: cloud.watch interrupted", code=130) from None
+    if attention:
+        raise Exit(f"cloudops: not failed over completely: {', '.join(attention)}", code=1)

@@ -74,3 +74,40 @@ def evacuate(c, host, parallel=1, dry_run=False, timeout=None, inventory=None, j
         raise Exit(f"cloudops: evacuation of {host} interrupted; VMs not moved stay where they were", code=130)
     if report.failed:
         raise Exit(f"cloudops: {len(report.failed)} VM(s) could not leave {host}", code=1)
+
+
+@task(help={"host": "the dead host", "force": "fail over even though the host answers (it is fenced first)",
+            "dry_run": "print which VMs would restart where, fence and change nothing",
+            "grace": "not used by host.failover (it acts at once); refused when not positive, as cloud.watch's",
+            "fence_timeout": "seconds the fence_command may take (default 60)",
+            "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
+@user_errors
+def failover(c, host, force=False, dry_run=False, grace=None, fence_timeout=None, inventory=None, json=False):
+    """Fence a host known to be dead and restart its shared-storage VMs elsewhere, now: host.failover HV."""
+    from invoke import Exit
+
+    from cloudops.errors import CloudopsError
+    from cloudops.ha import figures
+    from cloudops.ha import watch as watching
+    from cloudops.inventory import is_hypervisor
+    from cloudops.tasks._cli import emit_json, load_inventory, progress
+
+    if grace is not None:
+        watching.check_grace(grace)
+    if not host or any(ch in host for ch in ",*?["):
+        raise CloudopsError(f"host.failover takes one host name, got {host!r}")
+    inv = load_inventory(c, inventory)
+    target = inv.select(hosts=host)[0]  # an unknown host is one line here
+    if not is_hypervisor(target):
+        raise CloudopsError(f"host {target.name} is a bare host: it runs no VMs")
+    found, report = watching.failover_now(target, inv, force=force, dry_run=dry_run,
+                                          fence_timeout=float(fence_timeout) if fence_timeout is not None else 60.0,
+                                          ship=lambda r: figures.ship(r, c.metrics.carbon, c.metrics.prefix),
+                                          message=progress)
+    if json:
+        emit_json({**report.to_dict(), "probe": found.to_dict()})
+    else:
+        print("\n".join(report.lines()))
+    if not dry_run and not report.complete:
+        raise Exit(f"cloudops: {target.name} not failed over completely" +
+                   (f": {report.reason}" if report.reason else ""), code=1)
