@@ -123,7 +123,8 @@ def failover(host, inventory, *, fence: bool = True, dry_run: bool = False, fenc
             report.reason = f"no fence_command for {host.name} in the inventory: nothing would be restarted"
         return report
     if fence:
-        message(f"fencing {host.name}")
+        if template is not None:
+            message(f"fencing {host.name}")
         result = fencing.fence(host, timeout=fence_timeout)
         report.fence = result.to_dict()
         if not result.ok:
