@@ -91,3 +91,25 @@ def status(c, prefix=None, json=False):
     if etcd["members"]:
         print(output.table(etcd["members"], ["name", "endpoint", "alive", "pid"]))
         print(f"state: {etcd['config']}")
+
+
+@task(name="power-off", help={"host": "lab host name (hv1, ...)", "prefix": "lab name prefix"})
+@user_errors
+def power_off(c, host, prefix=None):
+    """Cut a lab host's power: every process of it killed at once (its files stay); the lab's fence_command."""
+    from cloudops.lab import power
+
+    killed = power.power_off(prefix or c.lab.prefix, host)
+    print(f"{host}: powered off ({len(killed)} processes killed)" if killed else f"{host}: already off, nothing to do")
+
+
+@task(name="power-on", help={"host": "lab host name (hv1, ...)", "prefix": "lab name prefix"})
+@user_errors
+def power_on(c, host, prefix=None):
+    """Bring a powered-off lab host back: virtlogd, libvirtd and sshd started again on its own files."""
+    from cloudops.lab import power
+
+    prefix = prefix or c.lab.prefix
+    was_off = power.is_off(prefix, host)
+    power.power_on(prefix, host)
+    print(f"{host}: powered on" if was_off else f"{host}: already on, nothing to do")
