@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import libvirt
 
 from cloudops import storage
-from cloudops.compute import diskfacts, power, sizing, vms
+from cloudops.compute import diskfacts, power, records, sizing, vms
 from cloudops.errors import CloudopsError
 from cloudops.imaging import store as images
 from cloudops.templating import render
@@ -121,6 +121,7 @@ def add_disk(vm: str, hosts: list, size, name: str | None = None, progress=lambd
             if isinstance(exc, libvirt.libvirtError):
                 raise CloudopsError(f"cannot attach disk {name} to {vm} on {host.name}: {_libvirt_line(exc)}") from None
             raise
+        records.refresh(vm, dom, host.name)  # a failover defines the VM with this disk
         disk = {"name": name, "target": target, "size": sizing.format_size(capacity), "path": volume.path()}
         if running:
             return DiskResult(vm, host.name, True, "attached", f"{vm} on {host.name}: disk {name} "
@@ -200,6 +201,7 @@ def remove_disk(vm: str, hosts: list, name: str, timeout: float = DETACH_TIMEOUT
             dom.detachDeviceFlags(device, flags)
         except libvirt.libvirtError as exc:
             raise CloudopsError(f"cannot detach disk {name} from {vm} on {host.name}: {_libvirt_line(exc)}") from None
+        records.refresh(vm, dom, host.name)  # a failover defines the VM without this disk
         if "live" in where and not wait_detached(dom, vm, name, timeout):
             return DiskResult(vm, host.name, True, "detached from the config",
                               f"{vm} on {host.name}: disk {name} detached from its definition only: the guest did not "

@@ -73,6 +73,13 @@ def save_domain(dom, host_name: str) -> dict:
     return record
 
 
+def refresh(name: str, dom, host_name: str) -> None:
+    """Rewrite a VM's record after its definition changed (vm.resize, vm.disk); a VM without one gets none
+    (made before records existed: its next vm.start or vm.migrate writes it)."""
+    if get(name) is not None:
+        save_domain(dom, host_name)
+
+
 def get(name: str) -> dict | None:
     return state.current().value(key(name))
 

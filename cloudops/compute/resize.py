@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 import libvirt
 
-from cloudops.compute import diskfacts, guest, placement, power, sizing, vms
+from cloudops.compute import diskfacts, guest, placement, power, records, sizing, vms
 from cloudops.errors import CloudopsError
 from cloudops.ssh import connect
 
@@ -97,6 +97,7 @@ def resize_vm(name: str, hosts: list, memory=None, vcpus=None, disk_size=None, p
         changes = [step(progress) for step in plans if step is not None]
         if not changes:
             return ResizeResult(name, host.name, False, [], f"{name} on {host.name}: already that size, nothing to do")
+        records.refresh(name, dom, host.name)  # a failover defines the VM at its new size
         if any(c.what in ("vcpus", "disk") and c.live for c in changes) and vm.ip:
             _in_guest(host, vm.ip, changes, vcpus, disk_size, progress)
     lines = "\n".join(f"{name} on {host.name}: {c.line()}" for c in changes)

@@ -71,3 +71,15 @@ def test_vm_delete_forgets_the_record(host):
 def test_memory_in_any_unit(unit, amount, mib):
     xml = f"<domain><name>u-m</name><memory unit='{unit}'>{amount}</memory><vcpu>1</vcpu></domain>"
     assert records.from_xml(xml, "hv1", {})["memory_mb"] == mib
+
+
+def test_a_resize_rewrites_the_record(host, monkeypatch):
+    from types import SimpleNamespace
+
+    from cloudops.compute import placement, resize
+
+    conn, inventory = host
+    monkeypatch.setattr(placement, "host_state", lambda host, down: SimpleNamespace(memory_free_mb=4096))
+    records.save_domain(define(conn, "u-grow"), "hv1")
+    resize.resize_vm("u-grow", [inventory.hosts["hv1"]], memory=128)
+    assert records.get("u-grow")["memory_mb"] == 128
