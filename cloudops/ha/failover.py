@@ -73,7 +73,7 @@ class Report:
     def lines(self) -> list[str]:
         head = f"{self.host}: "
         if self.dry_run:
-            head += "dry run, nothing fenced or restarted"
+            head += "dry run, nothing fenced or restarted" + (f" ({self.reason})" if self.reason else "")
         elif self.fenced:
             head += f"fenced ({self.fence['seconds']:.1f}s)" if self.fence else "fenced"
         else:

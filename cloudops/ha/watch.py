@@ -186,16 +186,17 @@ def failover_now(host, inventory, *, force: bool = False, dry_run: bool = False,
                  message=lambda m: None) -> tuple[probe.Probe, failover.Report]:
     """``host.failover``: the host is declared dead at once and failed over (fenced again, whatever before).
 
-    A host that still answers is refused unless ``force`` (and then it is still fenced first)."""
+    A host that still answers is refused unless ``force`` (and then it is still fenced first); ``dry_run``
+    only plans, for any host."""
     fencing.template_of(host)
     with state.current().lock(LOCK, ttl=LOCK_TTL, busy_message="another cloud.watch or host.failover is running"):
         found = probe.probe_all([host], probe_timeout)[host.name]
+        if dry_run:  # changes nothing, so a live host may be planned for too
+            return found, failover.failover(host, inventory, dry_run=True, message=message)
         if not found.missing and not force:
             raise CloudopsError(f"{host.name} answers ({found.status}: SSH {'yes' if found.ssh else 'no'}, libvirt "
                                 f"{'yes' if found.libvirt else 'no'}): not failing over a live host; --force fences "
                                 "it and fails over anyway")
-        if dry_run:
-            return found, failover.failover(host, inventory, dry_run=True, message=message)
         known = declare_dead(host.name, time.time())
         result = failover.failover(host, inventory, fence=True, fence_timeout=fence_timeout, message=message,
                                    detect_seconds=0.0 if found.missing else None)

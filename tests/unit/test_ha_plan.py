@@ -197,3 +197,19 @@ def test_a_failed_restart_is_reported_and_the_record_stays(fakes, monkeypatch):
     step = next(s for s in report.steps if s.vm == "shared1")
     assert step.action == "failed" and "disk not found" in step.reason and not report.complete
     assert records.get("shared1")["host"] == "hv1"
+
+
+def test_failover_figures_name_the_host_and_each_restarted_vm(tmp_path):
+    from cloudops.ha import figures
+    from cloudops.metrics.spool import Spool
+
+    report = failover.Report("hv1", fenced=True, fence={"seconds": 1.5}, detect_seconds=31.0,
+                             steps=[failover.Step("a", "restarted", "hv2", seconds=2.25),
+                                    failover.Step("b", "down", reason="local storage")])
+    points = dict(figures.datapoints(report, "cloudops", timestamp=100))
+    assert points == {"cloudops.host.hv1.failover.detect_s": (100, 31.0), "cloudops.host.hv1.failover.fence_s": (100, 1.5),
+                      "cloudops.vm.a.failover.restart_s": (100, 2.25), "cloudops.host.hv1.failover.restarted": (100, 1.0),
+                      "cloudops.host.hv1.failover.down": (100, 1.0), "cloudops.host.hv1.failover.failed": (100, 0.0)}
+    spool = Spool(tmp_path / "spool")
+    shipped = figures.ship(report, carbon=None, spool=spool)  # no carbon configured: all spooled, nothing raised
+    assert shipped["spooled"] == 6 and shipped["sent"] == 0 and not spool.is_empty()
