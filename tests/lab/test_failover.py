@@ -159,6 +159,10 @@ def test_a_live_host_is_refused_without_force_and_force_fences_first(lab, lab_in
                                                                       tmp_path_factory):
     failing = inventory_with_fence(lab, tmp_path_factory, [sys.executable, "-c", "import sys; sys.exit(2)"])
     one_line_error(_cli(failing, "host.failover", "hv1"), "not failing over a live host; --force")
+    planned = ok_json(_cli(failing, "host.failover", "hv1", "--dry-run", "--json"))
+    assert planned["dry_run"] and planned["fence"] is None and planned["probe"]["status"] == "up"
+    steps = {s["vm"]: s for s in planned["steps"]}
+    assert steps[LOCAL]["action"] == "down" and {steps[n]["target"] for n in SHARED} == {"hv2", "hv3"}
     proc = _cli(failing, "host.failover", "hv1", "--force", "--json")
     assert proc.returncode == 1
     report = json.loads(proc.stdout)
