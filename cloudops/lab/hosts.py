@@ -34,6 +34,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 import zlib
@@ -352,7 +353,12 @@ def _write_client_files(lab: Lab) -> None:
         "lab/inventory.yaml.j2", prefix=lab.prefix, hosts=lab.hosts, bare=lab.bare, key=str(key),
         known_hosts=str(base / "known_hosts"), pool_path=POOL_PATH, inside=INSIDE,
         shared_path=str(base / "shared") if lab.bare else SHARED_PATH,
-        group="bare" if lab.bare else "hypervisors", lan=_lan_network(lab)))
+        group="bare" if lab.bare else "hypervisors", lan=_lan_network(lab), fence_command=fence_command(lab.prefix)))
+
+
+def fence_command(prefix: str) -> list[str]:
+    """The lab's fence_command: this Python cuts the lab host's power (``cloudops.lab.power``)."""
+    return [sys.executable, "-m", "cloudops.lab.power", "off", "--prefix", prefix, "{host}"]
 
 
 def _lan_network(lab: Lab) -> dict | None:

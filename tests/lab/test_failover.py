@@ -74,7 +74,10 @@ def where(lab_inventory, name) -> dict[str, str]:
 
 def inventory_with_fence(lab, tmp_path_factory, fence):
     data = yaml.safe_load(lab.inventory_path.read_text())
-    data["hosts"]["hv1"].setdefault("vars", {})["fence_command"] = fence
+    if fence is None:
+        del data["vars"]["fence_command"]
+    else:
+        data["hosts"]["hv1"].setdefault("vars", {})["fence_command"] = fence
     path = tmp_path_factory.mktemp("inv") / "inventory.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -171,10 +174,12 @@ def test_a_live_host_is_refused_without_force_and_force_fences_first(lab, lab_in
         assert list(where(lab_inventory, name)) == ["hv1"]
 
 
-def test_without_fence_command_nothing_restarts_and_the_report_says_why(lab, lab_inventory, vms_on_hv1):
+def test_without_fence_command_nothing_restarts_and_the_report_says_why(lab, lab_inventory, vms_on_hv1,
+                                                                          tmp_path_factory):
+    unfenced = inventory_with_fence(lab, tmp_path_factory, None)
     power.power_off(lab.prefix, "hv1")
     try:
-        proc, report = watch_until_dead(lab.inventory_path)
+        proc, report = watch_until_dead(unfenced)
         assert proc.returncode == 1
         assert "no fence_command for hv1 in the inventory: nothing restarted" in hv1_of(report)["failover"]["reason"]
         assert report["attention"] == ["hv1"]
@@ -182,7 +187,7 @@ def test_without_fence_command_nothing_restarts_and_the_report_says_why(lab, lab
             assert not set(virsh_list(lab_inventory.hosts[other])) & {LOCAL, *SHARED}
     finally:
         running_again_on_hv1(lab, lab_inventory)
-    back = ok_json(watch(lab.inventory_path, "--json"))
+    back = ok_json(watch(unfenced, "--json"))
     assert status_of(back, "hv1") == "healthy again" and hv1_of(back)["actions"] == []
     assert set(virsh_list(lab_inventory.hosts["hv1"])) >= {LOCAL, *SHARED}
 
@@ -206,8 +211,7 @@ def test_a_failing_fence_command_restarts_nothing(lab, lab_inventory, vms_on_hv1
 
 def test_power_loss_fenced_shared_vms_restart_elsewhere_local_one_down_then_hv1_returns(
         lab, lab_inventory, vms_on_hv1, tmp_path_factory):
-    fence = inventory_with_fence(lab, tmp_path_factory,
-                                 [sys.executable, "-m", "cloudops.lab.power", "off", "--prefix", lab.prefix, "{host}"])
+    fence = lab.inventory_path  # lab.up gives every host the lab's power-off as its fence_command
     hv1 = lab_inventory.hosts["hv1"]
     disk = next(p for p in sh(hv1, f"virsh -c qemu:///system domblklist {LOCAL} --details").stdout.split()
                 if p.endswith(f"{LOCAL}.qcow2"))
