@@ -8,7 +8,9 @@ disagreement both ways:
   address or MAC is not the one allocated;
 - a catalog entry with no file (not in this machine's image store and on no host), an image
   file on a host that the catalog does not know;
-- host keys of a VM that runs nowhere; a migration journal record (a VM to recover).
+- host keys of a VM that runs nowhere; a migration journal record (a VM to recover);
+- a VM record (``vms/``) whose VM is defined nowhere, or on another host than it says; a host
+  ``cloud.watch`` declared dead.
 
 A host that does not answer makes the result incomplete: nothing is called an orphan because
 it was not seen, and the report says which hosts were missing.
@@ -114,6 +116,20 @@ def compare(store: Store, facts: Facts) -> CheckReport:
     for key in store.items("hostkeys/"):
         if key[len("hostkeys/"):] not in running and complete:
             add(Finding("host-keys-without-vm", key, f"{key[len('hostkeys/'):]} runs on no host"))
+    for key, entry in store.items("vms/").items():
+        name, recorded = key[len("vms/"):], entry.value.get("host")
+        vm = running.get(name)
+        if vm is None:
+            if complete:
+                add(Finding("record-without-vm", key, f"{name} is recorded on {recorded} but defined on no host"))
+        elif recorded != vm["host"]:
+            add(Finding("record-elsewhere", key, f"{name} is defined on {vm['host']}, its record says {recorded} "
+                        "(a failover would define it from the record)"))
+    for key, entry in store.items("ha/").items():
+        if entry.value.get("dead_since") is not None:
+            fenced = "fenced" if entry.value.get("fenced_at") is not None else "not fenced"
+            add(Finding("dead-host", key, f"{key[len('ha/'):]} was declared dead ({fenced}); cloud.watch reports "
+                        "it healthy once it answers"))
     for key, entry in store.items("migrating/").items():
         add(Finding("unfinished-migration", key, f"{entry.value.get('source')} -> {entry.value.get('target')}, "
                     f"phase {entry.value.get('phase')}: run `invoke vm.migrate {key[len('migrating/'):]} --recover`"))

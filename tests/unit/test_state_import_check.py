@@ -112,3 +112,18 @@ def test_check_compares_every_nic_of_a_vm_with_its_allocation_on_that_network(_o
     store.create("ipam/dmz", {"cidr": "10.9.0.0/24", "allocations": {}})
     kinds = sorted((f.kind, f.key, f.detail.split()[0]) for f in check.compare(store, _facts([moved, stray])).findings)
     assert kinds == [("allocation-mismatch", "ipam/lan", "two"), ("vm-without-allocation", "ipam/dmz", "three")]
+
+
+def test_check_compares_vm_records_with_where_the_vms_are(_own_state_store):
+    store = _own_state_store
+    for name, host in (("web", "hv1"), ("moved", "hv1"), ("gone", "hv2")):
+        store.create(f"vms/{name}", {"name": name, "host": host})
+    store.create("ha/hv3", {"missing_since": 1.0, "dead_since": 31.0})
+    store.create("ha/hv4", {"missing_since": 1.0})  # missing, not dead yet: nothing to say
+    vms = [{"name": "web", "host": "hv1"}, {"name": "moved", "host": "hv2"}]
+    report = check.compare(store, _facts(vms))
+    assert sorted((f.kind, f.key) for f in report.findings) == [
+        ("dead-host", "ha/hv3"), ("record-elsewhere", "vms/moved"), ("record-without-vm", "vms/gone")]
+    assert "not fenced" in next(f.detail for f in report.findings if f.kind == "dead-host")
+    unseen = check.compare(store, _facts(vms, unreachable=["hv2: refused"]))
+    assert "record-without-vm" not in {f.kind for f in unseen.findings}
