@@ -17,14 +17,15 @@ from dataclasses import asdict, dataclass, field
 
 import libvirt
 
-from cloudops import state, virt
+from cloudops import fleet, state, virt
 from cloudops.compute import placement, power, records, scheduler, vms
 from cloudops.errors import CloudopsError
 from cloudops.ha import fencing
+from cloudops.migration import journal as migration_journal
 from cloudops.net import networks
 
 HISTORY = "failovers/"
-RESTART, DOWN, NO_HOST = "restart", "down", "no host"
+RESTART, DOWN, NO_HOST, ALREADY = "restart", "down", "no host", "already elsewhere"
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Report:
     @property
     def complete(self) -> bool:
         """Fenced, and every shared-storage VM restarted (local ones are down by design)."""
-        return self.fenced and all(s.action in ("restarted", DOWN) for s in self.steps)
+        return self.fenced and all(s.action in ("restarted", DOWN, ALREADY) for s in self.steps)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -138,8 +139,17 @@ def failover(host, inventory, *, fence: bool = True, dry_run: bool = False, fenc
     except CloudopsError as exc:  # no other host answers: the shared VMs wait for the next try
         steps = [Step(r["name"], NO_HOST, reason=str(exc)) if records.is_shared(r) else s
                  for r, s in zip(sorted(vm_records, key=lambda r: r["name"]), plan(vm_records, [], host.name))]
+    elsewhere = _defined_elsewhere(host, inventory, [s.vm for s in steps if s.action == RESTART])
     for step in steps:
-        if step.action == RESTART:
+        if step.action == RESTART and step.vm in elsewhere:  # an earlier try started it, or someone did by hand
+            step.action, step.target = ALREADY, elsewhere[step.vm]
+            step.reason = f"already defined on {step.target}: its record now says so, no second copy made"
+            records.moved(step.vm, step.target)
+        elif step.action == RESTART and migration_journal.read(step.vm):
+            step.action = "failed"
+            step.reason = (f"unfinished migration: its other copy may be on the target; run `invoke vm.migrate "
+                           f"{step.vm} --recover` once both hosts answer")
+        elif step.action == RESTART:
             record = next(r for r in vm_records if r["name"] == step.vm)
             message(f"restarting {step.vm} on {step.target}")
             t0 = time.monotonic()
@@ -153,6 +163,27 @@ def failover(host, inventory, *, fence: bool = True, dry_run: bool = False, fenc
     report.steps = steps
     _keep(report)
     return report
+
+
+def _defined_elsewhere(host, inventory, names: list[str]) -> dict[str, str]:
+    """{vm: host} of the ``names`` that another hypervisor already has defined; a host that cannot be asked
+    is a CloudopsError (a restart could make a second copy there)."""
+    if not names:
+        return {}
+    others = [h for h in inventory.hypervisors() if h.name != host.name]
+    result = fleet.run(others, lambda h: [n for n in names if _has(h, n)], timeout=60)
+    if result.failed and len(result.failed) == len(others):
+        raise CloudopsError("no other hypervisor answers: " + "; ".join(f"{r.host}: {r.error}" for r in result.failed))
+    found = {}
+    for r in result:
+        for name in r.value or []:
+            found[name] = r.host
+    return found
+
+
+def _has(host, name) -> bool:
+    with virt.open_host(host) as conn:
+        return vms.defined_on(conn, name)
 
 
 def _states(host, inventory, vm_records) -> list:

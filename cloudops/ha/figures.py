@@ -34,7 +34,7 @@ def datapoints(report, prefix: str = "cloudops", timestamp: float | None = None)
             points.append((naming.vm_path(prefix, step.vm, "failover", "restart_s"), (ts, float(step.seconds or 0))))
         elif step.action == "down":
             counts["down"] += 1
-        else:
+        elif step.action in ("failed", "no host"):
             counts["failed"] += 1
     points += [host(name, value) for name, value in counts.items()]
     return points

@@ -96,9 +96,11 @@ def fakes(monkeypatch, tmp_path):
     monkeypatch.setattr(failover, "restart", lambda rec, target: restarted.append((rec["name"], target.name)))
     monkeypatch.setattr(failover.placement, "host_states", lambda hosts: [state(h.name) for h in hosts])
     monkeypatch.setattr(comeback, "clean", lambda host: cleaned.append(host.name) or [f"{host.name}: cleaned"])
+    defined = {}  # (host, vm) pairs other hypervisors already have
+    monkeypatch.setattr(failover, "_has", lambda host, name: (host.name, name) in defined)
     records.save(record("shared1"))
     records.save(record("local1", storage="local"))
-    return SimpleNamespace(restarted=restarted, cleaned=cleaned, marker=tmp_path / "fenced")
+    return SimpleNamespace(restarted=restarted, cleaned=cleaned, marker=tmp_path / "fenced", defined=defined)
 
 
 def fence_ok(marker):
@@ -213,3 +215,22 @@ def test_failover_figures_name_the_host_and_each_restarted_vm(tmp_path):
     spool = Spool(tmp_path / "spool")
     shipped = figures.ship(report, carbon=None, spool=spool)  # no carbon configured: all spooled, nothing raised
     assert shipped["spooled"] == 6 and shipped["sent"] == 0 and not spool.is_empty()
+
+
+def test_a_vm_another_host_already_has_is_not_started_twice(fakes):
+    fakes.defined[("hv2", "shared1")] = True  # an earlier try started it there, its record write was lost
+    inv = inventory(fence_ok(fakes.marker))
+    report = failover.failover(inv.hosts["hv1"], inv)
+    step = next(s for s in report.steps if s.vm == "shared1")
+    assert (step.action, step.target) == ("already elsewhere", "hv2") and "no second copy" in step.reason
+    assert fakes.restarted == [] and records.get("shared1")["host"] == "hv2" and report.complete
+
+
+def test_a_vm_with_an_unfinished_migration_is_not_restarted(fakes):
+    from cloudops import state
+
+    state.current().create("migrating/shared1", {"name": "shared1", "source": "hv1", "target": "hv2"})
+    inv = inventory(fence_ok(fakes.marker))
+    report = failover.failover(inv.hosts["hv1"], inv)
+    step = next(s for s in report.steps if s.vm == "shared1")
+    assert step.action == "failed" and "--recover" in step.reason and fakes.restarted == [] and not report.complete
