@@ -13,6 +13,7 @@ allocation never moved) and starts it. Every failover is kept in the state store
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import libvirt
@@ -26,6 +27,7 @@ from cloudops.net import networks
 
 HISTORY = "failovers/"
 RESTART, DOWN, NO_HOST, ALREADY = "restart", "down", "no host", "already elsewhere"
+RESTART_WORKERS = 8  # VMs restarted at once
 
 
 @dataclass
@@ -149,20 +151,26 @@ def failover(host, inventory, *, fence: bool = True, dry_run: bool = False, fenc
             step.action = "failed"
             step.reason = (f"unfinished migration: its other copy may be on the target; run `invoke vm.migrate "
                            f"{step.vm} --recover` once both hosts answer")
-        elif step.action == RESTART:
-            record = next(r for r in vm_records if r["name"] == step.vm)
-            message(f"restarting {step.vm} on {step.target}")
-            t0 = time.monotonic()
-            try:
-                restart(record, inventory.hosts[step.target])
-                step.action, step.seconds = "restarted", round(time.monotonic() - t0, 3)
-            except CloudopsError as exc:
-                step.action, step.reason = "failed", str(exc)
-            except libvirt.libvirtError as exc:
-                step.action, step.reason = "failed", f"{step.target}: {exc.get_error_message()}"
+    todo = [s for s in steps if s.action == RESTART]
+    if todo:  # at once: each VM's define and start are independent (its own name lock, its own target)
+        with ThreadPoolExecutor(max_workers=min(RESTART_WORKERS, len(todo))) as pool:
+            list(pool.map(lambda step: _restart_step(step, vm_records, inventory, message), todo))
     report.steps = steps
     _keep(report)
     return report
+
+
+def _restart_step(step: Step, vm_records: list, inventory, message) -> None:
+    record = next(r for r in vm_records if r["name"] == step.vm)
+    message(f"restarting {step.vm} on {step.target}")
+    t0 = time.monotonic()
+    try:
+        restart(record, inventory.hosts[step.target])
+        step.action, step.seconds = "restarted", round(time.monotonic() - t0, 3)
+    except CloudopsError as exc:
+        step.action, step.reason = "failed", str(exc)
+    except libvirt.libvirtError as exc:
+        step.action, step.reason = "failed", f"{step.target}: {exc.get_error_message()}"
 
 
 def _defined_elsewhere(host, inventory, names: list[str]) -> dict[str, str]:
