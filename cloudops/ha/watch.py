@@ -4,8 +4,9 @@ Made for cron (one cycle per call) or a loop; whatever a cycle learns is in the 
 (``ha/<host>``), so the next cycle, from this control machine or another operator's, goes on
 from there: since when a host is missing, when it was declared dead, when it was fenced. A host
 missing for ``grace`` seconds or more is dead and failed over (``cloudops.ha.failover``); once
-fenced it is not fenced again, and each cycle restarts only the shared VMs still recorded on it
-(none, once all moved). A host that answers again is healthy: its stale definitions go
+fenced it is not fenced again (unless a VM record was written on it after the fencing: it came
+back and died again between two cycles), and each cycle restarts only the shared VMs still
+recorded on it (none, once all moved). A host that answers again is healthy: its stale definitions go
 (``cloudops.ha.comeback``) and its entry is cleared. One cycle at a time in the whole cloud: the
 cycle holds the leased lock ``ha`` (as ``host.failover`` does).
 """
@@ -162,8 +163,10 @@ def _host_cycle(host, found, inventory, grace, t, fence_timeout, ship, message) 
         _set(host.name, dead_since=t)
         known["dead_since"] = t
         message(f"{host.name} missing for {status.missing_for:.0f}s: declared dead")
-    fenced = known.get("fenced_at") is not None
-    if fenced and not any(records.is_shared(r) for r in records.on_host(host.name)):
+    on_host = records.on_host(host.name)
+    fenced = known.get("fenced_at") is not None and not any(
+        (r.get("updated") or 0) > known["fenced_at"] for r in on_host)  # a VM written there since: it came back
+    if fenced and not any(records.is_shared(r) for r in on_host):
         status.failover = {"fenced": True, "fence": None, "steps": [], "complete": True,
                            "reason": "", "host": host.name}
         return status  # done in an earlier cycle: nothing left to move

@@ -112,9 +112,18 @@ def hv1_of(report):
     return next(h for h in report["hosts"] if h["host"] == "hv1")
 
 
+def forget_watch_state(lab_inventory):
+    """No host of this lab is remembered as missing or dead (by an earlier run on the same state store)."""
+    from cloudops import state
+
+    for host in lab_inventory.hypervisors():
+        state.current().delete(f"ha/{host.name}")
+
+
 @pytest.fixture(scope="module")
 def vms_on_hv1(lab, lab_inventory, tiny_image):
     """A real tiny VM on local storage and two diskless "shared" ones, all on hv1, with records."""
+    forget_watch_state(lab_inventory)
     hv1 = lab_inventory.hosts["hv1"]
     local = vms.start_vm(vms.VMSpec(name=LOCAL, image="tiny", memory=96, host="hv1", timeout=240), lab_inventory)
     net = vms.network_spec("cloudops", hv1)
@@ -134,6 +143,7 @@ def vms_on_hv1(lab, lab_inventory, tiny_image):
         except Exception:  # noqa: BLE001 - teardown goes on; the lab goes down after the module anyway
             pass
         records.forget(name)
+    forget_watch_state(lab_inventory)
 
 
 def running_again_on_hv1(lab, lab_inventory):

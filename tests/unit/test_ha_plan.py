@@ -234,3 +234,15 @@ def test_a_vm_with_an_unfinished_migration_is_not_restarted(fakes):
     report = failover.failover(inv.hosts["hv1"], inv)
     step = next(s for s in report.steps if s.vm == "shared1")
     assert step.action == "failed" and "--recover" in step.reason and fakes.restarted == [] and not report.complete
+
+
+def test_a_host_that_ran_vms_after_its_fencing_is_fenced_again(fakes):
+    clock, inv = Clock(), inventory(fence_ok(fakes.marker))
+    watch.cycle(inv, 5, now=clock, probe_all=probes({"hv1"}))
+    clock.t += 5
+    watch.cycle(inv, 5, now=clock, probe_all=probes({"hv1"}))
+    assert fakes.marker.read_text() == "hv1 "
+    # unseen by any cycle, hv1 came back, ran a new shared VM, and went missing again
+    records.save(dict(record("later"), updated=watch.entry("hv1")["fenced_at"] + 1))
+    watch.cycle(inv, 5, now=clock, probe_all=probes({"hv1"}))
+    assert fakes.marker.read_text() == "hv1 hv1 " and ("later", "hv2") in fakes.restarted
