@@ -71,6 +71,7 @@ bench: setup
 	$(PY) bench/metrics.py
 	$(PY) bench/migrate.py
 	$(PY) bench/day2.py
+	$(PY) bench/failover.py
 
 lab-down: venv
 	$(INV) lab.down
