@@ -779,8 +779,8 @@ def _record(result: Result) -> None:
 
 def history(name: str | None = None) -> list[dict]:
     """Past migrations, oldest first (of one VM when ``name`` is given)."""
-    records = [entry.value for entry in state.current().items(HISTORY).values()]
-    return sorted((r for r in records if name is None or r.get("name") == name), key=lambda r: r.get("time", 0))
+    past = [entry.value for entry in state.current().items(HISTORY).values()]
+    return sorted((r for r in past if name is None or r.get("name") == name), key=lambda r: r.get("time", 0))
 
 
 def policy_from(config: dict, **given) -> Policy:

@@ -10,7 +10,7 @@ import libvirt
 import pytest
 
 from cloudops import virt
-from cloudops.compute import guest, vms
+from cloudops.compute import guest, records, vms
 from cloudops.errors import CloudopsError
 from cloudops.hosts import maintenance
 from cloudops.migration import migrate
@@ -120,6 +120,11 @@ def test_stopped_vm_migrates_offline(lab, lab_inventory, vm_on_hv1):
     assert result.mode == "offline" and result.bytes_moved > 0
     assert holders(lab_inventory, name) == {"hv3": False}
     assert traces_on(lab_inventory.hosts["hv1"], name) == []
+    record = records.get(name)  # what a failover would define: where the VM is now, with its disk there
+    with connect(lab_inventory.hosts["hv3"]) as hv:
+        disks = hv.run(f"virsh -c qemu:///system domblklist {name} --details", hide=True, in_stream=False).stdout
+    source = next(p for p in disks.split() if p.endswith(f"{name}.qcow2"))
+    assert record["host"] == "hv3" and f"'{source}'" in record["xml"]
     with virt.open_host(lab_inventory.hosts["hv3"]) as conn:
         conn.lookupByName(name).create()
     guest.wait_until(lambda: _answers(lab_inventory, name), 240, f"SSH on {name} after the offline move")
