@@ -137,6 +137,10 @@ def cycle(inventory, grace: float = 30.0, *, probe_timeout: float = probe.DEFAUL
 def _host_cycle(host, found, inventory, grace, t, fence_timeout, ship, message) -> HostStatus:
     known = entry(host.name)
     status = HostStatus(host.name, found.status, probe=found.to_dict())
+    if found.untrusted:  # something answers with another key: never dead on that, a person checks it
+        status.error = ("answers with an SSH host key that is not the trusted one: not declared dead, nothing "
+                        "fenced or restarted (verify the host out of band; host.failover --force if it is dead)")
+        return status
     if not found.missing:
         if known is None:
             return status
