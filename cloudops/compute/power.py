@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import libvirt
 
 from cloudops import state, virt
-from cloudops.compute import guest, vms
+from cloudops.compute import guest, records, vms
 from cloudops.errors import CloudopsError
 from cloudops.net import ipam, networks
 from cloudops.ssh import connect
@@ -113,6 +113,7 @@ def poweron_vm(name: str, inventory, hosts: list | None = None, wait: bool = Tru
         net, allocation = nics[0]
         progress(f"starting {name} on {host.name}")
         dom.create()
+        records.set_running(name, True)  # a failover starts it again
         if not wait:
             return PowerResult(vms.describe(dom, host.name), True, "powered on",
                                f"{name} on {host.name}: powered on at {allocation.ip} (not waiting for SSH)")
@@ -238,5 +239,6 @@ def force_stop_vm(name: str, hosts: list, progress=lambda m: None) -> PowerResul
                                f"{name} on {host.name}: already stopped, nothing to do")
         progress(f"destroying {name} on {host.name} (--force: no ACPI shutdown)")
         dom.destroy()
+        records.set_running(name, False)
         return PowerResult(vms.describe(dom, host.name), True, "destroyed",
                            f"{name} on {host.name}: stopped at once (--force)")

@@ -8,6 +8,9 @@ by ``vm.delete``: these are the only writers, and each write is one small docume
 
 ``is_shared`` is the one place that says whether a VM's disk is on the cloud's shared path (the
 ``storage`` field, from the VM's cloudops metadata): only such a VM can be restarted elsewhere.
+``running`` is the power state the operator last asked for (``vm.start``, ``vm.poweron``: true;
+``vm.stop``: false): a failover starts only the VMs that were meant to run, and defines the others
+stopped. A guest that powers itself off is still "running" here.
 """
 
 import time
@@ -31,10 +34,10 @@ def key(name: str) -> str:
 def from_domain(dom, host_name: str) -> dict:
     """The record of a cloudops domain as it is defined now on ``host_name``."""
     xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
-    return from_xml(xml, host_name, virt.metadata(dom))
+    return from_xml(xml, host_name, virt.metadata(dom), running=bool(dom.isActive()))
 
 
-def from_xml(xml: str, host_name: str, meta: dict) -> dict:
+def from_xml(xml: str, host_name: str, meta: dict, running: bool = True) -> dict:
     """A record from a domain's XML and its cloudops metadata (pure: tests build records with it)."""
     from cloudops.compute.vms import nics_of
 
@@ -53,6 +56,7 @@ def from_xml(xml: str, host_name: str, meta: dict) -> dict:
         "memory_mb": memory_mb,
         "vcpus": int(vcpu.text) if vcpu is not None and vcpu.text else 1,
         "group": meta.get("group") or None,
+        "running": running,
         "updated": round(time.time(), 3),
     }
 
@@ -78,6 +82,20 @@ def refresh(name: str, dom, host_name: str) -> None:
     (made before records existed: its next vm.start or vm.migrate writes it)."""
     if get(name) is not None:
         save_domain(dom, host_name)
+
+
+def set_running(name: str, running: bool) -> None:
+    """The operator started or stopped the VM: what a failover brings back (a VM without a record: nothing)."""
+    def change(record):
+        if record:
+            record["running"] = running
+            record["updated"] = round(time.time(), 3)
+
+    state.current().update(key(name), change)
+
+
+def meant_to_run(record: dict) -> bool:
+    return (record or {}).get("running", True) is not False
 
 
 def get(name: str) -> dict | None:

@@ -635,6 +635,7 @@ def stop_vm(name: str, hosts: list, timeout: float = 60, progress=lambda m: None
         if dom.isActive():
             progress(f"{name} did not shut down within {timeout:g}s; destroying it")
             _destroy(dom)
+        records.set_running(name, False)  # a failover leaves it stopped
         return describe(dom, host.name), True
 
 

@@ -27,6 +27,7 @@ from cloudops.net import networks
 
 HISTORY = "failovers/"
 RESTART, DOWN, NO_HOST, ALREADY = "restart", "down", "no host", "already elsewhere"
+DEFINED = "defined"  # a shared VM that was stopped: defined on its new host, not started
 RESTART_WORKERS = 8  # VMs restarted at once
 
 
@@ -66,7 +67,7 @@ class Report:
     @property
     def complete(self) -> bool:
         """Fenced, and every shared-storage VM restarted (local ones are down by design)."""
-        return self.fenced and all(s.action in ("restarted", DOWN, ALREADY) for s in self.steps)
+        return self.fenced and all(s.action in ("restarted", DEFINED, DOWN, ALREADY) for s in self.steps)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -162,11 +163,14 @@ def failover(host, inventory, *, fence: bool = True, dry_run: bool = False, fenc
 
 def _restart_step(step: Step, vm_records: list, inventory, message) -> None:
     record = next(r for r in vm_records if r["name"] == step.vm)
-    message(f"restarting {step.vm} on {step.target}")
+    run = records.meant_to_run(record)
+    message(f"{'restarting' if run else 'defining (it was stopped)'} {step.vm} on {step.target}")
     t0 = time.monotonic()
     try:
-        restart(record, inventory.hosts[step.target])
-        step.action, step.seconds = "restarted", round(time.monotonic() - t0, 3)
+        restart(record, inventory.hosts[step.target], start=run)
+        step.action, step.seconds = ("restarted" if run else DEFINED), round(time.monotonic() - t0, 3)
+        if not run:
+            step.reason = f"stopped on the dead host (vm.stop): defined on {step.target}, left stopped"
     except CloudopsError as exc:
         step.action, step.reason = "failed", str(exc)
     except libvirt.libvirtError as exc:
@@ -204,8 +208,9 @@ def _states(host, inventory, vm_records) -> list:
     return placement.host_states(others)
 
 
-def restart(record: dict, target) -> None:
-    """Define the recorded domain on ``target`` with its reservations, start it, and move its record there.
+def restart(record: dict, target, start: bool = True) -> None:
+    """Define the recorded domain on ``target`` with its reservations, start it (unless ``start`` is false:
+    it was stopped), and move its record there.
 
     Under the VM's name lock, so no start, delete or migration of the name runs meanwhile; a start
     that fails leaves neither the definition nor the reservations it added."""
@@ -225,7 +230,8 @@ def restart(record: dict, target) -> None:
                     added.append((net.name, allocation))
             dom = conn.defineXML(record["xml"])
             try:
-                dom.create()
+                if start:
+                    dom.create()
             except libvirt.libvirtError:
                 vms._undefine(dom)
                 raise

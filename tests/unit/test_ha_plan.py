@@ -8,7 +8,7 @@ import pytest
 
 from cloudops.compute import records, scheduler
 from cloudops.errors import CloudopsError
-from cloudops.ha import comeback, failover, watch
+from cloudops.ha import comeback, failover, probe, watch
 from cloudops.ha.probe import Probe
 
 
@@ -93,7 +93,8 @@ def probes(missing=()):
 @pytest.fixture
 def fakes(monkeypatch, tmp_path):
     restarted, cleaned = [], []
-    monkeypatch.setattr(failover, "restart", lambda rec, target: restarted.append((rec["name"], target.name)))
+    monkeypatch.setattr(failover, "restart", lambda rec, target, start=True:
+                        restarted.append((rec["name"], target.name) if start else (rec["name"], target.name, "stopped")))
     monkeypatch.setattr(failover.placement, "host_states", lambda hosts: [state(h.name) for h in hosts])
     monkeypatch.setattr(comeback, "clean", lambda host: cleaned.append(host.name) or [f"{host.name}: cleaned"])
     defined = {}  # (host, vm) pairs other hypervisors already have
@@ -190,7 +191,7 @@ def test_host_failover_dry_run_fences_and_restarts_nothing(fakes, monkeypatch):
 
 
 def test_a_failed_restart_is_reported_and_the_record_stays(fakes, monkeypatch):
-    def refuse(rec, target):
+    def refuse(rec, target, start=True):
         raise CloudopsError(f"{target.name}: disk not found")
 
     monkeypatch.setattr(failover, "restart", refuse)
@@ -246,3 +247,40 @@ def test_a_host_that_ran_vms_after_its_fencing_is_fenced_again(fakes):
     records.save(dict(record("later"), updated=watch.entry("hv1")["fenced_at"] + 1))
     watch.cycle(inv, 5, now=clock, probe_all=probes({"hv1"}))
     assert fakes.marker.read_text() == "hv1 hv1 " and ("later", "hv2") in fakes.restarted
+
+
+def test_a_host_answering_with_another_host_key_is_never_declared_dead(fakes):
+    """Something answers at hv1's address with a key cloudops does not trust: past grace, still not dead."""
+    clock, inv = Clock(), inventory(fence_ok(fakes.marker))
+
+    def impostor(hosts, timeout):
+        wrong = ("ssh: SSH host key of 10.0.0.1 does not match the trusted known_hosts: possible impostor or a "
+                 "reinstalled host; cloudops never accepts a changed key")
+        return {h.name: Probe(h.name, h.name != "hv1", h.name != "hv1", wrong if h.name == "hv1" else "",
+                              untrusted=h.name == "hv1") for h in hosts}
+
+    for _ in range(3):
+        report = watch.cycle(inv, 30, now=clock, probe_all=impostor)
+        clock.t += 31
+    hv1 = report.hosts[0]
+    assert hv1.status == "untrusted" and "not declared dead" in hv1.error and report.attention == ["hv1"]
+    assert not fakes.marker.exists() and fakes.restarted == [] and watch.entry("hv1") is None
+
+
+def test_the_probe_tells_a_wrong_host_key_from_silence():
+    assert probe.untrusted_key("ssh: SSH host key of 10.0.0.1 does not match the trusted known_hosts")
+    assert probe.untrusted_key("libvirt: hv1: SSH host key of 10.0.0.1 is not in the trusted known_hosts")
+    assert not probe.untrusted_key("ssh: connection refused (is sshd running?)")
+    assert Probe("hv1", False, False, "x", untrusted=True).missing is False
+    assert Probe("hv1", False, False, "ssh: timed out connecting").missing is True
+
+
+def test_a_vm_stopped_before_its_host_died_is_defined_elsewhere_not_started(fakes):
+    records.set_running("shared1", False)
+    clock, inv = Clock(), inventory(fence_ok(fakes.marker))
+    watch.cycle(inv, 30, now=clock, probe_all=probes({"hv1"}))
+    clock.t += 30
+    dead = watch.cycle(inv, 30, now=clock, probe_all=probes({"hv1"})).hosts[0]
+    assert fakes.restarted == [("shared1", "hv2", "stopped")]
+    step = next(s for s in dead.failover["steps"] if s["vm"] == "shared1")
+    assert step["action"] == "defined" and "left stopped" in step["reason"] and dead.failover["complete"]
