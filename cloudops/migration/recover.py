@@ -178,7 +178,7 @@ def _resume_postcopy(name, record, where, inventory, message) -> str:
         disks = migrate._disks(conn, dom)
         shared = bool(record.get("shared"))
         policy = migrate.Policy()
-        flags = migrate._flags(shared, policy) | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
+        flags = migrate._flags(shared, policy, bool(record.get("shared_path"))) | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
         status = _qemu_migration_status(dom)
         if status == "completed":
             return "completed"
