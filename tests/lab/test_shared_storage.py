@@ -1,11 +1,15 @@
-"""VMs on the lab's shared storage: started there, migrated without copying a disk, deleted; bad input makes nothing.
+"""VMs on the lab's shared storage: started there, migrated without copying a disk, deleted; bad input makes
+nothing; and the disk leases (virtlockd, lockspace on the shared storage) refuse the running disk to another host.
 
 The oracles are outside cloudops: ``virsh domblklist`` on the hosts, ``qemu-img info`` of the overlay,
 the files in the lab's shared directory and in the hosts' own pools, a file written inside the guest.
 """
 
 import dataclasses
+import fcntl
+import hashlib
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -115,3 +119,53 @@ def test_bad_storage_input_is_one_line_and_makes_nothing(lab, lab_inventory, tin
         assert [p for p in (Path(lab.dir) / "shared").rglob("t-badst*")] == []
         assert local_disks(lab, "hv1", "t-badst") == []
 
+
+@pytest.fixture
+def hv2_own_mount(lab, lab_inventory):
+    """hv2 sees the shared disks through a FUSE mount of its own (bindfs), at the same path, as a second machine
+    does: the lab's hosts share one kernel, so QEMU's own image locks (OFD locks on the disk's inode) would see
+    each other across hosts, which QEMU processes on two real machines do not (a SAN LUN, a file system whose
+    locks stay on each client). And libvirt 9.0 takes the leases only when the vCPUs start, after QEMU has opened
+    its disks: without this, QEMU's "Failed to get write lock" would answer first and hide whether the lease
+    works. The lockspace (``.leases``) stays the common directory."""
+    disks = f"{lab_inventory.hosts['hv2'].vars['shared_path']}/disks"
+    enter = lab_lib.enter(lab.host("hv2"))
+    subprocess.run([*enter, "bindfs", "--no-allow-other", disks, disks], check=True, timeout=30)
+    yield
+    subprocess.run([*enter, "umount", disks], check=True, timeout=30)
+
+
+def test_a_second_host_starting_the_running_disk_by_hand_is_refused_by_its_lease(lab, lab_inventory, shared_vm,
+                                                                                   hv2_own_mount):
+    inside = lab_inventory.hosts["hv1"].vars["shared_path"]
+    disk = f"{inside}/disks/{NAME}.qcow2"
+    lease = Path(lab.dir) / "shared" / ".leases" / hashlib.sha256(disk.encode()).hexdigest()  # virtlockd's name
+    assert lease.is_file(), sorted(p.name for p in lease.parent.iterdir())
+    with open(lease, "r+") as held:  # virtlockd on hv1 holds it: this process cannot take it
+        with pytest.raises(BlockingIOError):
+            fcntl.lockf(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    # a person copies the VM's definition to hv2 and starts it there (same disk, no NIC, another name)
+    root = ET.fromstring(virsh(lab, "hv1", "dumpxml", "--inactive", NAME).stdout)
+    root.find("name").text = "t-intruder"
+    root.remove(root.find("uuid"))
+    root.remove(root.find("metadata"))
+    devices = root.find("devices")
+    for nic in devices.findall("interface"):
+        devices.remove(nic)
+    for log in devices.findall("serial/log"):
+        log.set("file", "/var/log/libvirt/qemu/t-intruder-console.log")
+    defined = subprocess.run([*lab_lib.enter(lab.host("hv2")), "virsh", "-c", "qemu:///system", "define",
+                              "/dev/stdin"], input=ET.tostring(root, encoding="unicode"), capture_output=True,
+                             text=True, timeout=60)
+    assert defined.returncode == 0, defined.stderr
+    try:
+        started = virsh(lab, "hv2", "start", "t-intruder")
+        assert started.returncode != 0
+        assert "resource busy" in started.stderr and "Lockspace resource" in started.stderr, started.stderr
+        assert "Failed to get" not in started.stderr  # the lease refused it, not QEMU's own image locking
+        assert virsh(lab, "hv2", "domstate", "t-intruder").stdout.strip() == "shut off"
+    finally:
+        virsh(lab, "hv2", "undefine", "t-intruder")
+    assert virsh(lab, "hv1", "domstate", NAME).stdout.strip() == "running"
+    assert run_in_vm(lab_inventory, NAME, "echo unharmed") == "unharmed"
