@@ -13,14 +13,11 @@ name is unique in the cloud; disks made by hand at the same local path on two ho
 price of the shared lockspace.
 """
 
-import shlex
-
 from cloudops import hostfiles
 from cloudops.templating import render
 
 QEMU_CONF = "/etc/libvirt/qemu.conf"
 LOCKD_CONF = "/etc/libvirt/qemu-lockd.conf"
-VIRTLOCKD_SOCKET = "/run/libvirt/virtlockd-sock"
 BLOCK = "disk leases"
 LOCKSPACE = ".leases"
 
@@ -51,4 +48,5 @@ def virtlockd_start_command(init: str, configured: str | None) -> str | None:
 
 
 def virtlockd_running(conn) -> bool:
-    return conn.run(f"test -S {shlex.quote(VIRTLOCKD_SOCKET)}", warn=True, hide=True, in_stream=False).ok
+    """virtlockd answers on its admin socket (a socket file alone may be left over by a killed daemon)."""
+    return conn.run("virt-admin -c virtlockd:///system srv-list", warn=True, hide=True, in_stream=False).ok
