@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from cloudops import kvm, storage, virt
+from cloudops import kvm, sharedstorage, storage, virt
 from cloudops.compute import placement, scheduler, sizing, vms
 from cloudops.errors import CloudopsError
 from cloudops.imaging import store as images
@@ -96,6 +96,8 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
+    if spec.storage == "shared":
+        candidates = vms.shared_candidates(candidates, bool(spec.host))
     nets = vms.start_networks(spec, candidates, inventory, extra_networks)
     net = nets[0]
     if spec.ip is not None:  # refused before any host is ranked, as start_vm refuses it
@@ -111,6 +113,9 @@ def plan_start(spec: "vms.VMSpec", inventory, extra_networks=(), states=None, al
     extra = [(n, ipam.peek(n, spec.name, also_taken=also_taken)) for n in nets[1:]]
     actions, virt_type = _host_actions(image, host, nets)
     pool_dir = storage_dir(host)
+    if spec.storage == "shared":
+        pool_dir = sharedstorage.disks_dir(host)
+        actions.append(f"image {image.name} on the shared path ({sharedstorage.images_dir(host)}), when not there yet")
     for n, a in [(net, allocation), *extra]:
         actions.append(f"IPAM allocation {a.ip} ({a.mac}) on network {n.name}, and its DHCP reservation on {host.name}")
     actions.append(f"disk {pool_dir}/{spec.name}.qcow2: qcow2 overlay of {sizing.format_size(capacity)} on image "

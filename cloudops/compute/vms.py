@@ -24,7 +24,7 @@ from pathlib import Path
 
 import libvirt
 
-from cloudops import hostfiles, kvm, passwords, state, storage, virt
+from cloudops import hostfiles, kvm, passwords, sharedstorage, state, storage, virt
 from cloudops.compute import console, guest, placement, records, seed, sizing, userdata
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
@@ -63,6 +63,7 @@ class VMSpec:
     max_memory: int | None = None  # MiB the running VM can be grown to (vm.resize); None: ``memory``
     max_vcpus: int | None = None  # vCPUs it can be grown to by CPU hotplug; None: ``vcpus``
     disk_file: str | None = None  # vm.import: a standalone qcow2 here, uploaded as the disk (no overlay on the image)
+    storage: str = "local"  # or "shared": overlay, seed and image on the inventory's shared_path (sharedstorage)
 
     @property
     def networks(self) -> list:
@@ -84,6 +85,7 @@ class VM:
     customize: str | None = None
     group: str | None = None
     nics: list = field(default_factory=list)  # every NIC ({network, ip, mac}), the primary (network/ip/mac) first
+    storage: str = "local"  # where its disks are: "local" (the host's pool) or "shared" (the shared path)
     timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -107,6 +109,7 @@ def validate(spec: VMSpec) -> VMSpec:
                                          ("max vCPUs", spec.max_vcpus, spec.vcpus, VCPU_RANGE)):
         if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not now <= top <= high):
             raise CloudopsError(f"{what} must be a whole number from {now} (the VM's own) to {high}, got {top!r}")
+    sharedstorage.validate_kind(spec.storage)
     if spec.firmware not in FIRMWARES:
         raise CloudopsError(f"firmware must be one of {', '.join(FIRMWARES)}, got {spec.firmware!r}")
     if spec.customize not in CUSTOMIZE_WAYS:
@@ -203,7 +206,8 @@ def describe(dom: libvirt.virDomain, host_name: str) -> VM:
     meta = virt.metadata(dom)
     return VM(name=dom.name(), host=host_name, ip=meta.get("ip") or None, state=STATES.get(state, str(state)),
               memory=max_mem_kib // 1024, vcpus=vcpus, image=meta.get("image"), network=meta.get("network"),
-              mac=meta.get("mac"), customize=meta.get("customize"), group=meta.get("group"), nics=nics_of(meta))
+              mac=meta.get("mac"), customize=meta.get("customize"), group=meta.get("group"), nics=nics_of(meta),
+              storage=sharedstorage.kind_of(meta))
 
 
 def details(dom: libvirt.virDomain) -> dict:
@@ -316,6 +320,8 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     if spec.host and spec.host not in inventory.hosts:
         raise CloudopsError(f"unknown host {spec.host!r} (inventory {inventory.path}; known: {', '.join(inventory.hosts)})")
     candidates = [inventory.hosts[spec.host]] if spec.host else inventory.hypervisors()
+    if spec.storage == "shared":
+        candidates = shared_candidates(candidates, bool(spec.host))
     nets = start_networks(spec, candidates, inventory, extra_networks)
     if spec.ip is not None:  # a read, before anything is made; allocate checks again, atomically
         ipam.peek(nets[0], spec.name, ip=spec.ip)
@@ -345,6 +351,17 @@ def start_vm(spec: VMSpec, inventory, progress=lambda m: None, extra_networks=()
     return vm
 
 
+def shared_candidates(candidates: list, named: bool) -> list:
+    """The hosts that can hold a shared-storage VM: those with a shared_path (the one named must have it)."""
+    if named:
+        sharedstorage.path_of(candidates[0])  # one clear line when it has none
+        return candidates
+    usable = [h for h in candidates if (h.vars or {}).get("shared_path")]
+    if not usable:
+        raise CloudopsError("no hypervisor has a shared_path in the inventory: --storage shared needs one")
+    return usable
+
+
 def start_networks(spec, candidates, inventory, extra_networks=()) -> list:
     """The NetworkSpec of each of the VM's NICs (``spec.networks``), the primary first."""
     hosts = network_hosts(candidates, inventory)
@@ -370,13 +387,24 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
     def checkpoint(name):  # timings: seconds since the start began, at the end of each phase
         timings[name] = round(time.monotonic() - t0, 3)
 
+    shared = spec.storage == "shared"
     with connect(host) as hv, virt.open_host(host) as conn:
+        if shared:
+            sharedstorage.check_present(host, hv)  # before anything is made
         needs_image = spec.disk_file is None or image.direct_boot  # an imported disk stands alone; a kernel does not
         if needs_image and images.ensure_on_host(image, host, hv):
             progress(f"copied image {image.name} to {host.name}")
+        if needs_image and shared and sharedstorage.ensure_image(image, host, hv, progress):
+            progress(f"copied image {image.name} to the shared path")
         for net in nets:
             networks.ensure_network(conn, net)
-        pool, _ = storage.ensure_pool(conn, storage.disks_dir(images.pool_path(host)))
+        if shared:
+            pool, _ = sharedstorage.ensure_pool(conn, host)
+            storage.refresh_pool(pool)  # other hosts add and delete volumes there: libvirt's list may be stale
+            backing, boot = sharedstorage.image_path(image, host), sharedstorage.boot_files(image, host)
+        else:
+            pool, _ = storage.ensure_pool(conn, storage.disks_dir(images.pool_path(host)))
+            backing, boot = image.remote_path(host), image.remote_boot(host)
         pool_dir = storage.target_path(pool)
         checkpoint("host_ready")
 
@@ -397,7 +425,7 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
         host_key = None  # (private, (type, base64)): made here and passed in the seed, so known before the boot
         hostname = spec.hostname or spec.name
         if spec.customize == "guestfs":
-            _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity,
+            _guestfs_overlay(spec, image, backing, hv, pool_dir, disk_name, keys, hostname, progress, capacity,
                              network_config)
             undo.push(storage.delete_volume, pool, disk_name)
             storage.refresh_pool(pool)
@@ -409,8 +437,7 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
                 storage.refresh_pool(pool)
                 disk_path = pool.storageVolLookupByName(disk_name).path()
             else:
-                disk_path = storage.create_overlay(pool, disk_name, image.remote_path(host), image.format,
-                                                   capacity).path()
+                disk_path = storage.create_overlay(pool, disk_name, backing, image.format, capacity).path()
                 undo.push(storage.delete_volume, pool, disk_name)
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
             host_key = guest.make_host_key()
@@ -426,7 +453,7 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
             customize=spec.customize, group=spec.group, created=int(time.time()),
             extra_nics=[{"network": n.name, "ip": a.ip, "mac": a.mac} for n, a in zip(nets[1:], allocations[1:])],
             disk_path=disk_path, seed_path=seed_path, console_log=guest.console_log_path(spec.name),
-            boot=image.remote_boot(host), firmware=spec.firmware,
+            boot=boot, firmware=spec.firmware, storage=spec.storage,
             max_memory=spec.max_memory if (spec.max_memory or 0) > spec.memory else None,
             max_vcpus=spec.max_vcpus if (spec.max_vcpus or 0) > spec.vcpus else None)
         xml = render("libvirt/domain.xml.j2", vm=vm_vars, metadata_ns=virt.METADATA_NS)
@@ -465,9 +492,10 @@ def nics_network_config(nics) -> dict:
     return {"version": 2, "ethernets": ethernets}
 
 
-def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname, progress, capacity,
+def _guestfs_overlay(spec, image, backing, hv, pool_dir, disk_name, keys, hostname, progress, capacity,
                      network_config):
-    """Overlay made and customized here with libguestfs, then rebased onto the host's image and uploaded.
+    """Overlay made and customized here with libguestfs, then rebased onto ``backing`` (the image as the host
+    sees it: its pool's copy, or the shared path's) and uploaded.
 
     A cloud-init guest also gets the seed as files on its disk, for its network and first boot."""
     from cloudops.imaging.customize import customize_image
@@ -480,7 +508,7 @@ def _guestfs_overlay(spec, image, host, hv, pool_dir, disk_name, keys, hostname,
         in_guest = seed.files_in_guest(hostname, keys, network_config,
                                        instance_id=f"{spec.name}-{secrets.token_hex(4)}")
         customize_image(local, root_password=spec.root_password, ssh_keys=keys, hostname=hostname, files=in_guest)
-        subprocess.run(["qemu-img", "rebase", "-u", "-F", image.format, "-b", image.remote_path(host), str(local)],
+        subprocess.run(["qemu-img", "rebase", "-u", "-F", image.format, "-b", backing, str(local)],
                        check=True)
         hv.run(f"mkdir -p {shlex.quote(pool_dir)}", hide=True, in_stream=False)
         hostfiles.put_private(hv, str(local), f"{pool_dir}/{disk_name}")  # holds root's hash: 0600 from creation
@@ -691,6 +719,8 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
                 progress(f"undefined {name} on {host.name} (--force; not made by cloudops: its disks are left alone)")
                 return vm
             progress(f"undefined {name} on {host.name}; removing its disks and address")
+            if vm.storage == "shared":  # its host may never have used the shared pool (it came by migration)
+                _activate_shared_pool(conn, host)
             for path in disks:
                 _delete_path(conn, path)
             for nic in vm.nics:
@@ -703,6 +733,14 @@ def delete_vm(name: str, inventory, hosts: list | None = None, progress=lambda m
         guest.forget_host_keys(name, vm.ip)
         records.forget(name)
     return vm
+
+
+def _activate_shared_pool(conn, host) -> None:
+    """The shared pool defined and refreshed on ``host``, so libvirt knows the shared disks it is to delete;
+    a host without shared_path any more leaves them (the next lines' lookups find nothing)."""
+    with contextlib.suppress(CloudopsError, libvirt.libvirtError):
+        pool, _ = sharedstorage.ensure_pool(conn, host)
+        storage.refresh_pool(pool)
 
 
 def _own_disk_names(name: str, dom=None) -> set[str]:

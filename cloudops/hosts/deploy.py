@@ -12,6 +12,8 @@ Inventory variables (all optional; the defaults are in ``DEFAULTS``):
 ``cloud_name``, ``role``, ``packages``, ``pool_path``, ``networks``,
 ``libvirtd_keepalive_interval``, ``libvirtd_keepalive_count``, ``libvirtd_log_level``,
 ``libvirtd_log_filters``, ``libvirtd_restart`` (shell command; default systemctl or service),
+``shared_path`` (the shared storage: disk leases with their lockspace there, see cloudops.hosts.leases),
+``virtlockd_start`` (shell command starting virtlockd where there is no systemd or ``service``),
 ``metrics`` (``carbon``, ``prefix``, ``interval_minutes``: installs the host's own cloudops in
 /opt/cloudops/venv, the Debian packages it needs, and the metrics cron entry that runs it; see
 cloudops.hosts.toolkit for what comes from where),
@@ -34,7 +36,7 @@ import libvirt
 
 from cloudops import cloudkeys, fleet, hostfiles, paths, ssh, storage, virt
 from cloudops.errors import CloudopsError
-from cloudops.hosts import toolkit
+from cloudops.hosts import leases, toolkit
 from cloudops.net import networks
 
 DEFAULTS = {
@@ -48,10 +50,12 @@ DEFAULTS = {
     "libvirtd_log_level": 3,
     "libvirtd_log_filters": "3:remote 4:event 3:util.json 3:rpc",
     "libvirtd_restart": None,
+    "shared_path": None,
+    "virtlockd_start": None,
     "metrics": None,
     "deploy_templates": None,
 }
-STEPS = ("packages", "libvirtd", "pool", "networks", "migration-key", "known-hosts", "cloudops-venv", "metrics-cron",
+STEPS = ("packages", "libvirtd", "leases", "pool", "networks", "migration-key", "known-hosts", "cloudops-venv", "metrics-cron",
          "banner")
 LIBVIRTD_CONF = "/etc/libvirt/libvirtd.conf"
 MOTD = "/etc/motd"
@@ -78,6 +82,8 @@ class Settings:
     log_level: int
     log_filters: str
     restart: str | None
+    shared_path: str | None
+    virtlockd_start: str | None
     metrics: dict | None
     templates: str | None
 
@@ -110,6 +116,13 @@ def settings_for(host, base_dir: Path | None = None) -> Settings:
     restart = v["libvirtd_restart"]
     if restart is not None and (not isinstance(restart, str) or not restart.strip() or "\n" in restart):
         raise CloudopsError(f"{host.name}: libvirtd_restart must be a one-line shell command, got {restart!r}")
+    shared = v["shared_path"]
+    if shared is not None and (not isinstance(shared, str) or not shared.startswith("/")
+                               or any(c.isspace() for c in shared) or '"' in shared):
+        raise CloudopsError(f"{host.name}: shared_path must be an absolute path without spaces, got {shared!r}")
+    lockd_start = v["virtlockd_start"]
+    if lockd_start is not None and (not isinstance(lockd_start, str) or not lockd_start.strip() or "\n" in lockd_start):
+        raise CloudopsError(f"{host.name}: virtlockd_start must be a one-line shell command, got {lockd_start!r}")
     filters = v["libvirtd_log_filters"]
     if not isinstance(filters, str) or not re.match(r"^[0-9a-z_.: +-]*$", filters):
         raise CloudopsError(f"{host.name}: libvirtd_log_filters must look like '3:remote 4:event', got {filters!r}")
@@ -129,7 +142,8 @@ def settings_for(host, base_dir: Path | None = None) -> Settings:
         keepalive_interval=_int(host, "libvirtd_keepalive_interval", v["libvirtd_keepalive_interval"], -1, 3600),
         keepalive_count=_int(host, "libvirtd_keepalive_count", v["libvirtd_keepalive_count"], 0, 100),
         log_level=_int(host, "libvirtd_log_level", v["libvirtd_log_level"], 1, 4), log_filters=filters,
-        restart=restart, metrics=metrics, templates=templates)
+        restart=restart, shared_path=posixpath.normpath(shared) if shared else None, virtlockd_start=lockd_start,
+        metrics=metrics, templates=templates)
 
 
 def _metrics(host, value) -> dict | None:
@@ -283,7 +297,7 @@ def parse_facts(text: str, packages) -> tuple[str, str, dict[str, bool]]:
 
 def managed_paths(home: str) -> list[str]:
     ssh_dir = f"{home}/.ssh"
-    return [LIBVIRTD_CONF, MOTD, METRICS_CRON, f"{home}/{MIGRATION_KEY}", f"{home}/{MIGRATION_KEY}.pub",
+    return [LIBVIRTD_CONF, leases.QEMU_CONF, leases.LOCKD_CONF, MOTD, METRICS_CRON, f"{home}/{MIGRATION_KEY}", f"{home}/{MIGRATION_KEY}.pub",
             f"{ssh_dir}/authorized_keys", f"{ssh_dir}/known_hosts", f"{ssh_dir}/config"]
 
 
@@ -337,6 +351,42 @@ class _Run:
         if self.check:
             return True, f"{message}; would restart libvirtd"
         self.conn.run(command, hide=True, in_stream=False, timeout=60)
+        virt.forget(self.host)
+        self._wait_for_libvirtd()
+        return True, f"{message}; libvirtd restarted"
+
+    def leases(self):
+        """Disk leases (cloudops.hosts.leases): the lockspace on the shared path, qemu-lockd.conf, the lockd plugin
+        in qemu.conf, virtlockd running; libvirtd restarted when its configuration changed (virtlockd first)."""
+        shared = self.settings.shared_path
+        if not shared:
+            return False, "no shared_path in the inventory: disk leases not configured"
+        q = shlex.quote
+        if not self.conn.run(f"test -d {q(shared)}", warn=True, hide=True, in_stream=False).ok:
+            raise CloudopsError(f"shared path {shared} does not exist on the host (mount the shared storage first)")
+        results = []
+        space = leases.lockspace(shared)
+        if not self.conn.run(f"test -d {q(space)}", warn=True, hide=True, in_stream=False).ok:
+            if not self.check:
+                self.conn.run(f"mkdir -p -m 700 {q(space)}", hide=True, in_stream=False)
+            results.append((True, f"{space}: {'would create' if self.check else 'created'}"))
+        results.append(self.file(leases.LOCKD_CONF, leases.lockd_conf(shared), "644"))
+        results.append(self.file(leases.QEMU_CONF, leases.qemu_conf(self.facts.files[leases.QEMU_CONF].content), "600"))
+        if not leases.virtlockd_running(self.conn):
+            command = leases.virtlockd_start_command(self.facts.init, self.settings.virtlockd_start)
+            if command is None:
+                raise CloudopsError("virtlockd is not running, and there is no systemd or `service` to start it: "
+                                    "set the inventory variable virtlockd_start")
+            if not self.check:
+                self.conn.run(command, hide=True, in_stream=False, timeout=60)
+            results.append((True, f"{'would start' if self.check else 'started'} virtlockd"))
+        changed = any(c for c, _ in results)
+        message = "; ".join(m for c, m in results if c) if changed else f"disk leases on, lockspace {space}"
+        if not any(c for c, m in results if m.startswith("/etc/libvirt/")):  # libvirtd reads them when it starts
+            return changed, message
+        if self.check:
+            return True, f"{message}; would restart libvirtd"
+        self.conn.run(restart_command(self.settings, self.facts.init), hide=True, in_stream=False, timeout=60)
         virt.forget(self.host)
         self._wait_for_libvirtd()
         return True, f"{message}; libvirtd restarted"

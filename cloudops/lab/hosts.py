@@ -5,7 +5,8 @@ Every host is a network namespace (``<prefix>-hvN``) joined to a bridge
 namespaces held open by an "anchor" process, and inside them: a tmpfs on /run,
 overlays of /etc and /root, private /var/lib/libvirt, /var/log,
 /var/cache/libvirt and pool directory, its own sshd, virtlogd and libvirtd with
-a distinct host_uuid. A ``--bare`` host has only the network namespace and sshd:
+a distinct host_uuid, and virtlockd (disk leases: the lockspace is ``.leases`` on the shared
+directory, so a disk running on one host is refused to every other). A ``--bare`` host has only the network namespace and sshd:
 cheap, for fan-out tests and benchmarks. One directory (``shared``) is visible at
 the same path on every host (``SHARED_PATH``), as shared storage.
 
@@ -43,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cloudops import atomicfile, cloudkeys, paths
+from cloudops.hosts import leases
 from cloudops.errors import CloudopsError
 from cloudops.templating import render
 
@@ -290,7 +292,7 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
         _write_client_files(lab)
         progress(f"creating bridge {lab.bridge} and {hosts} network namespaces")
         _create_network(lab)
-        progress("starting sshd" + ("" if bare else ", virtlogd and libvirtd") + " on every host")
+        progress("starting sshd" + ("" if bare else ", virtlogd, virtlockd and libvirtd") + " on every host")
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda h: _start_host(lab, h), lab.hosts))
         _save(lab)
@@ -338,10 +340,11 @@ def _write_client_files(lab: Lab) -> None:
         if not host.bare:
             host_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"cloudops-lab:{lab.prefix}:{host.name}")
             (hdir / "libvirtd.conf").write_text(render("lab/libvirtd.conf.j2", host_uuid=host_uuid, **common))
-            (hdir / "qemu.conf").write_text(render("lab/qemu.conf.j2", **common))
+            (hdir / "qemu.conf").write_text(leases.qemu_conf(render("lab/qemu.conf.j2", **common)))
+            (hdir / "qemu-lockd.conf").write_text(leases.lockd_conf(SHARED_PATH))
             (hdir / "setup.sh").write_text(render(
                 "lab/host-setup.sh.j2", pool_path=POOL_PATH, inside=INSIDE, inside_lab=INSIDE_LAB, shared=SHARED_PATH,
-                hidden=hidden_paths(), **common))
+                lockspace=leases.lockspace(SHARED_PATH), hidden=hidden_paths(), **common))
             _seed_qemu_capabilities(host)
     (base / "known_hosts").write_text("\n".join(known) + "\n")
     (base / "hosts").write_text("\n".join(hosts_file) + "\n")
@@ -447,7 +450,7 @@ def _start_host(lab: Lab, host: LabHost) -> None:
     anchor = _read_pid(anchor_pidfile)
     _sh("nsenter", "-t", str(anchor), "-m", "-u", "-n", "sh", "-s", input=(hdir / "setup.sh").read_text())
     pids = {"anchor": anchor}
-    for daemon in ("sshd", "virtlogd", "libvirtd"):
+    for daemon in ("sshd", "virtlogd", "virtlockd", "libvirtd"):
         _wait_for(lambda: _read_pid(hdir / f"{daemon}.pid"), 15, f"{daemon} pid on {host.name}")
         pids[daemon] = _read_pid(hdir / f"{daemon}.pid")
     host.pids = pids

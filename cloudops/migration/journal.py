@@ -29,8 +29,11 @@ def read(name: str) -> dict | None:
         return {"name": name, "corrupt": True}
 
 
-def begin(name: str, source: str, target: str, *, live: bool, shared: bool, disks: list[str]) -> dict:
+def begin(name: str, source: str, target: str, *, live: bool, shared: bool, disks: list[str],
+          shared_path: bool = False) -> dict:
+    """``shared``: no disk is copied; ``shared_path``: every disk is under the proven shared_path (UNSAFE is passed)."""
     record = {"name": name, "source": source, "target": target, "live": live, "shared": shared,
+              "shared_path": shared_path,
               "disks": list(disks), "prepared_files": [], "reservations": [], "postcopy": False,
               "phase": "preparing", "started": round(time.time(), 3), "by": state.store.owner()}
     if not state.current().create(PREFIX + name, record):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import libvirt
 
-from cloudops import cloudkeys, kvm, state, storage, virt
+from cloudops import cloudkeys, kvm, sharedstorage, state, storage, virt
 from cloudops.compute import placement, records, scheduler, vms
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.hosts import maintenance
@@ -164,10 +164,11 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
             meta = virt.metadata(dom)
             message(f"checking {dest.name} can take {name}")
             shared = preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage)
-            image = _image(meta)
+            on_shared_path = shared and sharedstorage.kind_of(meta) == "shared"  # preflight proved every disk there
+            image = None if on_shared_path else _image(meta)  # a shared VM's image is on the shared path
             prepared = _Prepared()
             journal.begin(name, source.name, dest.name, live=bool(running), shared=shared,
-                          disks=[d.path for d in disks])
+                          disks=[d.path for d in disks], shared_path=on_shared_path)
             job = _Job()
             carry = None
             try:
@@ -175,7 +176,8 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
                 _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, message)
                 journal.update(name, phase="migrating")
                 if running:
-                    result = _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message, job, cancel)
+                    result = _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message, job, cancel,
+                                   on_shared_path)
                 else:
                     result = _offline(dom, disks, shared, source, dest, src_conn, dst_conn, message)
                 journal.update(name, phase="cleaning the source")
@@ -320,6 +322,8 @@ def preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage) 
             vms.network_spec(nic["network"], dest, hosts=[dest, source])
         except CloudopsError as exc:
             raise CloudopsError(f"cannot migrate {name} to {dest.name}: its network {nic['network']!r}: {exc}") from None
+    if sharedstorage.kind_of(meta) == "shared":
+        return _check_shared_path(name, disks, source, dest)
     if meta.get("image"):
         try:
             images.resolve(meta["image"])
@@ -333,6 +337,29 @@ def preflight(dom, meta, disks, source, dest, src_conn, dst_conn, copy_storage) 
         raise CloudopsError(f"cannot migrate {name} to {dest.name}: disk {unreachable[0]} is on storage "
                             f"{dest.name} cannot reach, and copying storage was refused")
     return not unreachable
+
+
+def _check_shared_path(name, disks, source, dest) -> bool:
+    """A VM on shared storage moves no disk: both hosts must name the same shared_path, every disk of the VM
+    must lie under it, and a marker written there by the source must be read by the destination. Returns True
+    (shared), or refuses: such a VM is never copied, its disks already are where every host finds them."""
+    where = f"cannot migrate {name} to {dest.name}"
+    try:
+        root, theirs = sharedstorage.path_of(source), sharedstorage.path_of(dest)
+    except CloudopsError as exc:
+        raise CloudopsError(f"{where}: it is on shared storage and {exc}") from None
+    if root != theirs:
+        raise CloudopsError(f"{where}: it is on shared storage at {root} ({source.name}'s shared_path), and "
+                            f"{dest.name}'s shared_path is {theirs}")
+    outside = [d.path for d in disks if not sharedstorage.under(d.path, root)]
+    if outside:
+        raise CloudopsError(f"{where}: it is on shared storage, but its disk {outside[0]} is not under {root}")
+    seen = _shared_dirs(source, dest, {os.path.dirname(d.path) for d in disks})
+    unseen = sorted(directory for directory, ok in seen.items() if not ok)
+    if unseen:
+        raise CloudopsError(f"{where}: {dest.name} does not see {source.name}'s {unseen[0]} (a marker written there "
+                            f"was not read back): its shared path {root} is not the same storage")
+    return True
 
 
 def _check_cpu(dom, src_conn, dst_conn, dest) -> None:
@@ -423,6 +450,9 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
                 prepared.reservations.append((net.name, nic["mac"], nic["ip"], name))
                 journal.update(name, reservations=[list(r) for r in prepared.reservations])
     if shared:
+        if sharedstorage.kind_of(meta) == "shared":  # libvirt on the destination then knows the VM's volumes
+            pool, _ = sharedstorage.ensure_pool(dst_conn, dest)
+            storage.refresh_pool(pool)
         return
     for disk in disks:
         directory = os.path.dirname(disk.path)
@@ -495,12 +525,20 @@ def _cleanup_source(src_conn, source, meta, disks, shared, name, message):
 
 # ---------------------------------------------------------------- live
 
-def _flags(shared, policy) -> int:
+def _flags(shared, policy, shared_path: bool = False) -> int:
     # No UNDEFINE_SOURCE: the source's definition goes only after cloudops has seen the VM run on the
     # destination (_cleanup_source), so no fault can leave the VM defined nowhere.
     flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
     if not shared:
         flags |= libvirt.VIR_MIGRATE_NON_SHARED_INC
+    if shared and shared_path:
+        # libvirt 9.0's qemuMigrationSrcIsSafe refuses a disk it does not copy unless statfs() names a network
+        # or cluster file system ("Migration without shared storage is unsafe"), whatever its cache mode: a
+        # shared path that is a bind mount, or a file system it does not know, is refused. cloudops has proved
+        # the storage shared itself (_check_shared_path: same shared_path on both hosts, every disk under it,
+        # a marker written by the source read by the destination; the seed is read-only, the root disk
+        # cache=none), so it takes the responsibility, and only then.
+        flags |= libvirt.VIR_MIGRATE_UNSAFE
     if policy.auto_converge:
         flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
     if policy.postcopy_after is not None:
@@ -526,9 +564,10 @@ def _params(dest, shared, disks, policy) -> dict:
     return params
 
 
-def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message, job, cancel) -> Result:
+def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message, job, cancel,
+          shared_path: bool = False) -> Result:
     name = dom.name()
-    flags, params = _flags(shared, policy), _params(dest, shared, disks, policy)
+    flags, params = _flags(shared, policy, shared_path), _params(dest, shared, disks, policy)
     outcome = {}
 
     def run():

@@ -131,7 +131,7 @@ def _recover(name, inventory, timeout, restart, message) -> Recovery:
             time.sleep(3)
         survivor = forced or _survivor(name, where, record)
         host = inventory.hosts[survivor]
-        actions += _settle_survivor(name, host, where.copies[survivor], message)
+        actions += _settle_survivor(name, host, where.copies[survivor], message, restart)
         for other in hypervisors:
             if other.name == survivor:
                 continue
@@ -179,7 +179,7 @@ def _resume_postcopy(name, record, where, inventory, message) -> str:
         disks = migrate._disks(conn, dom)
         shared = bool(record.get("shared"))
         policy = migrate.Policy()
-        flags = migrate._flags(shared, policy) | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
+        flags = migrate._flags(shared, policy, bool(record.get("shared_path"))) | libvirt.VIR_MIGRATE_POSTCOPY_RESUME
         status = _qemu_migration_status(dom)
         if status == "completed":
             return "completed"
@@ -265,14 +265,19 @@ class _PostcopyWatch:
         return f" (QEMU on {self.source.name}: {self.status}{left})"
 
 
-def _settle_survivor(name, host, copy, message) -> list[str]:
+def _settle_survivor(name, host, copy, message, restart: bool = False) -> list[str]:
     """The surviving copy runs, is persistent and keeps its address on its host."""
     done = []
     with virt.open_host(host) as conn:
         dom = conn.lookupByName(name)
         if copy.state == outcome.PAUSED:
-            _resume_paused(name, host, dom, message)
-            done.append(f"resumed it on {host.name}")
+            try:
+                _resume_paused(name, host, dom, message)
+                done.append(f"resumed it on {host.name}")
+            except _LeaseGone:
+                if not restart:
+                    raise
+                done.append(_restart_orphan(name, host, restart, message))
         if not dom.isPersistent():
             conn.defineXML(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_MIGRATABLE))
             done.append(f"made its definition on {host.name} persistent")
@@ -328,8 +333,24 @@ def _resume_paused(name, host, dom, message) -> None:
         try:
             dom.resume()
         except libvirt.libvirtError as exc:
-            raise CloudopsError(f"cannot resume {name} on {host.name}: {(exc.get_error_message() or '').strip()} "
+            text = (exc.get_error_message() or "").strip()
+            if _lease_refused(text):
+                # The disk lease (lockd) is no longer this copy's: libvirt released it when the source paused for
+                # the switchover and the post-copy's target took it. Resuming would run stale memory on the
+                # disk; only a restart from the disk (whose QEMU takes the lease anew) is safe.
+                raise _LeaseGone(f"its disk lease is not with the paused copy (the switchover had happened): "
+                                 f"{_orphan_text(name, host)}") from None
+            raise CloudopsError(f"cannot resume {name} on {host.name}: {text} "
                                 f"(QEMU's migration state: {_qemu_migration_status(dom)})") from None
+
+
+class _LeaseGone(CloudopsError):
+    """The paused copy cannot resume: its disk lease went to the post-copy's target (see _resume_paused)."""
+
+
+def _lease_refused(text: str) -> bool:
+    """virtlockd's refusal of a lease another holder has (libvirt's lockd plugin)."""
+    return "Lockspace resource" in text and "is locked" in text
 
 
 def _remove_copy(conn, name, paths: set) -> bool:

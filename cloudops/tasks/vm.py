@@ -46,12 +46,14 @@ def _keys(ssh_key):
                  "cloudops's (hostname, keys, password hash): see the README",
     "firmware": "bios (default: config vm.firmware) or uefi (OVMF; the image must boot from an EFI system partition)",
     "max_memory": "MiB the running VM can later be grown to live (vm.resize; default: its memory)",
-    "max_vcpus": "vCPUs it can later be grown to live by CPU hotplug (vm.resize; default: its vCPUs)"})
+    "max_vcpus": "vCPUs it can later be grown to live by CPU hotplug (vm.resize; default: its vCPUs)",
+    "storage": "local (default: the host's pool) or shared (overlay, seed and image on the inventory's shared_path: "
+               "migrations copy no disk)"})
 @user_errors
 def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None, password=None, password_file=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
           inventory=None, json=False, disk_size=None, flavor=None, dry_run=False, user_data=None, ip=None,
-          firmware=None, max_memory=None, max_vcpus=None):
+          firmware=None, max_memory=None, max_vcpus=None, storage=None):
     """Start a VM from an image; prints its name, host and IP once SSH answers."""
     vms.validate_name(name)
     root_password = _password(password, password_file, password_stdin)  # refused before anything is read
@@ -65,7 +67,8 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
         timeout=float(timeout or c.vm.timeout), disk_size=size["disk_size"], user_data=user_data, ip=ip,
         firmware=firmware or c.vm.get("firmware") or "bios",
         max_memory=_int(max_memory, "max memory") if max_memory is not None else None,
-        max_vcpus=_int(max_vcpus, "max vCPUs") if max_vcpus is not None else None)
+        max_vcpus=_int(max_vcpus, "max vCPUs") if max_vcpus is not None else None,
+        storage=storage or c.vm.get("storage") or "local")
     if dry_run:
         from cloudops.compute import plan
 

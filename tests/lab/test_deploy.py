@@ -130,6 +130,26 @@ def test_drift_is_repaired_only_where_it_is(lab_inventory, cli):
     assert "keepalive_count = 5" in sh(hv3, "cat /etc/libvirt/libvirtd.conf")
 
 
+def test_disk_leases_are_set_up_again_when_gone(lab, lab_inventory, cli):
+    hv1 = lab_inventory.hosts["hv1"]
+    sh(hv1, "sed -i '/^# BEGIN cloudops disk leases$/,/^# END cloudops disk leases$/d' /etc/libvirt/qemu.conf && "
+            "rm /etc/libvirt/qemu-lockd.conf && kill $(cat /run/cloudops-lab/host/virtlockd.pid) && "
+            "while virt-admin -c virtlockd:///system srv-list >/dev/null 2>&1; do sleep 0.1; done")
+    proc, hosts = deploy_json(cli, "--check")
+    assert proc.returncode == 0, proc.stderr
+    message = next(s["message"] for s in hosts["hv1"]["value"] if s["name"] == "leases")
+    assert "would start virtlockd" in message and message.endswith("would restart libvirtd"), message
+    proc, hosts = deploy_json(cli)
+    assert proc.returncode == 0, proc.stderr
+    assert changed_steps(hosts["hv1"]) == {"leases"} and changed_steps(hosts["hv2"]) == set()
+    assert 'lock_manager = "lockd"' in sh(hv1, "cat /etc/libvirt/qemu.conf")
+    lockspace = lab_inventory.hosts["hv1"].vars["shared_path"] + "/.leases"
+    assert f'file_lockspace_dir = "{lockspace}"' in sh(hv1, "cat /etc/libvirt/qemu-lockd.conf")
+    sh(hv1, "virt-admin -c virtlockd:///system srv-list")  # virtlockd answers again
+    proc, hosts = deploy_json(cli)  # nothing left to do
+    assert proc.returncode == 0 and all(h["changed"] == 0 for h in hosts.values()), hosts
+
+
 def test_one_host_down_the_others_complete(lab, lab_inventory, cli):
     sh(lab_inventory.hosts["hv1"], "echo edited > /etc/motd")
     sh(lab_inventory.hosts["hv3"], "echo edited > /etc/motd")
