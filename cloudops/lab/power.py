@@ -2,8 +2,8 @@
 bring it back (its daemons started again on the same disks).
 
 Off keeps the host's namespaces and files (its anchor process holds them, as a powered-off
-machine keeps its disks): libvirtd, virtlogd, sshd, every QEMU and dnsmasq get SIGKILL, by pid,
-with no chance to clean up. On starts virtlogd, libvirtd and sshd again inside the same
+machine keeps its disks): libvirtd, virtlogd, virtlockd, sshd, every QEMU and dnsmasq get SIGKILL, by pid,
+with no chance to clean up. On starts virtlogd, virtlockd, libvirtd and sshd again inside the same
 namespaces; libvirtd finds its domain definitions, their QEMUs gone. Both are idempotent, so
 ``off`` serves as the lab's ``fence_command``::
 
@@ -18,6 +18,10 @@ from pathlib import Path
 
 from cloudops.errors import CloudopsError
 from cloudops.lab import hosts as lab_hosts
+
+
+VIRTLOCKD_SOCKET_WAIT = ("i=0; while ! virt-admin -c virtlockd:///system srv-list >/dev/null 2>&1 && [ $i -lt 100 ]; "
+                         "do sleep 0.1; i=$((i+1)); done")
 
 
 def _host(prefix: str, name: str):
@@ -66,12 +70,16 @@ def power_on(prefix: str, name: str) -> dict:
     steps = [("sshd", ["/usr/sbin/sshd", "-f", lab_hosts.inside(host, "sshd_config")])]
     if not host.bare:
         steps = [("virtlogd", ["virtlogd", "-d", "-p", lab_hosts.inside(host, "virtlogd.pid")]),
+                 # before libvirtd: its lock manager (lockd) connects to virtlockd at its start
+                 ("virtlockd", ["virtlockd", "-d", "-p", lab_hosts.inside(host, "virtlockd.pid")]),
                  ("libvirtd", ["libvirtd", "-d", "-p", lab_hosts.inside(host, "libvirtd.pid")]), *steps]
     for daemon, argv in steps:
         (hdir / f"{daemon}.pid").unlink(missing_ok=True)
         lab_hosts._sh(*lab_hosts.enter(host), *argv)
         lab_hosts._wait_for(lambda: lab_hosts._read_pid(hdir / f"{daemon}.pid"), 15, f"{daemon} pid on {host.name}")
         host.pids[daemon] = lab_hosts._read_pid(hdir / f"{daemon}.pid")
+        if daemon == "virtlockd":  # its socket, left by the killed one, is bound again a moment after the pid
+            lab_hosts._sh(*lab_hosts.enter(host), "sh", "-c", VIRTLOCKD_SOCKET_WAIT)
     lab_hosts._wait_for(lambda: lab_hosts._port_open(host.address), 20, f"sshd on {host.name}")
     if not host.bare:
         lab_hosts._wait_for(lambda: lab_hosts._libvirt_answers(host), 30, f"libvirtd on {host.name}", 0.3)
