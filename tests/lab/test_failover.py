@@ -6,13 +6,16 @@ QEMU) killed at once by pid; its files stay, as a machine's disks do. The lab's 
 power-off, run by cloud.watch. The oracles are virsh on each host over SSH, qemu-img on the host, and the
 state store only for what cloudops alone knows (the records).
 
-Shared storage (``vm.start --storage shared``) is built on another branch; until it is here, the VMs that
-restart are diskless domains with a cloudops record saying ``storage: shared`` (nothing to open twice),
-each with its own IPAM address and MAC; the test of a shared-disk VM with a file in it is written and
-skipped until ``VMSpec`` has ``storage``. VM names start with "fo-".
+The matrix of reports (no fencing, failing fencing, anti-affinity) uses diskless domains with a cloudops
+record saying ``storage: shared`` (cheap: nothing to boot), each with its own IPAM address and MAC; two
+tests use real tiny VMs on the lab's shared storage (``vm.start --storage shared``): one whose host loses
+power, one whose host is cut off from the control machine only, its VM still running, where a sampler
+counts the VM's QEMU processes on the whole machine (the lab's hosts share one process table) and
+must never see two. VM names start with "fo-".
 """
 
-import dataclasses
+import subprocess
+import threading
 import json
 import shlex
 import sys
@@ -26,7 +29,7 @@ from cloudops.compute import records, vms
 from cloudops.lab import power
 from cloudops.net import ipam, networks
 from cloudops.ssh import connect
-from tests.conftest import cli, ok_json, one_line_error, own_inventory, own_lab, run_in_vm
+from tests.conftest import cli, ok_json, one_line_error, own_inventory, own_lab, refuse_control_tcp, run_in_vm
 
 lab = own_lab("h")
 lab_inventory = own_inventory()
@@ -260,8 +263,6 @@ def test_power_loss_fenced_shared_vms_restart_elsewhere_local_one_down_then_hv1_
         assert list(where(lab_inventory, name)) == [steps[name]["target"]]
 
 
-@pytest.mark.skipif("storage" not in {f.name for f in dataclasses.fields(vms.VMSpec)},
-                    reason="vm.start --storage shared is not on this branch yet (VMSpec has no 'storage')")
 def test_a_shared_storage_vm_restarts_elsewhere_with_its_address_and_file(lab, lab_inventory, tiny_image,
                                                                          tmp_path_factory):
     fence = inventory_with_fence(lab, tmp_path_factory,
@@ -301,3 +302,61 @@ def answer_within(seconds, probe):
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def qemus_of(name) -> list[str]:
+    """PIDs of the QEMU processes running VM ``name``, on every lab host of this machine."""
+    out = subprocess.run(["pgrep", "-f", f"qemu-system-x86_64 -name guest={name},"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_a_host_cut_off_from_the_control_machine_is_fenced_before_its_vm_runs_elsewhere(lab, lab_inventory,
+                                                                                      tiny_image, tmp_path_factory):
+    """hv1 answers nobody here but still runs its VM (a network partition): the failover fences it first, so the
+    VM's disk is never open twice; a sampler over the machine's processes must never see two QEMUs of it."""
+    fence = inventory_with_fence(lab, tmp_path_factory,
+                                 [sys.executable, "-m", "cloudops.lab.power", "off", "--prefix", lab.prefix, "{host}"])
+    name = "fo-part"
+    vm = vms.start_vm(vms.VMSpec(name=name, image="tiny", memory=96, host="hv1", timeout=240, storage="shared"),
+                      lab_inventory)
+    seen, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            seen.append(len(qemus_of(name)))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        run_in_vm(lab_inventory, name, "echo before-the-partition > /root/mark; sync")
+        (before,) = qemus_of(name)
+        refuse_control_tcp(lab, "hv1", True)
+        virt.forget(lab_inventory.hosts["hv1"])
+        sampler.start()
+        proc, report = watch_until_dead(fence)
+        assert proc.returncode == 0, proc.stderr
+        failed_over = hv1_of(report)["failover"]
+        assert failed_over["fenced"] and failed_over["fence"]["ok"]
+        step = next(s for s in failed_over["steps"] if s["vm"] == name)
+        assert step["action"] == "restarted" and step["target"] in ("hv2", "hv3")
+        answer_within(240, lambda: run_in_vm(lab_inventory, name, "true"))
+        stop.set()
+        sampler.join(10)
+        assert seen and max(seen) == 1, seen  # one QEMU at every sample: the fenced one died before the new one
+        (after,) = qemus_of(name)
+        assert after != before
+        assert run_in_vm(lab_inventory, name, "cat /root/mark") == "before-the-partition"
+        moved = next(v for v in vms.list_on_host(lab_inventory.hosts[step["target"]]) if v.name == name)
+        assert (moved.ip, moved.mac) == (vm.ip, vm.mac)
+    finally:
+        stop.set()
+        refuse_control_tcp(lab, "hv1", False)
+        power.power_on(lab.prefix, "hv1")
+        virt.forget(lab_inventory.hosts["hv1"])
+    try:
+        assert status_of(ok_json(watch(fence, "--json")), "hv1") == "healthy again"
+        assert name not in virsh_list(lab_inventory.hosts["hv1"])  # no second copy can start there
+        assert list(where(lab_inventory, name)) == [step["target"]]
+    finally:
+        vms.delete_vm(name, lab_inventory)
+
