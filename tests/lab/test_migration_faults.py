@@ -16,6 +16,7 @@ forth; the oracles are virsh and qemu-img on the hosts, not cloudops.
 """
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -340,6 +341,44 @@ def test_ctrl_c_aborts_every_migration_of_a_parallel_evacuation(lab, lab_invento
         invoke("host.maintenance", source, "off", "--inventory", str(lab.inventory_path))
         with contextlib.suppress(Exception):
             vms.delete_vm(other, lab_inventory)
+
+
+def test_a_parallel_evacuation_with_one_migration_failing_moves_the_others(lab, lab_inventory, vm, tmp_path):
+    """host.evacuate --parallel 2 of three VMs; the job of the first is aborted on its source (virsh
+    domjobabort, as a failing link or a refusing target would end it): that VM stays and runs on the source,
+    the two others finish on the target, and the summary and the exit status say which failed."""
+    (source,) = copies(lab_inventory)
+    dest = "hv2" if source == "hv1" else "hv1"
+    others = ("t-fault2", "t-fault3")
+    for other in others:
+        vms.start_vm(vms.VMSpec(name=other, image="tiny", memory=96, host=source, timeout=300), lab_inventory)
+    try:
+        in_vm(lab_inventory, "pkill -f /run/dirty; true")
+        in_vm(lab_inventory, WRITER)  # NAME stays in pre-copy at the slow policy's bandwidth
+        proc = _cli(lab, tmp_path, "host.evacuate", source, "--parallel", "2", "--json")
+        started = time.monotonic()
+        while not _job_running_for(lab_inventory.hosts[source], NAME):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - started < 240, "the migration of the first VM never started"
+            time.sleep(0.5)
+        aborted = virsh(lab_inventory.hosts[source], "domjobabort", NAME)
+        assert aborted.returncode == 0, aborted.stderr
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 1, (out, err)
+        assert err.strip().splitlines()[-1] == f"cloudops: 1 VM(s) could not leave {source}"
+        report = json.loads(out)
+        assert {m["vm"]: m["status"] for m in report["moves"]} == {NAME: "failed", **{o: "moved" for o in others}}
+        assert copies(lab_inventory) == {source: "running"}  # NAME: on its source, running, nowhere else
+        for other in others:
+            assert virsh(lab_inventory.hosts[dest], "domstate", other).stdout.strip() == "running"
+            assert virsh(lab_inventory.hosts[source], "domstate", other).returncode != 0
+        assert in_vm(lab_inventory, "cat /root/mark") == "kept-across-faults"
+    finally:
+        in_vm(lab_inventory, "pkill -f /run/dirty; true")
+        invoke("host.maintenance", source, "off", "--inventory", str(lab.inventory_path))
+        for other in others:
+            with contextlib.suppress(Exception):
+                vms.delete_vm(other, lab_inventory)
 
 
 # ---------------------------------------------------------------- snapshots through a broken migration
