@@ -373,6 +373,7 @@ def stage_debootstrap(recipe: Recipe, kernel: str, stage: Path) -> dict:
     _write(root / "etc/hostname", render("image/tiny/etc/hostname.j2", **ctx))
     _write(root / "etc/hosts", render("image/tiny/etc/hosts.j2", **ctx))
     _write(root / "etc/fstab", render("image/debian/fstab.j2", **ctx))
+    _write(root / "etc/default/locale", render("image/debian/default-locale.j2"))
     # No interfaces file of our own: cloud-init writes the NIC's (from the seed's network-config,
     # or its own DHCP fallback), and a second stanza for the same interface would make ifup fail.
     # Per-instance identity must not be baked into an image that is cloned: SSH host keys

@@ -14,14 +14,31 @@ Oracles outside cloudops: the guest's own /etc/shadow, hostname, df, files, syst
 
 import json
 import shlex
+import time
 import types
 
+import paramiko
 import pytest
 
 from cloudops import passwords
 from cloudops.ssh import connect
 from tests.conftest import invoke
-from tests.lab.test_vms import leftovers, ssh_vm
+from tests.lab.test_vms import leftovers
+from tests.lab.test_vms import ssh_vm as ssh_once
+
+
+def ssh_vm(lab_inventory, vm, key, command, within=90):
+    """``command`` in the guest, tried again while it refuses SSH for a moment: cloud-init restarts sshd
+    (cc_set_passwords, for ssh_pwauth) after vm.start saw it answer with the seeded key. Read-only
+    commands only before the first answer (a refused connection ran nothing)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return ssh_once(lab_inventory, vm, key, command)
+        except (paramiko.ChannelException, paramiko.ssh_exception.NoValidConnectionsError, EOFError) as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no SSH to {vm.name} for {within}s: {exc!r}") from None
+            time.sleep(2)
 
 PASSWORD = "debian guest horse staple"
 USER_DATA = """#cloud-config
@@ -77,6 +94,12 @@ def test_debian_guest_reaches_ssh_with_key_password_and_hostname(lab, lab_invent
         assert lines[4] == firmware  # booted by UEFI firmware or not (BIOS boots have no efivars)
         if way == "seed":
             assert lines[5:7] == ["from write_files", "from-runcmd"]
+            # cloud-init found nothing wrong: its own schema accepts the seed's cloud-config, and no module
+            # failed (its default locale en_US.UTF-8, not generated in the image, once did: status "error")
+            checked = ssh_vm(lab_inventory, vm, user_key, "cloud-init schema --system >/dev/null 2>&1 && echo schema-ok; "
+                             "cloud-init status --long; true")
+            assert checked.splitlines()[0] == "schema-ok", checked
+            assert [line for line in checked.splitlines() if line.startswith("status:")] == ["status: done"], checked
             # the guest's host key is the one cloudops made and put in the seed ISO (read back with isoinfo)
             with connect(lab_inventory.hosts[host]) as hv:
                 blk = hv.run(f"virsh -c qemu:///system domblklist {shlex.quote(name)} --details", hide=True,
