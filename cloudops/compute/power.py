@@ -185,12 +185,28 @@ def _wait_for(dom, hv, ip, before, want: tuple[str, ...], timeout: float):
         time.sleep(0.5)
 
 
+def _acpi_shutdown(dom, timeout: float) -> bool:
+    """The ACPI power button, then wait up to ``timeout`` for the domain to stop; whether it did.
+
+    Not libvirt's ACPI reboot (``VIR_DOMAIN_REBOOT_ACPI_POWER_BTN``): that is a "fake reboot" (the guest
+    shuts down, QEMU is reset and resumed), and with disk leases (lockd) libvirt 9.0 fails to take the
+    leases again at the resume and destroys the VM ("Lockspace resource ... is locked"). A shutdown and
+    a start take them afresh, and also apply what waits for the next power-on (vm.resize beyond the
+    maximum)."""
+    with contextlib.suppress(libvirt.libvirtError):  # it may be going down already
+        dom.shutdown()
+    deadline = time.monotonic() + timeout
+    while dom.isActive() and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return not dom.isActive()
+
+
 def reboot_vm(name: str, hosts: list, force: bool = False, timeout: float = 60, wait_timeout: float = 180,
               progress=lambda m: None) -> PowerResult:
     """Reboot a running cloudops VM and wait until it is back at its address (a new boot id over SSH).
 
-    ACPI reboot first; a hard reset when the guest has not gone down within ``timeout``, or went
-    down and was not back within ``wait_timeout`` (hung on its way down). ``force``: the hard
+    ACPI reboot first (the power button, then a start: ``_acpi_shutdown`` says why); a hard reset when
+    the guest has not gone down within ``timeout``, or was not back within ``wait_timeout``. ``force``: the hard
     reset at once. A VM that is not running is an error: there is nothing to reboot."""
     with _own_vm(name, hosts, "reboot it") as (host, _conn, dom):
         vm = vms.describe(dom, host.name)
@@ -205,15 +221,15 @@ def reboot_vm(name: str, hosts: list, force: bool = False, timeout: float = 60, 
                 progress(f"{name} does not answer SSH at {vm.ip} now; rebooting it anyway")
             stage, probe, action = None, None, "reset"
             if not force:
-                progress(f"ACPI reboot of {name} on {host.name} (reset if not down within {timeout:g}s)")
-                dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
-                stage, probe = _wait_for(dom, hv, vm.ip, before_id, ("down", "back"), timeout)
-                if stage is None:
-                    progress(f"{name} did not go down within {timeout:g}s of the ACPI reboot; resetting it")
-                elif stage == "down":
+                progress(f"ACPI reboot of {name} on {host.name}: shut down, then started again (reset if not down "
+                         f"within {timeout:g}s)")
+                if _acpi_shutdown(dom, timeout):
+                    dom.create()
                     stage, probe = _wait_for(dom, hv, vm.ip, before_id, ("back",), wait_timeout)
                     if stage is None:
-                        progress(f"{name} went down but was not back within {wait_timeout:g}s; resetting it")
+                        progress(f"{name} was started again but was not back within {wait_timeout:g}s; resetting it")
+                else:
+                    progress(f"{name} did not go down within {timeout:g}s of the ACPI power button; resetting it")
                 if stage == "back":
                     action = "rebooted"
             if stage != "back":
