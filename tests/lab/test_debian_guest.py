@@ -35,7 +35,10 @@ def ssh_vm(lab_inventory, vm, key, command, within=90):
     while True:
         try:
             return ssh_once(lab_inventory, vm, key, command)
-        except (paramiko.ChannelException, paramiko.ssh_exception.NoValidConnectionsError, EOFError) as exc:
+        except (paramiko.BadHostKeyException, paramiko.AuthenticationException):
+            raise  # a wrong key either way is the failure itself, never waited out
+        except (paramiko.SSHException, paramiko.ssh_exception.NoValidConnectionsError, EOFError, OSError) as exc:
+            # refused, or "Error reading SSH protocol banner" (CI): sshd going down or coming up
             if time.monotonic() > deadline:
                 raise AssertionError(f"no SSH to {vm.name} for {within}s: {exc!r}") from None
             time.sleep(2)
