@@ -49,18 +49,11 @@ from cloudops.lab import hosts as lab  # noqa: E402
 from cloudops.lab import power  # noqa: E402
 from cloudops.net import ipam, networks  # noqa: E402
 from cloudops.ssh import connect  # noqa: E402
+from cloudops.templating import render  # noqa: E402
 
 NAMES = ("fob-a", "fob-b")
 REAL = "fob-vm"
 MARK = "before-the-power-loss"
-DISKLESS = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
-<os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>
-<metadata><cloudops:vm xmlns:cloudops='{ns}'><cloudops:image>none</cloudops:image>
-<cloudops:network>cloudops</cloudops:network><cloudops:ip>{ip}</cloudops:ip><cloudops:mac>{mac}</cloudops:mac>
-<cloudops:customize>seed</cloudops:customize><cloudops:group>bench</cloudops:group>
-<cloudops:storage>shared</cloudops:storage></cloudops:vm></metadata>
-<devices><interface type='network'><mac address='{mac}'/><source network='cloudops'/><model type='virtio'/></interface>
-</devices></domain>"""
 
 
 def start_on_hv1(inv, names) -> None:
@@ -74,7 +67,8 @@ def start_on_hv1(inv, names) -> None:
         for name in names:
             allocation = ipam.allocate(net, name)
             networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, name)
-            dom = conn.defineXML(DISKLESS.format(name=name, ns=virt.METADATA_NS, ip=allocation.ip, mac=allocation.mac))
+            dom = conn.defineXML(render("lab/diskless-domain.xml.j2", name=name, ns=virt.METADATA_NS,
+                                                 ip=allocation.ip, mac=allocation.mac, group="bench"))
             dom.create()
             records.save_domain(dom, "hv1")
 

@@ -29,6 +29,7 @@ from cloudops.compute import records, vms
 from cloudops.lab import power
 from cloudops.net import ipam, networks
 from cloudops.ssh import connect
+from cloudops.templating import render
 from tests.conftest import cli, ok_json, one_line_error, own_inventory, own_lab, refuse_control_tcp, run_in_vm
 
 lab = own_lab("h")
@@ -36,14 +37,6 @@ lab_inventory = own_inventory()
 
 LOCAL = "fo-local"
 SHARED = ("fo-web1", "fo-web2")  # one anti-affinity group: never on one host
-DISKLESS = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
-<os><type arch='x86_64'>hvm</type><boot dev='hd'/></os>
-<metadata><cloudops:vm xmlns:cloudops='{ns}'><cloudops:image>none</cloudops:image>
-<cloudops:network>cloudops</cloudops:network><cloudops:ip>{ip}</cloudops:ip><cloudops:mac>{mac}</cloudops:mac>
-<cloudops:customize>seed</cloudops:customize><cloudops:group>web</cloudops:group>
-<cloudops:storage>shared</cloudops:storage></cloudops:vm></metadata>
-<devices><interface type='network'><mac address='{mac}'/><source network='cloudops'/><model type='virtio'/></interface>
-</devices></domain>"""
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +128,8 @@ def vms_on_hv1(lab, lab_inventory, tiny_image):
         for name in SHARED:
             allocation = ipam.allocate(net, name)
             networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, name)
-            dom = conn.defineXML(DISKLESS.format(name=name, ns=virt.METADATA_NS, ip=allocation.ip, mac=allocation.mac))
+            dom = conn.defineXML(render("lab/diskless-domain.xml.j2", name=name, ns=virt.METADATA_NS,
+                                                 ip=allocation.ip, mac=allocation.mac, group="web"))
             dom.create()
             records.save_domain(dom, "hv1")
     yield local
