@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import whisper
 
-from cloudops import atomicfile, paths
+from cloudops import atomicfile, paths, processes
 from cloudops.errors import CloudopsError
 from cloudops.templating import render
 
@@ -164,7 +163,7 @@ def start(
         current.started = False
         return current
     for port in (ports.line, ports.pickle, ports.query):
-        _check_port_free(port)
+        check_port_free(port)
 
     config = write_config(directory, ports, schemas)
     whisper_dir(directory).mkdir(parents=True, exist_ok=True)
@@ -185,7 +184,7 @@ def start(
     try:
         _wait_listening(handle, timeout)
     except BaseException:
-        _terminate(handle.pid, process, timeout=5.0)
+        processes.terminate(handle.pid, process, timeout=5.0)
         raise
     _write_state(handle)
     return handle
@@ -204,7 +203,7 @@ def stop(target: Handle | Path | None = None, timeout: float = 10.0) -> bool:
             return False
     was_running = _is_carbon(handle.pid, handle.directory)
     if was_running:
-        _terminate(handle.pid, handle.process, timeout)
+        processes.terminate(handle.pid, handle.process, timeout)
     elif handle.process is not None:
         handle.process.poll()
     (handle.directory / STATE_FILE).unlink(missing_ok=True)
@@ -290,7 +289,7 @@ def _is_carbon(pid: int, directory: Path) -> bool:
     return any(arg.endswith(b"carbon-cache.py") for arg in cmdline) and expected in cmdline
 
 
-def _check_port_free(port: int) -> None:
+def check_port_free(port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         # as carbon (Twisted) binds: connections in TIME_WAIT do not make the port busy
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -315,7 +314,7 @@ def _wait_listening(handle: Handle, timeout: float) -> None:
         if handle.process.poll() is not None:
             raise CloudopsError(
                 f"graphite: carbon-cache exited with code {handle.process.returncode} while starting: "
-                f"{_last_line(log_file(handle.directory))}"
+                f"{processes.last_line(log_file(handle.directory))}"
             )
         if _accepts(pending[0]):
             pending.pop(0)
@@ -326,39 +325,6 @@ def _wait_listening(handle: Handle, timeout: float) -> None:
                 f"within {timeout:.0f}s; see {log_file(handle.directory)}"
             )
         time.sleep(0.05)
-
-
-def _terminate(pid: int, process: subprocess.Popen | None, timeout: float) -> None:
-    """SIGTERM (carbon flushes its cache to whisper), then SIGKILL; reap it if it is our child."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            break
-        if _wait_gone(pid, process, wait):
-            break
-    if process is not None:
-        process.poll()
-
-
-def _wait_gone(pid: int, process: subprocess.Popen | None, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None:
-            if process.poll() is not None:
-                return True
-        elif not _alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _remove_stale_pidfile(directory: Path) -> None:
@@ -372,10 +338,3 @@ def _remove_stale_pidfile(directory: Path) -> None:
     if not _is_carbon(pid, directory):
         pidfile.unlink(missing_ok=True)
 
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except FileNotFoundError:
-        return "(no log)"
-    return lines[-1].strip() if lines else "(empty log)"
