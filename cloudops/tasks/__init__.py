@@ -29,7 +29,7 @@ ns.configure({
     "image": {"recipe": "tiny", "download_timeout": 30},  # image.add URL: seconds to connect, or between data
     "deploy": {"timeout": 600},
     "migrate": {},  # Policy overrides: downtime_max_ms, postcopy_after, timeout, ... (cloudops/migrate.py)
-    "graphite": {"directory": None, "line_port": 2003, "pickle_port": 2004, "query_port": 7002},
+    "graphite": {"directory": None, "line_port": 2003, "pickle_port": 2004, "query_port": 7002, "web_port": 8080},
     "metrics": {"carbon": "127.0.0.1:2004", "prefix": "cloudops", "protocol": "pickle", "interval": 60,
                 "cron_minutes": 1, "spool_max_bytes": 64 << 20},
 })
@@ -76,7 +76,7 @@ def demo(c, hosts=2):
          f"invoke vm.run demo1 'sleep 600 > /dev/null 2>&1 &' && invoke vm.migrate demo1 --to {there}")
     step("same address, SSH answers, the process started before still runs, uptime kept growing",
          "invoke vm.list && invoke vm.run demo1 'pidof sleep && cat /proc/uptime'")
-    step("a local Graphite (carbon-cache on 127.0.0.1)", "invoke graphite.up")
+    step("a local Graphite (carbon-cache, and graphite-web on http://127.0.0.1:8080)", "invoke graphite.up")
     step("two shipping cycles (rates need a previous sample)",
          "invoke metrics.ship --once --json && sleep 3 && invoke metrics.ship --once --json")
     _print_cpu_series(c, "demo1")

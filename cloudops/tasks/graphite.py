@@ -1,10 +1,10 @@
-"""Tasks for the local Graphite (carbon-cache on 127.0.0.1): graphite.up, graphite.down, graphite.status."""
+"""Tasks for the local Graphite (carbon-cache and graphite-web on 127.0.0.1): graphite.up, graphite.down, graphite.status."""
 
 from pathlib import Path
 
 from invoke import task
 
-from cloudops.metrics import graphite
+from cloudops.metrics import graphite, graphite_web
 from cloudops.tasks._cli import emit_json, user_errors
 
 _HELP = {
@@ -12,6 +12,8 @@ _HELP = {
     "line_port": "plaintext listener port (default 2003)",
     "pickle_port": "pickle listener port (default 2004)",
     "query_port": "cache query port (default 7002)",
+    "web_port": "graphite-web's port: its UI and render API (default 8080)",
+    "web": "also start graphite-web (default; --no-web: carbon-cache only)",
 }
 
 
@@ -36,24 +38,39 @@ def _ports(c, line_port, pickle_port, query_port) -> graphite.Ports:
     )
 
 
+def _web_port(c, web_port) -> int:
+    return int(_config(c, "web_port", web_port) or graphite_web.DEFAULT_PORT)
+
+
 @task(help=_HELP)
 @user_errors
-def up(c, directory=None, line_port=None, pickle_port=None, query_port=None):
-    """Start carbon-cache on 127.0.0.1 (no change if it already runs)."""
-    handle = graphite.start(_directory(c, directory), _ports(c, line_port, pickle_port, query_port))
-    emit_json({"changed": handle.started, **handle.as_dict()})
+def up(c, directory=None, line_port=None, pickle_port=None, query_port=None, web_port=None, web=True):
+    """Start carbon-cache and graphite-web on 127.0.0.1 (no change for what already runs)."""
+    ports = _ports(c, line_port, pickle_port, query_port)
+    handle = graphite.start(_directory(c, directory), ports)
+    report = {"changed": handle.started, **handle.as_dict()}
+    if web:
+        try:
+            report["web"], started = graphite_web.start(handle.directory, _web_port(c, web_port), ports.query)
+        except BaseException:
+            if handle.started:  # nothing half-made: the carbon this call started goes too
+                graphite.stop(handle)
+            raise
+        report["changed"] = report["changed"] or started
+    emit_json(report)
 
 
 @task(help={"directory": _HELP["directory"]})
 @user_errors
 def down(c, directory=None):
-    """Stop carbon-cache by its pid (no change if it is not running)."""
+    """Stop graphite-web and carbon-cache by their pids (no change if they are not running)."""
+    web_stopped = graphite_web.stop(_directory(c, directory))
     stopped = graphite.stop(_directory(c, directory))
-    emit_json({"changed": stopped, "running": False})
+    emit_json({"changed": stopped or web_stopped, "running": False})
 
 
 @task(help={"directory": _HELP["directory"]})
 @user_errors
 def status(c, directory=None):
-    """Show whether carbon-cache runs, its pid, ports and storage."""
-    emit_json(graphite.status(_directory(c, directory)))
+    """Show whether carbon-cache and graphite-web run: pids, ports, storage and the web UI's URL."""
+    emit_json({**graphite.status(_directory(c, directory)), "web": graphite_web.status(_directory(c, directory))})

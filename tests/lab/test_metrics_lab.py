@@ -10,6 +10,9 @@ counted, with its value, not "a file exists". Nothing here asserts on timing.
 import contextlib
 import json
 import shlex
+import struct
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -24,7 +27,7 @@ from cloudops.compute import vms
 from cloudops.imaging import store as images
 from cloudops.metrics import cron as metrics_cron
 from cloudops.metrics import cycle as metrics
-from cloudops.metrics import graphite
+from cloudops.metrics import graphite, graphite_web
 from cloudops.metrics.carbon import CarbonClient
 from cloudops.metrics.spool import Spool
 from cloudops.net import networks
@@ -174,6 +177,51 @@ def test_three_cycles_give_every_vm_and_host_plausible_series(lab_inventory, two
         assert active == [1.0 if host in VM_NAMES else 0.0] * 3
     own = series(storage, f"{PREFIX}.cloudops.metrics.hosts_failed", t0, last)
     assert own == [0.0, 0.0, 0.0]
+
+
+def test_graphite_web_renders_the_shipped_series_as_whisper_holds_them(lab_inventory, two_vms, carbon, tmp_path):
+    """`invoke graphite.up` adds graphite-web over the running carbon's files: the render API's JSON has the
+    values whisper-fetch reads from the .wsp file, and its PNG is a real PNG image."""
+    handle = carbon[0]
+    hosts = hypervisors(lab_inventory)
+    client = RecordingCarbon(handle.pickle_address)
+    spool, state = Spool(tmp_path / "spool"), tmp_path / "state"
+    t0 = base_time() + 400
+    assert ship(hosts, client, spool, state, t0)["ok"]
+    time.sleep(2)
+    assert ship(hosts, client, spool, state, t0 + 10)["ok"]
+    assert arrived(handle.whisper_dir, client.accepted) == []
+    (web_port,) = graphite.free_loopback_ports(1)
+    where = ["--directory", str(handle.directory), "--line-port", str(handle.ports.line),
+             "--pickle-port", str(handle.ports.pickle), "--query-port", str(handle.ports.query)]
+    up = invoke("graphite.up", *where, "--web-port", str(web_port))
+    try:
+        assert up.returncode == 0, up.stderr
+        report = json.loads(up.stdout)
+        assert report["pid"] == handle.pid and report["web"]["url"] == f"http://127.0.0.1:{web_port}"
+        shown = json.loads(invoke("graphite.status", "--directory", str(handle.directory)).stdout)
+        assert shown["web"] == report["web"]
+        name = VM_NAMES["hv1"]
+        path = f"{PREFIX}.vm.{name}.cpu.util_percent"
+        wsp = Path(handle.whisper_dir, *path.split(".")).with_suffix(".wsp")
+        fetched = subprocess.run([str(Path(sys.executable).parent / "whisper-fetch.py"), "--json", f"--from={t0 - 1}",
+                                  f"--until={t0 + 10}", str(wsp)], capture_output=True, text=True, check=True)
+        held = json.loads(fetched.stdout)
+        expected = {held["start"] + i * held["step"]: v for i, v in enumerate(held["values"]) if v is not None}
+        assert list(expected) == [t0 + 10], expected  # a CPU rate from the second cycle on
+        body = graphite_web.render_api(web_port, [f"{PREFIX}.vm.*.cpu.util_percent"], "json",
+                                       **{"from": str(t0 - 1), "until": str(t0 + 10)})
+        rendered = {s["target"]: {ts: v for v, ts in s["datapoints"] if v is not None} for s in json.loads(body)}
+        assert set(rendered) == {f"{PREFIX}.vm.{vm}.cpu.util_percent" for vm in VM_NAMES.values()}
+        assert rendered[path] == pytest.approx(expected)
+        png = graphite_web.render_api(web_port, [f"{PREFIX}.vm.*.cpu.util_percent"], "png",
+                                      **{"from": str(t0 - 1), "until": str(t0 + 10), "width": "400", "height": "200"})
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR", png[:16]
+        assert struct.unpack(">II", png[16:24]) == (400, 200)
+    finally:
+        graphite_web.stop(handle.directory)
+    assert not graphite_web.status(handle.directory)["running"]
+    assert graphite.status(handle.directory)["running"]  # graphite-web's end leaves carbon running
 
 
 def test_two_cycles_while_carbon_is_down_all_arrive_after_it_returns(lab_inventory, two_vms, carbon, tmp_path):
