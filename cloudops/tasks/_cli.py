@@ -12,6 +12,7 @@ from invoke import Exit
 
 from cloudops import state
 from cloudops.errors import CloudopsError
+from cloudops.progress import stderr as stderr_progress
 
 
 def terminate_as_interrupt(_signum, frame):
@@ -68,6 +69,8 @@ def user_errors(func):
         except BrokenPipeError:  # output piped into `head` and the like
             sys.stderr.close()
             raise Exit(code=0) from None
+        finally:
+            stderr_progress.close()  # a bar a failed step left: off the screen before the error line
 
     return wrapper
 
@@ -77,9 +80,9 @@ def emit_json(data) -> None:
     sys.stdout.write("\n")
 
 
-def progress(message: str) -> None:
-    """Stage-by-stage progress on stderr, so stdout stays clean for --json."""
-    print(f"… {message}", file=sys.stderr, flush=True)
+# Stage lines ("… message") and bars on stderr, so stdout stays clean for --json: what tasks pass to the library
+# as its ``progress`` callback (cloudops.progress: live bars on a terminal, plain lines elsewhere).
+progress = stderr_progress
 
 
 def load_inventory(c, path=None):
