@@ -19,8 +19,6 @@ import os
 import re
 import socket
 import ssl
-import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 from cloudops import __version__
 from cloudops.errors import CloudopsError
+from cloudops.progress import bar_for, no_progress
 
 SCHEMES = ("http", "https")
 CHUNK = 1 << 20
@@ -191,70 +190,8 @@ def plan(status: int, headers, offset: int) -> tuple[str, int | None]:
     raise CloudopsError(f"unexpected HTTP status {status}")
 
 
-# ---------------------------------------------------------------- progress
-
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
-
-
-class Meter:
-    """Download progress: a bar redrawn in place on a terminal, else a line at most every ``every`` seconds
-    or ``step`` percent (through ``progress``, the tasks' stderr messages)."""
-
-    def __init__(self, progress, stream=None, tty: bool | None = None, clock=time.monotonic, every: float = 5.0,
-                 step: int = 10, verb: tuple[str, str] = ("downloading", "downloaded")):
-        self.progress, self.stream, self.clock, self.every, self.step = progress, stream or sys.stderr, clock, every, step
-        self.verb = verb  # (doing, done): a copy other than a download says what it is
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.label, self.total, self.start_done = "", None, 0
-        self.started = self.last = 0.0
-        self.last_pct = -1
-        self.drawn = False
-
-    def start(self, label: str, done: int, total: int | None) -> None:
-        self.label, self.total, self.start_done = label, total, done
-        self.started = self.last = self.clock()
-        self.last_pct = self._pct(done)
-        what = f"{_mib(total)}" if total else "size unknown"
-        self.progress(f"{self.verb[0]} {label} ({what})" + (f", resuming at {_mib(done)}" if done else ""))
-
-    def _pct(self, done: int) -> int:
-        return done * 100 // self.total if self.total else -1
-
-    def _line(self, done: int) -> str:
-        elapsed = max(self.clock() - self.started, 1e-6)
-        rate = (done - self.start_done) / elapsed
-        if self.total:
-            return f"{self.label}: {_mib(done)} of {_mib(self.total)} ({self._pct(done)} %), {_mib(int(rate))}/s"
-        return f"{self.label}: {_mib(done)}, {_mib(int(rate))}/s"
-
-    def update(self, done: int) -> None:
-        now = self.clock()
-        if self.tty:
-            if now - self.last >= 0.2:
-                self.last = now
-                width = 30
-                filled = width * done // self.total if self.total else 0
-                bar = f"[{'#' * filled}{'.' * (width - filled)}] " if self.total else ""
-                self.stream.write(f"\r\033[K… {bar}{self._line(done)}")
-                self.stream.flush()
-                self.drawn = True
-            return
-        pct = self._pct(done)
-        if now - self.last >= self.every or (pct >= 0 and pct // self.step > self.last_pct // self.step):
-            self.last, self.last_pct = now, pct
-            self.progress(self._line(done))
-
-    def finish(self, done: int) -> None:
-        self.stop()
-        self.progress(f"{self.verb[1]} {self.label}: {_mib(done)}")
-
-    def stop(self) -> None:
-        """Clear the bar, so that what is printed next starts on a line of its own."""
-        if self.drawn:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.drawn = False
 
 
 # ---------------------------------------------------------------- the download
@@ -275,26 +212,27 @@ def _locked_file(path: Path):
         f.close()
 
 
-def download(partial: Partial, *, verified: bool, timeout: float = 30, meter: Meter | None = None,
+def download(partial: Partial, *, verified: bool, timeout: float = 30, progress=no_progress,
              opener=None) -> Path:
     """Fetch ``partial.url`` into ``partial.path``, resuming what an earlier run left; returns the path.
 
     Interrupted (connection lost, timeout, Ctrl-C): the partial file is kept for the next run, and the
     error (one line) says so. Refused by the server: one line; a 404 or 410 also discards what an earlier
-    run left of this URL (it is gone), and an empty partial file is never left behind.
+    run left of this URL (it is gone), and an empty partial file is never left behind. ``progress`` gets
+    the download's bar (bytes and rate; see ``cloudops.progress``) and the note when it is interrupted.
     """
     check_url(partial.url)
     opener = opener or _opener()
     partial.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _locked_file(partial.path) as out:
         try:
-            return _fetch(partial, out, verified, timeout, meter or Meter(lambda m: None, tty=False), opener)
+            return _fetch(partial, out, verified, timeout, progress, opener)
         except BaseException:
             _forget_if_empty(partial, out)
             raise
 
 
-def _fetch(partial: Partial, out, verified: bool, timeout: float, meter: Meter, opener) -> Path:
+def _fetch(partial: Partial, out, verified: bool, timeout: float, progress, opener) -> Path:
     url = partial.url
     for _attempt in range(2):  # a second time only after a 416 that did not mean "complete"
         offset = out.seek(0, os.SEEK_END)
@@ -323,7 +261,7 @@ def _fetch(partial: Partial, out, verified: bool, timeout: float, meter: Meter, 
             if action == "restart":
                 offset = _truncate(out)
             partial.save_meta(resp.headers, total)
-            _stream(resp, out, offset, total, partial, meter)
+            _stream(resp, out, offset, total, partial, progress)
             return partial.path
     raise CloudopsError(f"cannot download {url}: the server refuses every range, even the whole file")
 
@@ -339,33 +277,37 @@ def _forget_if_empty(partial: Partial, out) -> None:
         partial.discard()
 
 
-def _stream(resp, out, offset: int, total: int | None, partial: Partial, meter: Meter) -> None:
+def _stream(resp, out, offset: int, total: int | None, partial: Partial, progress) -> None:
     done = offset
-    meter.start(basename(partial.url), done, total)
+    bar = bar_for(progress, basename(partial.url), total, done=offset, verb=("downloading", "downloaded")).start()
     try:
         while block := resp.read(CHUNK):
             out.write(block)
             done += len(block)
-            meter.update(done)
+            bar.update(done)
         out.flush()
         os.fsync(out.fileno())
     except (OSError, http.client.HTTPException) as exc:
         out.flush()
-        meter.stop()
+        bar.stop()
         raise _interrupted(partial, done, total, _reason(exc)) from None
     except KeyboardInterrupt:
         out.flush()
-        meter.stop()
-        meter.progress(f"interrupted: {_mib(done)} of {partial.url} kept in {partial.path}; "
-                       "the same image.add resumes it")
+        bar.stop()
+        progress(f"interrupted: {_mib(done)} of {partial.url} kept in {partial.path}; the same image.add resumes it")
+        raise
+    except BaseException:
+        bar.stop()
         raise
     if total is not None and done < total:
+        bar.stop()
         raise _interrupted(partial, done, total, "connection closed before the end")
     if total is not None and done > total:
+        bar.stop()
         partial.discard()
         raise CloudopsError(f"cannot download {partial.url}: the server sent {done} bytes, more than the {total} "
                             "it announced")
-    meter.finish(done)
+    bar.finish()
 
 
 def _interrupted(partial: Partial, done: int, total: int | None, why: str) -> CloudopsError:

@@ -14,10 +14,12 @@ next run when interrupted) until its checksums are verified, then is renamed int
 
 import hashlib
 import json
+import posixpath
 import re
 import secrets
 import shlex
 import shutil
+import stat
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from cloudops import fleet, paths, state
 from cloudops.errors import CloudopsError
+from cloudops.progress import bar_for, no_progress
 from cloudops.ssh import connect
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -255,14 +258,15 @@ def partial_dir() -> Path:
 
 
 def add_from(source: str, name: str | None = None, sha256: str | None = None, sha512: str | None = None,
-             checksums: str | None = None, replace: bool = False, progress=lambda m: None, meter=None,
+             checksums: str | None = None, replace: bool = False, progress=no_progress,
              timeout: float = 30) -> tuple[Image, bool]:
     """Add an image from a local path or an http(s) URL, checked against every checksum given first.
 
     ``checksums`` is a checksum list (a URL or a file: SHA512SUMS, SHA256SUMS, BSD style) holding the
     entry for the file's name (a URL's basename). A URL is downloaded into ``partial_dir()`` (resuming
     what an interrupted run left there), verified, then renamed into the store; whatever goes wrong
-    after the download, the partial file is removed: nothing stays but a stored image.
+    after the download, the partial file is removed: nothing stays but a stored image. ``progress`` gets
+    the stages and the download's bar.
     """
     from cloudops.imaging import checksums as sums
     from cloudops.imaging import download
@@ -290,7 +294,7 @@ def add_from(source: str, name: str | None = None, sha256: str | None = None, sh
     if known and known["name"] == name and (store_dir() / f"{known['id']}.{known['format']}").exists():
         return _images_of({known["id"]: known})[0], False  # that content is already here: no download
     partial = download.Partial.of(source, partial_dir())
-    path = download.download(partial, verified=bool(wanted), timeout=timeout, meter=meter)
+    path = download.download(partial, verified=bool(wanted), timeout=timeout, progress=progress)
     try:
         if wanted:
             progress(f"verifying {filename} ({', '.join(f'{e.algorithm} from {e.source}' for e in wanted)})")
@@ -337,35 +341,51 @@ def remove_image(ref: str, hosts: list, in_use: dict[str, list[str]]) -> fleet.F
 
 # ---------------------------------------------------------------- distribution
 
-def ensure_on_host(image: Image, host, conn=None) -> bool:
+def ensure_on_host(image: Image, host, conn=None, progress=no_progress) -> bool:
     """Copy the image (and its boot files) to ``host`` where missing. Atomic: temp name, verify sha256 there,
-    rename; an interrupted copy is never used. True when anything was copied."""
+    rename; an interrupted copy is never used. True when anything was copied. ``progress`` gets the copy's
+    bar (bytes and rate; see ``cloudops.progress``)."""
     if conn is None:
         with connect(host) as c:
-            return ensure_on_host(image, host, c)
+            return ensure_on_host(image, host, c, progress)
     directory = f"{pool_path(host)}/images"
     missing = missing_on_host(image, host, conn)
     if not missing:
         return False
-    conn.run(f"mkdir -p {shlex.quote(directory)}", hide=True, in_stream=False)
-    for local, (remote, digest) in missing.items():
-        source = store_dir() / local
-        if not source.exists():
+    for local in missing:
+        if not (store_dir() / local).exists():
             where = ", ".join(recorded_hosts(image)) or "none recorded"
             raise CloudopsError(f"image {image.name} is not in this machine's image store ({local} missing), so it "
                                 f"cannot be copied to {host.name}; hosts that hold it: {where}. Add it here with "
                                 "`invoke image.add`, or start the VM on one of those hosts")
-        final, tmp = f"{directory}/{remote}", f"{directory}/.{remote}.partial-{secrets.token_hex(4)}"
-        try:
-            conn.put(str(source), tmp)
-            remote_sum = conn.run(f"sha256sum {shlex.quote(tmp)}", hide=True, in_stream=False).stdout.split()[0]
-            if remote_sum != digest:
-                raise CloudopsError(f"{host.name}: copy of {remote} failed verification (sha256 {remote_sum[:12]})")
-            conn.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(final)}", hide=True, in_stream=False)
-        finally:
-            conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
+    conn.run(f"mkdir -p {shlex.quote(directory)}", hide=True, in_stream=False)
+    total = sum((store_dir() / local).stat().st_size for local in missing)
+    with bar_for(progress, f"image {image.name} to {host.name}", total) as bar:
+        copied = 0
+        for local, (remote, digest) in missing.items():
+            source = store_dir() / local
+            _put_verified(conn, host, source, f"{directory}/{remote}", digest,
+                          lambda done, _size, before=copied: bar.update(before + done))
+            copied += source.stat().st_size
     _record_host(image, host.name)
     return True
+
+
+def _put_verified(conn, host, source: Path, final: str, digest: str, callback) -> None:
+    """Upload ``source`` to a temporary name beside ``final`` through SFTP (``callback(bytes done, size)`` as it
+    goes), check its sha256 on the host, then rename it to ``final``; the temporary file never stays."""
+    tmp = f"{posixpath.dirname(final)}/.{posixpath.basename(final)}.partial-{secrets.token_hex(4)}"
+    try:
+        sftp = conn.sftp()
+        sftp.put(str(source), tmp, callback=callback)
+        sftp.chmod(tmp, stat.S_IMODE(source.stat().st_mode))  # the store's mode, as Fabric's put kept it
+        remote_sum = conn.run(f"sha256sum {shlex.quote(tmp)}", hide=True, in_stream=False).stdout.split()[0]
+        if remote_sum != digest:
+            raise CloudopsError(f"{host.name}: copy of {posixpath.basename(final)} failed verification "
+                                f"(sha256 {remote_sum[:12]})")
+        conn.run(f"mv -f {shlex.quote(tmp)} {shlex.quote(final)}", hide=True, in_stream=False)
+    finally:
+        conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
 
 
 def missing_on_host(image: Image, host, conn) -> dict:
@@ -384,10 +404,10 @@ def _record_host(image: Image, host_name: str) -> None:
     _change_catalog(add)
 
 
-def distribute(image: Image, hosts: list, workers: int = 16) -> fleet.FleetResult:
-    """Copy the image to every host that lacks it, in parallel."""
-    return fleet.run(hosts, lambda h: fleet.Changed("copied") if ensure_on_host(image, h) else "present",
-                     workers=workers, timeout=1800)
+def distribute(image: Image, hosts: list, workers: int = 16, progress=no_progress) -> fleet.FleetResult:
+    """Copy the image to every host that lacks it, in parallel (one bar per host through ``progress``)."""
+    return fleet.run(hosts, lambda h: fleet.Changed("copied") if ensure_on_host(image, h, progress=progress)
+                     else "present", workers=workers, timeout=1800)
 
 
 def holders(hosts: list) -> dict[str, list[str]]:

@@ -117,7 +117,6 @@ def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=
         json=False, sha512=None, checksums=None, timeout=None):  # new options last: the older short flags stay
     """Add a disk image (a file or an http(s) URL) to the content-addressed store; prints its id."""
     from cloudops.imaging import store as images
-    from cloudops.imaging.download import Meter
     from cloudops.tasks._cli import finish, progress, select_hosts
 
     wait = timeout or (c.config.get("image") or {}).get("download_timeout") or 30
@@ -126,10 +125,10 @@ def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=
     except ValueError:
         raise CloudopsError(f"--timeout {wait!r} is not a number of seconds") from None
     image, changed = images.add_from(path, name=name, sha256=sha256, sha512=sha512, checksums=checksums,
-                                     replace=replace, progress=progress, meter=Meter(progress), timeout=wait)
+                                     replace=replace, progress=progress, timeout=wait)
     if distribute:
         targets = hypervisors(select_hosts(c, hosts, group, None, inventory))
-        finish(images.distribute(image, targets), json)
+        finish(images.distribute(image, targets, progress=progress), json)
     if json:
         emit_json({**image.__dict__, "changed": changed})
     else:

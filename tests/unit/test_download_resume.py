@@ -1,5 +1,5 @@
 """Downloads against a fake server: Range and If-Range, 206/200/416, interruptions keep the partial file, errors
-are one line; the progress meter's rate limit (fake clock); image.add of a URL leaves nothing when refused."""
+are one line; the download's progress lines; image.add of a URL leaves nothing when refused."""
 
 import email.message
 import hashlib
@@ -225,17 +225,13 @@ def test_basename_is_what_the_checksum_list_names():
     assert not download.is_url("/var/tmp/x.qcow2") and not download.is_url("c:x")
 
 
-def test_meter_on_a_pipe_is_rate_limited():
-    now, lines = [0.0], []
-    meter = download.Meter(lines.append, tty=False, clock=lambda: now[0], every=5.0, step=25)
-    meter.start("x.qcow2", 0, 100 << 20)
-    for mib in range(1, 101):
-        now[0] += 0.1
-        meter.update(mib << 20)
-    meter.finish(100 << 20)
-    # the start, one line at each 25 % (no 5 s passed between them), the end
-    assert len(lines) == 1 + 4 + 1, lines
-    assert lines[1].startswith("x.qcow2: 25.0 MiB of 100.0 MiB (25 %)")
+def test_a_download_reports_its_bar_through_progress(tmp_path):
+    """A plain progress callback gets the download's start and final lines (cloudops.progress's Bar)."""
+    lines = []
+    server = FakeServer(data=b"x" * 3000)
+    partial = download.Partial.of(URL, tmp_path)
+    download.download(partial, verified=False, timeout=30, progress=lines.append, opener=server)
+    assert lines[0] == "downloading debian.qcow2 (0.0 MiB)" and lines[-1].startswith("downloaded debian.qcow2: 0.0 MiB in ")
 
 
 # ---------------------------------------------------------------- image.add URL, nothing left when refused
