@@ -41,8 +41,8 @@ import paramiko
 from cloudops import atomicfile, virt
 from cloudops.compute import power, snapshots, vms
 from cloudops.errors import CloudopsError
-from cloudops.imaging import download
 from cloudops.imaging import store as images
+from cloudops.progress import bar_for, no_progress
 from cloudops.ssh import connect
 
 FORMAT = "cloudops-export"
@@ -171,26 +171,23 @@ def _mib(n: int) -> str:
 # ---------------------------------------------------------------- on the host
 
 def _wait_backup(dom, progress, timeout: float = BACKUP_TIMEOUT) -> None:
-    """Wait for the domain's backup job; CloudopsError with libvirt's reason when it failed."""
+    """Wait for the domain's backup job, its percent on a bar; CloudopsError with libvirt's reason when it failed."""
     deadline = time.monotonic() + timeout
-    last = -1
-    while True:
-        stats = dom.jobStats(0)
-        if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
-            break
-        total, done = stats.get("disk_total") or 0, stats.get("disk_processed") or 0
-        pct = done * 100 // total if total else 0
-        if pct // 25 > last // 25:
-            last = pct
-            progress(f"backup of {dom.name()}'s disk on the host: {pct} %")
-        if time.monotonic() > deadline:
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.abortJob()
-            raise CloudopsError(f"the backup of {dom.name()} did not finish within {timeout:g}s (aborted)")
-        time.sleep(0.1)  # a tiny disk is copied in well under a second: poll finely
-    done = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    if done.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED or not done.get("success", True):
-        raise CloudopsError(f"the backup of {dom.name()} failed: {done.get('errmsg') or 'libvirt gave no reason'}")
+    with bar_for(progress, f"backup of {dom.name()}'s disk on the host", verb=None) as bar:
+        while True:
+            stats = dom.jobStats(0)
+            if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+                break
+            bar.update(stats.get("disk_processed") or 0, total=stats.get("disk_total") or None)
+            if time.monotonic() > deadline:
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.abortJob()
+                raise CloudopsError(f"the backup of {dom.name()} did not finish within {timeout:g}s (aborted)")
+            time.sleep(0.1)  # a tiny disk is copied in well under a second: poll finely
+        done = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        if done.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED or not done.get("success", True):
+            raise CloudopsError(f"the backup of {dom.name()} failed: {done.get('errmsg') or 'libvirt gave no reason'}")
+        bar.update(done.get("disk_processed") or bar.done, total=done.get("disk_total") or bar.total)
 
 
 def convert_command(disk_path: str, out: str, snapshot: str | None = None, running: bool = False) -> str:
@@ -258,13 +255,14 @@ def inspect_on_host(hv, path: str) -> dict:
 
 # ---------------------------------------------------------------- to this machine
 
-def stream(sftp, remote: str, size: int, out, meter, label: str) -> str:
-    """Copy ``remote`` (``size`` bytes) into the open file ``out`` through SFTP; returns its sha256.
+def stream(sftp, remote: str, size: int, out, bar) -> str:
+    """Copy ``remote`` (``size`` bytes) into the open file ``out`` through SFTP, drawing ``bar`` (a
+    ``cloudops.progress.Bar``, whose label names the copy in errors); returns its sha256.
 
     A short read (the file changed or the host went away) is an error, not a short export."""
     digest = hashlib.sha256()
     done = 0
-    meter.start(label, 0, size)
+    bar.start()
     try:
         sftp.get_channel().settimeout(STALL)  # a host gone silent is an error, not a wait without end
         with sftp.open(remote, "rb") as src:
@@ -276,27 +274,30 @@ def stream(sftp, remote: str, size: int, out, meter, label: str) -> str:
                 out.write(chunk)  # a local write error is an OSError of its own (fetch_to names the file)
                 digest.update(chunk)
                 done += len(chunk)
-                meter.update(done)
+                bar.update(done)
     except (EOFError, paramiko.SSHException, socket.error) as exc:
+        bar.stop()
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
             raise
-        meter.stop()
         reason = str(exc).strip() or type(exc).__name__
-        raise CloudopsError(f"{label}: the host stopped answering after {done} of {size} bytes ({reason})") from None
-    meter.stop()
+        raise CloudopsError(f"{bar.label}: the host stopped answering after {done} of {size} bytes ({reason})") from None
+    except BaseException:
+        bar.stop()
+        raise
     if done != size:
-        raise CloudopsError(f"{label}: got {done} of {size} bytes")
-    meter.finish(done)
+        bar.stop()
+        raise CloudopsError(f"{bar.label}: got {done} of {size} bytes")
+    bar.finish()
     return digest.hexdigest()
 
 
-def fetch_to(sftp, remote: str, size: int, tmp: Path, meter, label: str, final) -> str:
+def fetch_to(sftp, remote: str, size: int, tmp: Path, bar, final) -> str:
     """Stream ``remote`` into the new local file ``tmp`` (0600); returns its sha256. On any failure ``tmp``
     is removed; a local write error (a full filesystem) is one line naming ``final``."""
     try:
         with open(tmp, "xb") as local:
             os.fchmod(local.fileno(), 0o600)  # the guest's disk: its secrets too
-            return stream(sftp, remote, size, local, meter, label)
+            return stream(sftp, remote, size, local, bar)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -334,8 +335,8 @@ def _sweep_earlier_copies(hv, directory: str, name: str, progress) -> None:
 
 # ---------------------------------------------------------------- the verb
 
-def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda m: None,
-              meter=None, stopped_for: str | None = None, snapshot: str | None = None) -> ExportResult:
+def export_vm(name: str, path, hosts: list, force: bool = False, progress=no_progress,
+              stopped_for: str | None = None, snapshot: str | None = None) -> ExportResult:
     """Write ``path`` (flattened qcow2) and ``path.json`` (its description) of the cloudops VM ``name``.
 
     ``stopped_for`` (e.g. "clone it"): only a stopped VM, for what that says. ``snapshot``: the disk as
@@ -345,7 +346,6 @@ def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda
         snapshots.validate_snapshot_name(snapshot)
     path = check_target(path, force)
     desc_path = description_path(path)
-    meter = meter or download.Meter(progress, verb=("copying", "copied"))
     with power._own_vm(name, hosts, stopped_for or "export it") as (host, _conn, dom):
         domain_xml = dom.XMLDesc(0)
         target, disk_path = root_disk(domain_xml)
@@ -373,7 +373,8 @@ def export_vm(name: str, path, hosts: list, force: bool = False, progress=lambda
                     raise CloudopsError(f"the copy made on {host.name} is not a standalone qcow2 "
                                         f"(format {info['format']}, backing file {info['backing']})")
                 check_free_space(path.parent, info["size"])
-                sha256 = fetch_to(hv.sftp(), out, info["size"], tmp, meter, f"{name}'s disk from {host.name}", path)
+                bar = bar_for(progress, f"{name}'s disk from {host.name}", info["size"], verb=("copying", "copied"))
+                sha256 = fetch_to(hv.sftp(), out, info["size"], tmp, bar, path)
                 try:
                     disk = {"file": path.name, "format": "qcow2", "virtual_size": info["virtual_size"],
                             "size": info["size"], "sha256": sha256}

@@ -29,6 +29,7 @@ from cloudops.compute import console, guest, placement, records, seed, sizing, u
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
 from cloudops.net import defined, ipam, networks
+from cloudops.progress import bar_for
 from cloudops.ssh import connect
 from cloudops.templating import render
 
@@ -392,8 +393,8 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
         if shared:
             sharedstorage.check_present(host, hv)  # before anything is made
         needs_image = spec.disk_file is None or image.direct_boot  # an imported disk stands alone; a kernel does not
-        if needs_image and images.ensure_on_host(image, host, hv):
-            progress(f"copied image {image.name} to {host.name}")
+        if needs_image:
+            images.ensure_on_host(image, host, hv, progress)  # its bar's last line says what was copied
         if needs_image and shared and sharedstorage.ensure_image(image, host, hv, progress):
             progress(f"copied image {image.name} to the shared path")
         for net in nets:
@@ -516,15 +517,9 @@ def _guestfs_overlay(spec, image, backing, hv, pool_dir, disk_name, keys, hostna
 
 def _upload_disk(hv, local: str, remote_path: str, host_name: str, progress) -> None:
     """An imported disk into the pool, with a progress bar (the guest's data: 0600 from creation)."""
-    from cloudops.imaging.download import Meter
-
-    meter = Meter(progress, verb=("uploading", "uploaded"))
-    meter.start(f"{os.path.basename(local)} to {host_name}", 0, os.path.getsize(local))
-    try:
-        hostfiles.put_private(hv, local, remote_path, callback=lambda done, _total: meter.update(done))
-    finally:
-        meter.stop()
-    meter.finish(os.path.getsize(local))
+    label = f"{os.path.basename(local)} to {host_name}"
+    with bar_for(progress, label, os.path.getsize(local), verb=("uploading", "uploaded")) as bar:
+        hostfiles.put_private(hv, local, remote_path, callback=lambda done, _total: bar.update(done))
 
 
 def _upload_seed(hv, remote_path, hostname, keys, password_hash, name, network_config, user_data=None,

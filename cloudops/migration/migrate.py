@@ -437,8 +437,7 @@ def _prepare(dom, meta, disks, shared, image, source, dest, dst_conn, prepared, 
     name = dom.name()
     if image is not None:
         with connect(dest) as hv:
-            if images.ensure_on_host(image, dest, hv):
-                message(f"copied image {image.name} to {dest.name}")
+            images.ensure_on_host(image, dest, hv, message)  # its bar's last line says what was copied
     for nic in vms.nics_of(meta):
         net = vms.network_spec(nic["network"], dest, hosts=[dest, source])
         changed, what = networks.ensure_network(dst_conn, net)

@@ -103,40 +103,46 @@ class _Sftp:
         return remote
 
 
-class _Meter:
+class _Bar:
+    """What export.stream draws on (cloudops.progress.Bar's calls), recorded."""
+
+    label = "disk"
+
     def __init__(self):
         self.updates = []
 
-    def start(self, *_a):
-        pass
+    def start(self):
+        self.updates.append("started")
+        return self
 
     def update(self, done):
         self.updates.append(done)
 
     def stop(self):
-        pass
+        self.updates.append("stopped")
 
-    def finish(self, done):
-        self.updates.append(("finished", done))
+    def finish(self):
+        self.updates.append("finished")
 
 
 def test_streaming_checksums_what_it_writes():
     data = b"x" * (export.CHUNK * 2 + 5)
-    out, meter = io.BytesIO(), _Meter()
-    assert export.stream(_Sftp(data), "/r", len(data), out, meter, "disk") == hashlib.sha256(data).hexdigest()
-    assert out.getvalue() == data and meter.updates[-1] == ("finished", len(data))
+    out, bar = io.BytesIO(), _Bar()
+    assert export.stream(_Sftp(data), "/r", len(data), out, bar) == hashlib.sha256(data).hexdigest()
+    assert out.getvalue() == data and bar.updates[-2:] == [len(data), "finished"] and bar.updates[0] == "started"
 
 
 def test_a_short_read_is_an_error_not_a_short_export():
     with pytest.raises(CloudopsError, match="got 3 of 10 bytes"):
-        export.stream(_Sftp(b"abc"), "/r", 10, io.BytesIO(), _Meter(), "disk")
+        export.stream(_Sftp(b"abc"), "/r", 10, io.BytesIO(), bar := _Bar())
+    assert bar.updates[-1] == "stopped"  # no final line for a copy that failed
 
 
 def test_a_host_that_stops_answering_is_one_line_and_reads_never_wait_forever():
     sftp = _Sftp(b"y" * (export.CHUNK * 3), fail_after=export.CHUNK)
     with pytest.raises(CloudopsError, match=r"^disk: the host stopped answering after 1048576 of 3145728 bytes "
                                             r"\(EOFError\)$"):
-        export.stream(sftp, "/r", export.CHUNK * 3, io.BytesIO(), _Meter(), "disk")
+        export.stream(sftp, "/r", export.CHUNK * 3, io.BytesIO(), _Bar())
     assert sftp.channel.timeout == export.STALL
 
 
@@ -227,14 +233,14 @@ def test_an_imported_disk_takes_a_seed_only():
 
 
 def test_a_full_filesystem_mid_copy_leaves_no_partial_file(tmp_path, monkeypatch):
-    def fill_up(_sftp, _remote, _size, out, _meter, _label):
+    def fill_up(_sftp, _remote, _size, out, _bar):
         out.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(export, "stream", fill_up)
     tmp = tmp_path / ".tmp-x.qcow2"
     with pytest.raises(CloudopsError, match=r"cannot write .*x\.qcow2: the filesystem is full"):
-        export.fetch_to(None, "/r", 10, tmp, _Meter(), "disk", tmp_path / "x.qcow2")
+        export.fetch_to(None, "/r", 10, tmp, _Bar(), tmp_path / "x.qcow2")
     assert list(tmp_path.iterdir()) == []
 
 
