@@ -11,8 +11,9 @@ Hypervisors have no internet, so nothing on them comes from PyPI. What comes fro
   control machine (whose architecture or libc may differ).
 * Wheels uploaded with cloudops (``UPLOADED``): the pure-Python requirements whose Debian 12
   versions are too old (invoke 2.0 < 2.2, fabric 2.6 < 3.2, paramiko 2.12 < 3.4, whisper 1.1.4 <
-  1.1.10). They are repacked from the distributions installed beside this cloudops: the versions
-  the operator runs, no network and no build. cloudops itself is built with ``pip wheel --no-deps
+  1.1.10), and rich (progress bars) with what it needs (markdown-it-py, mdurl, Pygments), so a host
+  needs no package for it. They are repacked from the distributions installed beside this cloudops:
+  the versions the operator runs, no network and no build. cloudops itself is built with ``pip wheel --no-deps
   --no-build-isolation`` from a copy of the checkout (setuptools is in every venv; nothing is
   fetched), or repacked the same way when it was installed from a wheel.
 * On the host: ``/usr/bin/python3 -m venv --system-site-packages /opt/cloudops/venvs/<digest>``
@@ -48,7 +49,7 @@ BASE = "/opt/cloudops"
 VENV = f"{BASE}/venv"
 COMMAND = f"{VENV}/bin/cloudops"  # what the metrics cron entry runs
 STAMP_FILE = f"{VENV}/cloudops-stamp"
-UPLOADED = ("invoke", "fabric", "paramiko", "whisper")
+UPLOADED = ("invoke", "fabric", "paramiko", "whisper", "rich", "markdown-it-py", "mdurl", "pygments")
 PACKAGES = ("python3-venv", "python3-libvirt", "python3-yaml", "python3-jinja2", "python3-cryptography",
             "python3-bcrypt", "python3-nacl", "python3-cffi", "python3-decorator", "python3-deprecated", "python3-six")
 _SOURCE = ("pyproject.toml", "README.md", "LICENSE")  # beside the package: what `pip wheel` of a checkout reads
