@@ -1,7 +1,7 @@
 """Render every file cloudops writes (libvirt XML, daemon configs, cron files) from templates/.
 
 One Jinja2 environment: ``StrictUndefined`` so a missing variable is an error, not an
-empty string; autoescaping for XML templates so a value can never inject markup.
+empty string; autoescaping for XML and HTML templates so a value can never inject markup.
 """
 
 import shlex
@@ -18,7 +18,7 @@ def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(paths.TEMPLATES)),
         undefined=jinja2.StrictUndefined,
-        autoescape=jinja2.select_autoescape(enabled_extensions=("xml", "xml.j2", "html")),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("xml", "xml.j2", "html", "html.j2")),
         keep_trailing_newline=True,
         trim_blocks=True,
         lstrip_blocks=True,

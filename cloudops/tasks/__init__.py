@@ -80,6 +80,7 @@ def demo(c, hosts=2):
     step("two shipping cycles (rates need a previous sample)",
          "invoke metrics.ship --once --json && sleep 3 && invoke metrics.ship --once --json")
     _print_cpu_series(c, "demo1")
+    step("the cloud report: hosts, VMs, the migration and graphs on one HTML page", "invoke cloud.report")
     print(f"\nThe lab stays up for you: `invoke vm.list`, `invoke vm.ssh demo1`, `ssh hv1`; "
           f"root's password is in {password_file}. `invoke vm.delete demo1` and `invoke lab.down` end it.")
 

@@ -7,6 +7,7 @@ is recorded on the client side and then looked up in whisper, so "arrived" means
 counted, with its value, not "a file exists". Nothing here asserts on timing.
 """
 
+import base64
 import contextlib
 import json
 import shlex
@@ -32,7 +33,7 @@ from cloudops.metrics.carbon import CarbonClient
 from cloudops.metrics.spool import Spool
 from cloudops.net import networks
 from cloudops.ssh import connect
-from tests.conftest import TEST_PREFIX, invoke
+from tests.conftest import TEST_PREFIX, invoke, one_line_error
 
 PREFIX = f"test.{TEST_PREFIX}"
 VM_NAMES = {"hv1": f"tm{TEST_PREFIX}a", "hv2": f"tm{TEST_PREFIX}b"}
@@ -437,3 +438,108 @@ def test_a_migrated_vm_keeps_its_series_and_its_placement_moves(lab_inventory, t
     duration = series(storage, f"{vm}.migration.duration_s", t0 + 15, t0 + 15)
     assert duration and duration[0] > 0
     assert series(storage, f"{vm}.migration.bytes", t0 + 15, t0 + 15)[0] > 0
+
+
+# ---------------------------------------------------------------- cloud.report, read by a real browser
+
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+
+
+def dump_dom(page: Path) -> str:
+    """The page's DOM as headless Chromium (Debian's) builds it from the file."""
+    proc = subprocess.run([*CHROMIUM, "--dump-dom", page.as_uri()], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "<html" in proc.stdout, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def tags(dom: str, tag: str, css_class: str) -> list[dict]:
+    """The attributes of every ``<tag class="css_class" ...>`` in the DOM (html.parser: no regex on markup)."""
+    from html.parser import HTMLParser
+
+    found = []
+
+    class Collector(HTMLParser):
+        def handle_starttag(self, name, attrs):
+            attrs = dict(attrs)
+            if name == tag and css_class in (attrs.get("class") or "").split():
+                found.append(attrs)
+
+    Collector().feed(dom)
+    return found
+
+
+def test_cloud_report_in_chromium_has_every_host_and_vm_the_maintenance_and_the_migration(
+        lab, lab_inventory, two_vms, carbon, no_maintenance, tmp_path):
+    from tests.conftest import ROOT
+
+    handle = carbon[0]
+    hosts = hypervisors(lab_inventory)
+    client = RecordingCarbon(handle.pickle_address)
+    spool, state = Spool(tmp_path / "spool"), tmp_path / "state"
+    t0 = base_time() + 600
+    assert ship(hosts, client, spool, state, t0)["ok"]
+    time.sleep(2)
+    assert ship(hosts, client, spool, state, t0 + 10)["ok"]
+    assert arrived(handle.whisper_dir, client.accepted) == []
+    (web_port,) = graphite.free_loopback_ports(1)
+    graphite_web.start(handle.directory, web_port, handle.ports.query)
+    inventory = ["--inventory", str(lab.inventory_path)]
+    moved = VM_NAMES["hv2"]
+    try:
+        where = {vm["name"]: vm["host"] for vm in json.loads(invoke("vm.list", "--json", *inventory).stdout)["vms"]}
+        there = "hv1" if where[moved] != "hv1" else "hv2"
+        proc = invoke("vm.migrate", moved, "--to", there, *inventory)
+        assert proc.returncode == 0, proc.stderr
+        proc = invoke("host.maintenance", "hv3", "on", *inventory)
+        assert proc.returncode == 0, proc.stderr
+        listed = json.loads(invoke("vm.list", "--json", *inventory).stdout)["vms"]
+        report_file = tmp_path / "cloud.html"
+        proc = invoke("cloud.report", "--output", str(report_file), "--graphite-port", str(web_port),
+                      "--prefix", PREFIX, "--since", "-2h", "--cpu-interval", "0.5", "--json", *inventory)
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert summary["complete"] and summary["graphs"] == 4 and summary["graphs_unavailable"] == 0, summary
+        assert "warning" not in proc.stderr
+
+        dom = dump_dom(report_file)
+        host_rows = {row["data-host"]: row for row in tags(dom, "tr", "host")}
+        assert set(host_rows) == set(lab_inventory.hosts)
+        assert [h for h, row in host_rows.items() if row["data-maintenance"] == "yes"] == ["hv3"]
+        assert {row["data-health"] for row in host_rows.values()} == {"up"}
+        vm_rows = {(row["data-vm"], row["data-host"], row["data-state"], row["data-ip"]) for row in tags(dom, "tr", "vm")}
+        assert vm_rows == {(vm["name"], vm["host"], vm["state"], vm["ip"] or "") for vm in listed}
+        migrations = tags(dom, "tr", "migration")
+        assert (migrations[0]["data-vm"], migrations[0]["data-target"]) == (moved, there)  # newest first
+        images = tags(dom, "img", "graph-image")
+        assert len(images) == 4
+        for image in images:
+            png = base64.b64decode(image["src"].split(",", 1)[1])
+            assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (720, 260)
+        artifacts = ROOT / "var" / "test-artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shot = artifacts / "cloud-report.png"
+        shot.unlink(missing_ok=True)
+        proc = subprocess.run([*CHROMIUM, f"--screenshot={shot}", "--window-size=1200,1800", report_file.as_uri()],
+                              check=False, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", proc.stderr[-2000:]
+
+        # graphite-web down: the page is still written, every graph marked unavailable, one warning line
+        graphite_web.stop(handle.directory)
+        proc = invoke("cloud.report", "--output", str(report_file), "--graphite-port", str(web_port),
+                      "--prefix", PREFIX, "--cpu-interval", "0", *inventory)
+        assert proc.returncode == 0, proc.stderr
+        warnings = [line for line in proc.stderr.splitlines() if not line.startswith("… ")]
+        assert len(warnings) == 1 and "graphs unavailable" in warnings[0], proc.stderr
+        dom = dump_dom(report_file)
+        assert len(tags(dom, "div", "graph-unavailable")) == 4 and tags(dom, "img", "graph-image") == []
+        assert len(tags(dom, "tr", "host")) == 3
+        assert len(tags(dom, "tr", "imbalance")) >= 2 and 'id="imbalance-chart"' in dom  # one point per report
+
+        # an output in a missing directory: one line, nothing asked of the hosts, nothing written
+        missing = tmp_path / "no-such-dir" / "cloud.html"
+        proc = invoke("cloud.report", "--output", str(missing), *inventory)
+        one_line_error(proc, "does not exist")
+        assert not missing.parent.exists()
+    finally:
+        graphite_web.stop(handle.directory)
