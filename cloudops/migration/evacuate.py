@@ -78,7 +78,7 @@ def evacuate(host: str, inventory, *, parallel: int = 1, dry_run: bool = False, 
     waves: dict[int, list] = {}
     for m in moves:
         waves.setdefault(m.wave, []).append(m)
-    quiet = parallel > 1  # several bars on one line would be noise
+    own_bars = parallel > 1  # each migration draws its own bar (one line per VM) instead of the caller's one
 
     cancel = threading.Event()  # Ctrl-C reaches only the main thread: it tells every migration through this
 
@@ -88,7 +88,7 @@ def evacuate(host: str, inventory, *, parallel: int = 1, dry_run: bool = False, 
         message(f"migrating {m.vm} to {m.target}")
         try:
             result = migrate.migrate_vm(m.vm, m.target, inventory, policy=policy, cancel=cancel,
-                                        progress=(lambda p: None) if quiet else progress, message=message)
+                                        progress=None if own_bars else progress, message=message)
         except CloudopsError as exc:
             return MoveResult(m.vm, m.source, m.target, "cancelled" if exc.exit_code == 130 else "failed",
                               error=str(exc))

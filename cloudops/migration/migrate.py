@@ -24,7 +24,6 @@ import contextlib
 import os
 import shlex
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -43,6 +42,7 @@ from cloudops.imaging import store as images
 from cloudops.inventory import is_hypervisor
 from cloudops.migration import journal, outcome, snapcarry
 from cloudops.net import networks
+from cloudops.progress import FIGURES, bar_for
 from cloudops.ssh import connect
 
 MiB = 1 << 20
@@ -138,11 +138,11 @@ def migrate_vm(name: str, to_host: str, inventory, *, copy_storage: bool = True,
     """Move VM ``name`` to host ``to_host``: live when it runs, offline when it is stopped.
 
     ``progress(Progress)`` is called about twice a second during a live migration
-    (default: a bar on stderr); ``message(str)`` gets the stage-by-stage notes;
+    (default: a ``MigrationBar`` through ``message``); ``message(str)`` gets the stage-by-stage notes;
     setting ``cancel`` aborts a live migration still in pre-copy (as Ctrl-C does).
     """
     policy = policy or Policy()
-    progress = progress if progress is not None else ProgressBar()
+    progress = progress if progress is not None else MigrationBar(message, name)
     vms.validate_name(name)
     hypervisors = inventory.hypervisors()
     if to_host not in inventory.hosts:
@@ -753,35 +753,28 @@ def _result(dom, name, source, dest, shared, watch) -> Result:
         postcopy=watch.postcopy)
 
 
-class ProgressBar:
-    """A one-line live bar on stderr: percent, data remaining, dirty rate, iteration, ETA."""
+class MigrationBar:
+    """The live migration's bar, through ``cloudops.progress`` (live on a terminal, plain lines elsewhere):
+    its length is the percent done, its figures the phase, data remaining of the total, dirty rate,
+    speed, memory iteration, ETA and time so far."""
 
-    def __init__(self, stream=None, width: int = 24):
-        self.stream = stream or sys.stderr
-        self.width = width
-        self.tty = self.stream.isatty()
-        self.last_line = 0.0
-        self.drawn = False
+    def __init__(self, message, name: str):
+        self.bar = bar_for(message, f"migrating {name}", 100, unit=FIGURES, verb=None)
 
-    def __call__(self, p: Progress):
-        filled = int(self.width * p.percent / 100)
-        eta = f"{p.eta:4.0f}s" if p.eta is not None else "   ?"
-        line = (f"[{'#' * filled}{'.' * (self.width - filled)}] {p.percent:5.1f}%  {p.phase:<9} "
-                f"left {p.remaining_mib:6.1f}/{p.total_mib:.0f} MiB  dirty {p.dirty_mib_s:5.1f} MiB/s  "
-                f"{p.speed_mib_s:5.1f} MiB/s  iter {p.iteration:2d}  ETA {eta}  {p.elapsed:5.1f}s")
-        if self.tty:
-            self.stream.write("\r" + line + "\033[K")
-            self.drawn = True
-        elif time.monotonic() - self.last_line >= 2:
-            self.stream.write(line + "\n")
-            self.last_line = time.monotonic()
-        self.stream.flush()
+    @staticmethod
+    def figures(p: Progress) -> str:
+        eta = f"{p.eta:.0f}s" if p.eta is not None else "?"
+        return (f"{p.percent:5.1f}%  {p.phase:<9} left {p.remaining_mib:6.1f}/{p.total_mib:.0f} MiB  "
+                f"dirty {p.dirty_mib_s:5.1f} MiB/s  {p.speed_mib_s:5.1f} MiB/s  iter {p.iteration:2d}  "
+                f"ETA {eta}  {p.elapsed:5.1f}s")
 
-    def done(self):
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
+    def __call__(self, p: Progress) -> None:
+        self.bar.update(p.percent, figures=self.figures(p))
+
+    def done(self) -> None:
+        """The job ended: the last figures stay as a line (where it got to, when an error follows)."""
+        if self.bar.started is not None:
+            self.bar.finish()
 
 
 # ---------------------------------------------------------------- offline

@@ -137,3 +137,46 @@ def test_figures_of_ones_own_and_no_verb():
     bar.update(50, figures="50 % of it")
     bar.finish()
     assert lines == ["web1 to hv2: 50 % of it", "web1 to hv2: 50 % of it"]
+
+
+def _sample(percent, iteration=1, phase="memory"):
+    from cloudops.migration.migrate import Progress
+
+    return Progress(elapsed=percent / 10, percent=percent, remaining_mib=100 - percent, total_mib=100,
+                    dirty_mib_s=2.5, speed_mib_s=40.0, iteration=iteration, eta=3.0, phase=phase)
+
+
+def test_a_migration_bar_keeps_todays_figures_and_ends_with_the_last():
+    from cloudops.migration.migrate import MigrationBar
+
+    lines = []
+    bar = MigrationBar(lines.append, "web1")
+    bar(_sample(10))
+    bar(_sample(100, iteration=3))
+    bar.done()
+    assert len(lines) == 1  # plain lines at most every 2 s: here only the final one
+    assert MigrationBar.figures(_sample(10)).startswith(" 10.0%  memory    left   90.0/100 MiB")
+    assert lines[-1] == "migrating web1: " + MigrationBar.figures(_sample(100, iteration=3))
+    assert "dirty   2.5 MiB/s" in lines[-1] and "iter  3" in lines[-1] and "ETA 3s" in lines[-1]
+
+
+def test_a_migration_bar_that_never_drew_says_nothing_at_the_end():
+    from cloudops.migration.migrate import MigrationBar
+
+    lines = []
+    MigrationBar(lines.append, "web1").done()  # an offline migration: no job samples
+    assert lines == []
+
+
+def test_parallel_migrations_each_draw_their_line_on_a_terminal():
+    from cloudops.migration.migrate import MigrationBar
+
+    reporter, out = tty_reporter()
+    bars = [MigrationBar(reporter, name) for name in ("web1", "web2")]
+    for bar in bars:
+        bar(_sample(40))
+    screen = ANSI.sub("", out.getvalue())
+    assert "migrating web1" in screen and "migrating web2" in screen
+    for bar in bars:
+        bar.done()
+    reporter.close()
