@@ -120,11 +120,15 @@ def _answers(lab_inventory):
 
 
 def _diagnosis(lab_inventory, host_name) -> str:
-    """The host's neighbour table and routes, and the tail of the guest's serial console."""
-    with connect(lab_inventory.hosts[host_name]) as hv:
-        out = hv.run(f"ip neigh; ip -br addr; ip route; tail -n 30 {guest.console_log_path(NAME)}",
-                     warn=True, hide=True, in_stream=False)
-    return (out.stdout + out.stderr)[-4000:]
+    """libvirt's state and reason and the VM's interfaces, the host's neighbour table, bridge ports and
+    routes, and the tail of the guest's serial console."""
+    host = lab_inventory.hosts[host_name]
+    seen = [virsh(host, "domstate", "--reason", NAME), virsh(host, "domiflist", NAME)]
+    with connect(host) as hv:
+        out = hv.run(f"ip neigh; bridge link; ip -br addr; ip route; echo '-- console'; "
+                     f"tail -n 30 {guest.console_log_path(NAME)}", warn=True, hide=True, in_stream=False)
+    libvirt_side = "".join(p.stdout + p.stderr for p in seen)
+    return (libvirt_side + out.stdout + out.stderr)[-5000:]
 
 
 def kernel_oopses(lab_inventory) -> dict[str, list[str]]:
