@@ -127,6 +127,17 @@ def ship(hosts, client, spool, state, ts, **kwargs):
     return metrics.ship_fleet(hosts, client, spool, PREFIX, state_dir=state, now=ts, timeout=60, **kwargs)
 
 
+def two_cycles_in_whisper(lab_inventory, handle, tmp_path, t0) -> int:
+    """Ship two cycles (at t0 and t0 + 10) and wait until whisper holds every datapoint; returns t0."""
+    client = RecordingCarbon(handle.pickle_address)
+    spool, state = Spool(tmp_path / "spool"), tmp_path / "state"
+    assert ship(hypervisors(lab_inventory), client, spool, state, t0)["ok"]
+    time.sleep(2)
+    assert ship(hypervisors(lab_inventory), client, spool, state, t0 + 10)["ok"]
+    assert arrived(handle.whisper_dir, client.accepted) == []
+    return t0
+
+
 def test_three_cycles_give_every_vm_and_host_plausible_series(lab_inventory, two_vms, carbon, tmp_path):
     hosts = hypervisors(lab_inventory)
     client = RecordingCarbon(carbon[0].pickle_address)
@@ -184,14 +195,7 @@ def test_graphite_web_renders_the_shipped_series_as_whisper_holds_them(lab_inven
     """`invoke graphite.up` adds graphite-web over the running carbon's files: the render API's JSON has the
     values whisper-fetch reads from the .wsp file, and its PNG is a real PNG image."""
     handle = carbon[0]
-    hosts = hypervisors(lab_inventory)
-    client = RecordingCarbon(handle.pickle_address)
-    spool, state = Spool(tmp_path / "spool"), tmp_path / "state"
-    t0 = base_time() + 400
-    assert ship(hosts, client, spool, state, t0)["ok"]
-    time.sleep(2)
-    assert ship(hosts, client, spool, state, t0 + 10)["ok"]
-    assert arrived(handle.whisper_dir, client.accepted) == []
+    t0 = two_cycles_in_whisper(lab_inventory, handle, tmp_path, base_time() + 400)
     (web_port,) = graphite.free_loopback_ports(1)
     where = ["--directory", str(handle.directory), "--line-port", str(handle.ports.line),
              "--pickle-port", str(handle.ports.pickle), "--query-port", str(handle.ports.query)]
@@ -474,14 +478,7 @@ def test_cloud_report_in_chromium_has_every_host_and_vm_the_maintenance_and_the_
     from tests.conftest import ROOT
 
     handle = carbon[0]
-    hosts = hypervisors(lab_inventory)
-    client = RecordingCarbon(handle.pickle_address)
-    spool, state = Spool(tmp_path / "spool"), tmp_path / "state"
-    t0 = base_time() + 600
-    assert ship(hosts, client, spool, state, t0)["ok"]
-    time.sleep(2)
-    assert ship(hosts, client, spool, state, t0 + 10)["ok"]
-    assert arrived(handle.whisper_dir, client.accepted) == []
+    two_cycles_in_whisper(lab_inventory, handle, tmp_path, base_time() + 600)
     (web_port,) = graphite.free_loopback_ports(1)
     graphite_web.start(handle.directory, web_port, handle.ports.query)
     inventory = ["--inventory", str(lab.inventory_path)]
