@@ -107,7 +107,9 @@ def reservation_on(lab_inventory, host_name, mac) -> bool:
 def in_vm(lab_inventory, command) -> str:
     host = vms.locate(NAME, list(lab_inventory.hosts.values()))
     vm = next(v for v in vms.list_on_host(host) if v.name == NAME)
-    with connect(host) as hv, guest.connect_vm(hv, vm.ip) as conn:
+    # 60 s, not 15: a previous test's writer may still keep the TCG guest's one vCPU busy, and dropbear's
+    # key exchange then took longer than 15 s in full runs ("Authentication timeout", ci-g)
+    with connect(host) as hv, guest.connect_vm(hv, vm.ip, timeout=60) as conn:
         return conn.run(command, hide=True, in_stream=False).stdout.strip()
 
 
