@@ -36,17 +36,13 @@ from cloudops.compute import (
 )
 from cloudops.imaging import build as imagebuild
 from cloudops.imaging import store as images
+from cloudops.lab import guestload
 from cloudops.lab import hosts as lab
 from cloudops.migration import migrate
 from cloudops.ssh import connect  # noqa: E402
 
 PREFIX = "cmgb"
 NAME = "b-mig"
-
-
-def writer(mib: int) -> str:
-    return (f"setsid sh -c 'while :; do dd if=/dev/zero of=/run/dirty bs=1M count={mib} conv=notrunc 2>/dev/null; "
-            "done' >/dev/null 2>&1 </dev/null & echo $!")
 
 
 def in_vm(inv, host_name, ip, command):
@@ -114,7 +110,7 @@ def main() -> int:
     try:
         vm = vms.start_vm(vms.VMSpec(name=NAME, image=image.name, memory=128, host="hv1", timeout=300), inv)
         guest.wait_until(lambda: _answers(inv, "hv1", vm.ip), 60, "a shell in the VM")
-        in_vm(inv, "hv1", vm.ip, writer(args.writer_mib))
+        in_vm(inv, "hv1", vm.ip, guestload.start(args.writer_mib))
         where = 0
         for _ in range(args.rounds):
             for kind in ("virsh", "cloudops"):

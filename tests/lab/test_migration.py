@@ -13,12 +13,12 @@ from cloudops import virt
 from cloudops.compute import guest, records, vms
 from cloudops.errors import CloudopsError
 from cloudops.hosts import maintenance
+from cloudops.lab import guestload
 from cloudops.migration import migrate
 from cloudops.ssh import connect
 from tests.conftest import invoke, own_inventory, own_lab
 
-WRITER = ("setsid sh -c 'while :; do dd if=/dev/zero of=/run/dirty bs=1M count=4 conv=notrunc 2>/dev/null; done' "
-          ">/dev/null 2>&1 </dev/null & echo $!")
+WRITER = guestload.start()
 
 
 # kills and restarts libvirtd: a lab of its own, not the session's
