@@ -28,7 +28,7 @@ from cloudops import hostfiles, kvm, passwords, sharedstorage, state, storage, v
 from cloudops.compute import console, guest, placement, records, seed, sizing, userdata
 from cloudops.errors import CloudopsError, NotFound
 from cloudops.imaging import store as images
-from cloudops.net import defined, ipam, networks
+from cloudops.net import defined, ipam, networks, probe
 from cloudops.progress import bar_for
 from cloudops.ssh import connect
 from cloudops.templating import render
@@ -413,6 +413,9 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
         for i, net in enumerate(nets):
             allocation = ipam.allocate(net, spec.name, ip=spec.ip if i == 0 else None)
             undo.push(ipam.release, net, spec.name)
+            if net.mode == "bridge":  # the guest sets this address itself: nothing else on the LAN may hold it
+                progress(f"probing {allocation.ip} on {net.name} (ARP, from {host.name})")
+                probe.ensure_free(hv, host.name, net, allocation.ip, requested=spec.ip is not None and i == 0)
             networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, spec.name)
             undo.push(networks.remove_reservation, conn, net.name, allocation.mac, allocation.ip, spec.name)
             allocations.append(allocation)

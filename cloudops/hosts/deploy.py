@@ -43,7 +43,7 @@ DEFAULTS = {
     "cloud_name": "cloudops",
     "role": "hypervisor",
     "packages": ["libvirt-daemon-system", "libvirt-clients", "qemu-system-x86", "qemu-utils", "dnsmasq-base",
-                 "openssh-client", "ovmf"],
+                 "openssh-client", "ovmf", "python3-scapy"],
     "pool_path": "/var/lib/cloudops",
     "libvirtd_keepalive_interval": 5,
     "libvirtd_keepalive_count": 5,

@@ -118,3 +118,32 @@ def delete(c, name, check=False, force=False, hosts=None, group=None, limit=None
     selected = select_hosts(c, hosts, group, limit, inventory)
     _on_hosts(c, selected, lambda conn, host: networks.delete_network(conn, name, check=check, force=force),
               workers, timeout, json)
+
+
+def _describe_probe(report: dict) -> str:
+    servers = ", ".join(f"{s['server']} ({s['mac']}, offered {s['offered']})" for s in report["dhcp_servers"])
+    unknown = ", ".join(f"{a['ip']} ({'/'.join(a['macs'])})" for a in report["unknown"])
+    parts = [f"{report['network']} on {report['bridge']}: DHCP {servers or 'none'}"]
+    if report["cidr"]:
+        parts.append(f"{len(report['answering'])} answer ARP, unknown: {unknown or 'none'}")
+    return "; ".join(parts)
+
+
+@task(help={**SELECT_HELP, "name": "network to probe (the inventory's, or one libvirt has defined)"})
+@user_errors
+def probe(c, name, hosts=None, group=None, limit=None, inventory=None, workers=None, timeout=None, json=False):
+    """From each selected host, on NAME's bridge: DHCP servers (a discover), the addresses that answer ARP,
+    and which of those cloudops does not know. Sends packets only: changes nothing (needs python3-scapy)."""
+    from cloudops.compute import vms
+    from cloudops.net import probe as probes
+    from cloudops.ssh import connect
+
+    networks.check_name(name)
+    selected = select_hosts(c, hosts, group, limit, inventory)
+    spec = vms.network_spec(name, selected[0], hosts=selected)  # an unknown network: one line, no host probed
+
+    def one(host):
+        with connect(host) as hv:
+            return probes.probe_network(hv, host.name, spec).to_dict()
+
+    finish(fleet.run(selected, one, **_fleet_args(c, workers, timeout)), json, _describe_probe)
