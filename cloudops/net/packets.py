@@ -14,7 +14,8 @@ Actions (bounded: every wait has a timeout, every scan a subnet of at most 1024 
 * ``arp IFACE IP...``: an ARP probe per address (RFC 5227: sender address 0.0.0.0, so nothing
   learns the probe's address); the MACs that answered, per address;
 * ``scan IFACE CIDR``: the same probe to every address of the subnet; the addresses that answered;
-* ``dhcp IFACE``: one DHCP discover; the offers (server, address offered, server's MAC).
+* ``dhcp IFACE``: one DHCP discover; the offers (server, address offered, server's MAC);
+* ``survey IFACE [CIDR]``: ``dhcp`` then ``scan`` from one port (what ``net.probe`` asks).
 """
 
 import argparse
@@ -24,6 +25,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 
 MAX_SCAN = 1024
 
@@ -66,8 +68,6 @@ class Port:
 
 def _wait_forwarding(bridge: str, port: str) -> None:
     """A new bridge port may spend the forward delay listening; wait (bounded) until it forwards."""
-    import time
-
     path = f"/sys/class/net/{bridge}/brif/{port}/state"
     deadline = time.monotonic() + 35
     while time.monotonic() < deadline:
@@ -128,30 +128,42 @@ def _address(text: str) -> str:
         raise SystemExit(f"not an IPv4 address: {text!r}") from None
 
 
+def _subnet_hosts(cidr: str) -> list[str]:
+    try:
+        net = ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise SystemExit(f"not an IPv4 subnet: {cidr!r}") from None
+    if net.num_addresses > MAX_SCAN:
+        raise SystemExit(f"subnet {cidr} has more than {MAX_SCAN} addresses: not scanned")
+    return [str(a) for a in net.hosts()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="cloudops-packets")
-    ap.add_argument("action", choices=("arp", "scan", "dhcp"))
+    ap.add_argument("action", choices=("arp", "scan", "dhcp", "survey"))
     ap.add_argument("bridge")
     ap.add_argument("targets", nargs="*")
     ap.add_argument("--timeout", type=float, default=1.0)
     ap.add_argument("--tries", type=int, default=2)
+    ap.add_argument("--dhcp-wait", type=float, default=5.0)
     args = ap.parse_args(argv)
     try:
-        if args.action == "scan":
-            (cidr,) = args.targets
-            net = ipaddress.ip_network(cidr, strict=False)
-            if net.num_addresses > MAX_SCAN:
-                raise SystemExit(f"subnet {cidr} has more than {MAX_SCAN} addresses: not scanned")
-            targets = [str(a) for a in net.hosts()]
+        if args.action in ("scan", "survey"):
+            if len(args.targets) > 1 or (args.action == "scan" and not args.targets):
+                raise SystemExit(f"{args.action} takes one subnet, got {len(args.targets)}")
+            targets = _subnet_hosts(args.targets[0]) if args.targets else []
         else:
             targets = [_address(a) for a in args.targets]
+        result = {}
         with Port(args.bridge) as port:
             _wait_forwarding(args.bridge, port.outside)
-            if args.action == "dhcp":
-                result = {"offers": dhcp(port, args.timeout)}
-            else:
+            if args.action in ("dhcp", "survey"):
+                result["offers"] = dhcp(port, args.dhcp_wait)
+            if args.action != "dhcp" and targets:
                 answers = arp(port, targets, args.timeout, args.tries)
-                result = {"answers": {a: macs for a, macs in answers.items() if macs}}
+                result["answers"] = {a: macs for a, macs in answers.items() if macs}
+            elif args.action != "dhcp":
+                result["answers"] = {}
     except SystemExit as exc:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)

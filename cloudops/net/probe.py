@@ -26,17 +26,18 @@ from cloudops.net.networks import NetworkSpec
 SCRIPT = Path(__file__).with_name("packets.py")
 TIMEOUT = 1.0  # seconds each round of probes waits for answers
 TRIES = 2
-DHCP_WAIT = 5.0  # seconds the DHCP discover waits for offers
+DHCP_WAIT = 5.0  # seconds a DHCP discover waits: dnsmasq ARP-pings an address (about 3 s) before offering it
 
 
 def run_packets(hv, host_name: str, action: str, bridge: str, *targets: str, timeout: float = TIMEOUT,
-                tries: int = TRIES) -> dict:
+                tries: int = TRIES, dhcp_wait: float = DHCP_WAIT) -> dict:
     """``packets.py ACTION BRIDGE TARGETS`` on the host (root, scapy); its JSON, or one line why not."""
     args = " ".join(shlex.quote(a) for a in (action, bridge, *targets))
     command = (f"/usr/bin/python3 -c {shlex.quote(SCRIPT.read_text())} {args} "
-               f"--timeout {float(timeout)} --tries {int(tries)}")
-    # bounded: the host side waits at most tries x timeout per round, plus a bridge port's forward delay
-    result = hv.run(command, hide=True, warn=True, in_stream=False, timeout=60 + tries * timeout * 4)
+               f"--timeout {float(timeout)} --tries {int(tries)} --dhcp-wait {float(dhcp_wait)}")
+    # bounded: the host side waits at most tries x timeout for ARP and dhcp_wait for offers, plus a
+    # bridge port's forward delay (35 s at most)
+    result = hv.run(command, hide=True, warn=True, in_stream=False, timeout=60 + tries * timeout * 4 + dhcp_wait)
     if not result.ok:
         reason = (result.stderr.strip().splitlines() or [f"exit status {result.exited}"])[-1]
         if "No module named 'scapy'" in result.stderr:
@@ -88,14 +89,15 @@ def probe_network(hv, host_name: str, net: NetworkSpec, store=None) -> Report:
     """DHCP offers on ``net``'s bridge, and (when its subnet is known) every address that answers ARP,
     each named by what cloudops knows it as: a VM of IPAM, the gateway, or nothing (unknown)."""
     report = Report(network=net.name, host=host_name, bridge=net.bridge, cidr=net.cidr)
-    # 5 s: dnsmasq pings the address it will offer (ARP, about 3 s) before it sends the offer
-    report.dhcp_servers = run_packets(hv, host_name, "dhcp", net.bridge, timeout=DHCP_WAIT, tries=1)["offers"]
+    subnet = [str(ipaddress.ip_network(net.cidr))] if net.cidr else []
+    found = run_packets(hv, host_name, "survey", net.bridge, *subnet)  # one run: one port, one scapy import
+    report.dhcp_servers = found["offers"]
     if not net.cidr:
         return report
     known = {a.ip: vm for vm, a in ipam.allocations(net, store).items()}
     if net.gateway:
         known.setdefault(str(net.gateway), "gateway")
-    answers = run_packets(hv, host_name, "scan", net.bridge, str(ipaddress.ip_network(net.cidr)))["answers"]
+    answers = found["answers"]
     for ip in sorted(answers, key=ipaddress.IPv4Address):
         report.answering.append({"ip": ip, "macs": answers[ip], "known": known.get(ip)})
     return report

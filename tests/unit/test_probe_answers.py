@@ -29,7 +29,7 @@ def test_an_address_nobody_answers_for_is_free():
     hv = FakeHost(json.dumps({"answers": {}}))
     probe.ensure_free(hv, "hv1", LAN, "10.9.1.120", requested=False)
     command, kwargs = hv.commands[0]
-    assert command.startswith("/usr/bin/python3 -c ") and command.endswith("arp lan0 10.9.1.120 --timeout 1.0 --tries 2")
+    assert command.startswith("/usr/bin/python3 -c ") and command.endswith("arp lan0 10.9.1.120 --timeout 1.0 --tries 2 --dhcp-wait 5.0")
     assert kwargs["timeout"] > 0 and kwargs["warn"] is True  # bounded, and a failure is read, not raised
 
 
@@ -58,8 +58,8 @@ def test_a_failed_probe_is_one_line_naming_the_host(stderr, reason):
 
 def test_probe_network_names_what_cloudops_knows():
     ipam.allocate(LAN, "web1", ip="10.9.1.120")
-    answers = [json.dumps({"offers": []}),
-               json.dumps({"answers": {"10.9.1.120": ["52:54:00:00:00:01"], "10.9.1.1": ["02:00:00:00:00:01"],
+    answers = [json.dumps({"offers": [],
+                           "answers": {"10.9.1.120": ["52:54:00:00:00:01"], "10.9.1.1": ["02:00:00:00:00:01"],
                                        "10.9.1.77": ["02:00:00:00:00:77"]}})]
 
     class Scripted(FakeHost):
@@ -69,7 +69,8 @@ def test_probe_network_names_what_cloudops_knows():
 
     hv = Scripted()
     report = probe.probe_network(hv, "hv1", LAN).to_dict()
-    assert " dhcp lan0 " in hv.commands[0] and " scan lan0 10.9.1.0/24 " in hv.commands[1]
+    (command,) = hv.commands  # one run on the host: the discover and the scan from one port
+    assert " survey lan0 10.9.1.0/24 " in command
     assert [(a["ip"], a["known"]) for a in report["answering"]] == [
         ("10.9.1.1", "gateway"), ("10.9.1.77", None), ("10.9.1.120", "web1")]
     assert report["unknown"] == [{"ip": "10.9.1.77", "macs": ["02:00:00:00:00:77"], "known": None}]
