@@ -21,7 +21,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients
 	linux-image-amd64 busybox-static dropbear-bin openssh-server openssh-client \
 	iproute2 dnsmasq-base python3-venv genisoimage syslinux syslinux-common extlinux \
 	e2fsprogs iptables kmod cpio procps util-linux debootstrap etcd-server etcd-client ovmf dosfstools libxml2-utils bindfs \
-	graphite-web gunicorn chromium python3-scapy \
+	graphite-web gunicorn chromium python3-scapy libvirt-daemon-driver-lxc \
 	$(HOST_CLOUDOPS_PACKAGES)
 
 .PHONY: setup apt venv demo test test-unit test-integration test-lab bench clean lab-down
