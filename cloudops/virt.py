@@ -140,6 +140,38 @@ def forget(host, uri: str | None = None) -> None:
             conn.close()
 
 
+def container_uri(host) -> str | None:
+    """The host's URI for libvirt's LXC driver (its containers): ``libvirt_uri`` with ``lxc`` for ``qemu``,
+    the same transport, ssh script and host-key check (``qemu+ssh://h/system`` -> ``lxc+ssh://h/system``).
+    None for a host whose URI is not QEMU's (libvirt's ``test://`` driver in unit tests: no containers)."""
+    scheme, sep, rest = host.libvirt_uri.partition("://")
+    driver, plus, transport = scheme.partition("+")
+    if driver != "qemu":
+        return None
+    return f"lxc{plus}{transport}{sep}{rest}"
+
+
+NO_LXC_DRIVER = "no connection driver available"  # what libvirtd says for lxc:// when the LXC driver is not installed
+
+
+_without_lxc: set[str] = set()  # URIs whose libvirtd said it has no LXC driver, in this process
+
+
+def container_connection(host) -> libvirt.virConnect | None:
+    """The process's connection to ``host``'s LXC driver; None when its libvirtd has no LXC driver (a host
+    that runs no containers: asked once per process). Unreachable hosts and refused host keys raise, as for VMs."""
+    uri = container_uri(host)
+    if uri is None or uri in _without_lxc:
+        return None
+    try:
+        return connection(host, uri)
+    except LibvirtUnavailable as exc:
+        if NO_LXC_DRIVER in str(exc):
+            _without_lxc.add(uri)
+            return None
+        raise
+
+
 def metadata(dom: libvirt.virDomain) -> dict:
     """The cloudops metadata of a domain ({} for a domain cloudops did not make)."""
     try:

@@ -87,6 +87,7 @@ class VM:
     group: str | None = None
     nics: list = field(default_factory=list)  # every NIC ({network, ip, mac}), the primary (network/ip/mac) first
     storage: str = "local"  # where its disks are: "local" (the host's pool) or "shared" (the shared path)
+    kind: str = "vm"  # or "container" (libvirt's LXC driver: cloudops.compute.containers)
     timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -202,13 +203,24 @@ STATES = {libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_SHUTOFF: "sh
           libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended"}
 
 
-def describe(dom: libvirt.virDomain, host_name: str) -> VM:
+KINDS = ("vm", "container")
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise CloudopsError(f"unknown kind {kind!r}: one of {', '.join(KINDS)}")
+    return kind
+
+
+def describe(dom: libvirt.virDomain, host_name: str, kind: str = "vm") -> VM:
+    """A domain as cloudops lists it; ``kind``: what the connection it came from runs (an LXC connection's
+    domains are containers, whether cloudops made them or not)."""
     state, max_mem_kib, _mem, vcpus, _cpu = dom.info()
     meta = virt.metadata(dom)
     return VM(name=dom.name(), host=host_name, ip=meta.get("ip") or None, state=STATES.get(state, str(state)),
               memory=max_mem_kib // 1024, vcpus=vcpus, image=meta.get("image"), network=meta.get("network"),
               mac=meta.get("mac"), customize=meta.get("customize"), group=meta.get("group"), nics=nics_of(meta),
-              storage=sharedstorage.kind_of(meta))
+              storage=sharedstorage.kind_of(meta), kind=meta.get("kind") or kind)
 
 
 def details(dom: libvirt.virDomain) -> dict:
@@ -231,8 +243,13 @@ def details(dom: libvirt.virDomain) -> dict:
 
 
 def list_on_host(host) -> list[VM]:
+    """The host's VMs, then its containers (none on a host whose libvirtd has no LXC driver)."""
     with virt.open_host(host) as conn:
-        return [describe(d, host.name) for d in conn.listAllDomains()]
+        found = [describe(d, host.name) for d in conn.listAllDomains()]
+    containers = virt.container_connection(host)
+    if containers is not None:
+        found += [describe(d, host.name, "container") for d in containers.listAllDomains()]
+    return found
 
 
 def defined_on(conn, name: str) -> bool:
@@ -246,32 +263,57 @@ def defined_on(conn, name: str) -> bool:
         raise
 
 
-def find(name: str, hosts: list) -> tuple[list, list[str]]:
-    """(the hosts that have a domain ``name``, each host that could not be asked as "name: why"), in parallel.
+def kind_on(host, name: str) -> str | None:
+    """Whether ``host`` has a guest ``name``: "vm", "container" or None. One name is one guest in the whole
+    cloud, whichever driver runs it."""
+    with virt.open_host(host) as conn:
+        if defined_on(conn, name):
+            return "vm"
+    containers = virt.container_connection(host)
+    if containers is not None and defined_on(containers, name):
+        return "container"
+    return None
 
-    The reason goes along (a changed host key, say), so a caller's one-line error can say it."""
+
+def find_guests(name: str, hosts: list) -> tuple[list, list[str]]:
+    """([(host, kind)] of the hosts that have a guest ``name``, each host that could not be asked as "name: why"),
+    asked in parallel. The reason goes along (a changed host key, say), so a caller's one-line error can say it."""
     from cloudops import fleet
 
     validate_name(name)  # before any host is asked: names reach virsh and shells on the hosts
-
-    def has(host):
-        with virt.open_host(host) as conn:
-            return defined_on(conn, name)
-
-    result = fleet.run(hosts, has, timeout=60)
+    result = fleet.run(hosts, lambda host: kind_on(host, name), timeout=60)
     why = [r.error if (r.error or "").startswith(f"{r.host}: ") else f"{r.host}: {r.error}" for r in result.failed]
-    return [h for h, r in zip(hosts, result) if r.value], why
+    return [(h, r.value) for h, r in zip(hosts, result) if r.value], why
 
 
-def locate(name: str, hosts: list):
-    """The inventory host that has a domain called ``name``; NotFound when none has, CloudopsError when several have."""
-    found, unreachable = find(name, hosts)
+def find(name: str, hosts: list) -> tuple[list, list[str]]:
+    """(the hosts that have a VM ``name``, the hosts that could not be asked): ``find_guests`` for VMs only."""
+    found, why = find_guests(name, hosts)
+    return [h for h, kind in found if kind == "vm"], why
+
+
+def locate_guest(name: str, hosts: list) -> tuple:
+    """(host, kind) of the guest called ``name``; NotFound when no host has one, CloudopsError when several have."""
+    found, unreachable = find_guests(name, hosts)
     if not found:
         extra = f" (unreachable: {', '.join(unreachable)})" if unreachable else ""
         raise NotFound(f"unknown VM {name!r}: no selected host has it{extra}", unreachable=unreachable)
     if len(found) > 1:
-        raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h in found)}")
+        raise CloudopsError(f"VM {name!r} is defined on several hosts: {', '.join(h.name for h, _ in found)}")
     return found[0]
+
+
+CONTAINER_VERBS = "vm.list, vm.info, vm.stop, vm.poweron, vm.delete, vm.run, vm.ssh and vm.migrate --cold"
+
+
+def locate(name: str, hosts: list):
+    """The inventory host that has a VM called ``name``; NotFound when none has, CloudopsError when several have,
+    and when ``name`` is a container (what it can do is named: this is a VM's verb)."""
+    host, kind = locate_guest(name, hosts)
+    if kind != "vm":
+        raise CloudopsError(f"{name!r} is a container on {host.name}: this is for VMs (a container has "
+                            f"{CONTAINER_VERBS})")
+    return host
 
 
 # ---------------------------------------------------------------- start
@@ -376,12 +418,12 @@ def network_hosts(candidates: list, inventory) -> list:
 
 def _ensure_name_free(name: str, hosts: list) -> None:
     try:
-        holder = locate(name, hosts)
+        holder, kind = locate_guest(name, hosts)
     except NotFound as exc:
         if not exc.unreachable:
             return
         raise CloudopsError(f"cannot check that VM name {name!r} is free: unreachable: {', '.join(exc.unreachable)}") from None
-    raise CloudopsError(f"VM {name!r} already exists on {holder.name}")
+    raise CloudopsError(f"{'VM' if kind == 'vm' else 'a container called'} {name!r} already exists on {holder.name}")
 
 
 def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings, t0) -> VM:
