@@ -32,7 +32,7 @@ from cloudops import paths
 from cloudops.errors import CloudopsError
 from cloudops.metrics import naming
 from cloudops.metrics.carbon import CarbonClient, CarbonUnreachable, Datapoint, parse_address
-from cloudops.metrics.collect import HostSample, collect_host
+from cloudops.metrics.collect import HostSample, collect_containers, collect_host
 from cloudops.metrics.rates import host_figures_with_state
 from cloudops.metrics.spool import Spool
 from cloudops.templating import render
@@ -321,7 +321,11 @@ def collect_fleet(hosts, workers: int = 16, timeout: float = 60.0, open_host=Non
 
     def one(host):
         with opener(host) as conn:
-            return collect_host(conn, host.name)
+            sample = collect_host(conn, host.name)
+        containers = virt.container_connection(host) if open_host is None else None
+        if containers is not None:
+            collect_containers(containers, sample)
+        return sample
 
     out: dict[str, object] = {}
     for result in fleet.run(list(hosts), one, workers=workers, timeout=timeout):
