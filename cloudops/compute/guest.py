@@ -14,8 +14,10 @@ public half is registered in the store (``trust/<fingerprint>``) and every new V
 trusts all the registered keys, so any operator of the cloud can reach any VM.
 """
 
+import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import shlex
@@ -172,6 +174,19 @@ def _tunnel(hv_conn: Connection, ip: str, port: int, timeout: float):
         return transport.open_channel("direct-tcpip", (ip, port), ("127.0.0.1", 0), timeout=timeout)
     except (paramiko.ChannelException, paramiko.SSHException, socket.error, EOFError):
         return None
+
+
+@contextlib.contextmanager
+def quiet_tunnels():
+    """paramiko's "Secsh channel N open FAILED" lines kept off stderr while a wait expects refusals (a guest
+    whose network is not up yet answers each tunnel with "No route to host")."""
+    logger = logging.getLogger("paramiko.transport")
+    before = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def presents_host_key(hv_conn: Connection, ip: str, key: tuple[str, str], port: int = 22, timeout: float = 5.0) -> bool:

@@ -9,14 +9,16 @@ from cloudops.hosts import maintenance
 
 
 def host_state(host, in_maintenance: set[str]) -> scheduler.HostState:
-    """What the scheduler needs of one host, read with one libvirt connection."""
+    """What the scheduler needs of one host, read with its libvirt connection (and its LXC driver's: containers'
+    memory and vCPUs are committed like VMs')."""
+    containers = virt.container_connection(host)
     with virt.open_host(host) as conn:
         _model, memory_mb, cpus, *_ = conn.getInfo()
         stats = conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)
         free_mb = (stats.get("free", 0) + stats.get("buffers", 0) + stats.get("cached", 0)) // 1024
         committed_mb = committed_vcpus = 0
         groups = set()
-        domains = conn.listAllDomains()
+        domains = conn.listAllDomains() + (containers.listAllDomains() if containers is not None else [])
         for dom in domains:
             _state, max_kib, _cur, vcpus, _t = dom.info()
             committed_mb += max_kib // 1024

@@ -322,19 +322,21 @@ def remove_image(ref: str, hosts: list, in_use: dict[str, list[str]]) -> fleet.F
     image = resolve(ref)
     users = in_use.get(image.id, [])
     if users:
-        raise CloudopsError(f"image {image.name!r} is used by VM(s) {', '.join(sorted(users))}; delete them first")
+        raise CloudopsError(f"image {image.name!r} is used by VM(s) or container(s) {', '.join(sorted(users))}; delete them first")
 
     def one(host):
         directory = f"{pool_path(host)}/images"
         paths_ = " ".join(shlex.quote(f"{directory}/{remote}") for remote, _sum in image.files().values())
+        tree = shlex.quote(f"{pool_path(host)}/containers/base/{image.id}")  # containers' tree (compute.rootfs)
         with connect(host) as conn:
-            res = conn.run(f"ls {paths_} >/dev/null 2>&1 && echo removed; rm -f {paths_}", hide=True, in_stream=False)
+            res = conn.run(f"ls {paths_} >/dev/null 2>&1 && echo removed; rm -f {paths_}; rm -rf {tree}", hide=True,
+                           in_stream=False)
         return fleet.Changed("removed") if "removed" in res.stdout else "not present"
 
     result = fleet.run(hosts, one)
     if not result.failed:
         _change_catalog(lambda data: data.pop(image.id, None))
-        for local in image.files():
+        for local in [*image.files(), f"{image.id}.rootfs.tar", f"{image.id}.rootfs.json"]:  # and containers' tar
             (store_dir() / local).unlink(missing_ok=True)
     return result
 

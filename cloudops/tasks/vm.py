@@ -1,5 +1,6 @@
 """Virtual machines: start, stop, delete, list, inspect and reach them."""
 
+import contextlib
 import sys
 import time
 
@@ -7,7 +8,7 @@ from invoke import Exit, task
 
 from cloudops import fleet, output, passwords
 from cloudops.compute import guest, power, vms
-from cloudops.errors import CloudopsError
+from cloudops.errors import CloudopsError, NotFound
 from cloudops.inventory import hypervisors
 from cloudops.tasks._cli import SELECT_HELP, emit_json, load_inventory, progress, select_hosts, user_errors
 
@@ -48,14 +49,20 @@ def _keys(ssh_key):
     "max_memory": "MiB the running VM can later be grown to live (vm.resize; default: its memory)",
     "max_vcpus": "vCPUs it can later be grown to live by CPU hotplug (vm.resize; default: its vCPUs)",
     "storage": "local (default: the host's pool) or shared (overlay, seed and image on the inventory's shared_path: "
-               "migrations copy no disk)"})
+               "migrations copy no disk)",
+    "kind": "vm (default) or container: an OS-level guest run by libvirt's LXC driver on the host's kernel, from "
+            "the same image (its tree unpacked once per host, an overlay per container): see the README"})
 @user_errors
 def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None, password=None, password_file=None,
           password_stdin=False, ssh_key=None, hostname=None, customize=None, group=None, no_wait=False, timeout=None,
           inventory=None, json=False, disk_size=None, flavor=None, dry_run=False, user_data=None, ip=None,
-          firmware=None, max_memory=None, max_vcpus=None, storage=None):
-    """Start a VM from an image; prints its name, host and IP once SSH answers."""
+          firmware=None, max_memory=None, max_vcpus=None, storage=None, kind="vm"):
+    """Start a VM (or, with --kind container, a container) from an image; prints its name, host and IP once SSH
+    answers."""
     vms.validate_name(name)
+    vms.check_kind(kind)
+    if kind == "container" and dry_run:
+        raise CloudopsError("--dry-run plans VMs only: a container's start is not planned yet")
     root_password = _password(password, password_file, password_stdin)  # refused before anything is read
     inv = load_inventory(c, inventory)
     size = _size(c, inv, flavor, memory=memory, vcpus=vcpus, disk_size=disk_size)
@@ -69,6 +76,8 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
         max_memory=_int(max_memory, "max memory") if max_memory is not None else None,
         max_vcpus=_int(max_vcpus, "max vCPUs") if max_vcpus is not None else None,
         storage=storage or c.vm.get("storage") or "local")
+    if kind == "container":
+        spec.firmware = firmware or "bios"  # the configuration's VM firmware is no container's
     if dry_run:
         from cloudops.compute import plan
 
@@ -78,11 +87,21 @@ def start(c, name, image=None, memory=None, vcpus=None, host=None, network=None,
         else:
             print("\n".join(planned.lines()))
         return
-    vm = vms.start_vm(spec, inv, progress=progress)
+    if kind == "container":
+        from cloudops.compute import containers
+
+        vm = containers.start_container(spec, inv, progress=progress)
+    else:
+        vm = vms.start_vm(spec, inv, progress=progress)
     if json:
         emit_json(vm.to_dict())
     else:
         print(f"{vm.name} {vm.host} {vm.ip}")
+
+
+def _kind(name, hosts) -> str:
+    """Whether the guest ``name`` is a "vm" or a "container" (NotFound when no host has it)."""
+    return vms.locate_guest(name, hosts)[1]
 
 
 def _size(c, inv, flavor, **explicit):
@@ -110,6 +129,11 @@ def stop(c, name, timeout=60, force=False, inventory=None, json=False):
     """Stop a VM: ACPI shutdown, destroyed after --timeout (--force: at once); says so when it was already stopped."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     hosts = _hypervisors(c, inventory)
+    if _kind(name, hosts) == "container":
+        from cloudops.compute import containers
+
+        _report(containers.stop_container(name, hosts, timeout=float(timeout), force=force, progress=progress), json)
+        return
     if force:
         _report(power.force_stop_vm(name, hosts, progress=progress), json)
         return
@@ -140,6 +164,12 @@ def poweron(c, name, no_wait=False, timeout=None, inventory=None, json=False):
     not make, or one with an unfinished migration is refused (non-zero)."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     inv = load_inventory(c, inventory)
+    if _kind(name, inv.hypervisors()) == "container":
+        from cloudops.compute import containers
+
+        _report(containers.poweron_container(name, inv, wait=not no_wait, timeout=float(timeout or c.vm.timeout),
+                                             progress=progress), json)
+        return
     _report(power.poweron_vm(name, inv, wait=not no_wait, timeout=float(timeout or c.vm.timeout),
                              progress=progress), json)
 
@@ -210,7 +240,16 @@ def delete(c, name, inventory=None, json=False, force=False):
     """Delete a VM cloudops made: destroy, undefine, remove its disks, reservation and address."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     inv = load_inventory(c, inventory)
-    vm = vms.delete_vm(name, inv, progress=progress, force=force)
+    try:
+        kind = _kind(name, inv.hypervisors())
+    except NotFound:
+        kind = "vm"  # vms.delete_vm says what is unknown or unreachable
+    if kind == "container":
+        from cloudops.compute import containers
+
+        vm = containers.delete_container(name, inv, progress=progress, force=force)
+    else:
+        vm = vms.delete_vm(name, inv, progress=progress, force=force)
     if json:
         emit_json(vm.to_dict())
     else:
@@ -228,7 +267,8 @@ def list_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, t
     if json:
         emit_json({"vms": rows, "hosts": {r.host: r.status if not r.error else r.error for r in result}})
     else:
-        print(output.table(rows, ["name", "host", "state", "memory", "vcpus", "ip", "image"]) if rows else "no VMs")
+        print(output.table(rows, ["name", "kind", "host", "state", "memory", "vcpus", "ip", "image"]) if rows
+              else "no VMs")
         for r in result.failed:
             error = r.error or "failed"
             print(error if error.startswith(f"{r.host}: ") else f"{r.host}: {error}", file=sys.stderr)
@@ -241,12 +281,18 @@ def list_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, t
 def info(c, name, inventory=None, json=False):
     """Everything known about one VM."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
-    host = vms.locate(name, _hypervisors(c, inventory))
+    host, kind = vms.locate_guest(name, _hypervisors(c, inventory))
     from cloudops import virt
 
-    with virt.open_host(host) as conn:
-        dom = conn.lookupByName(name)
-        data = {**vms.describe(dom, host.name).to_dict(), **vms.details(dom)}
+    if kind == "container":
+        from cloudops.compute import containers, rootfs
+
+        dom = containers.connection(host).lookupByName(name)
+        data = {**vms.describe(dom, host.name, kind).to_dict(), "root": rootfs.root_dir(host, name), "disks": []}
+    else:
+        with virt.open_host(host) as conn:
+            dom = conn.lookupByName(name)
+            data = {**vms.describe(dom, host.name).to_dict(), **vms.details(dom)}
     if json:
         emit_json(data)
         return
@@ -308,7 +354,7 @@ def _ship_migration_figures(c, result) -> dict:
 def _run_in_vm(c, name, command, inventory, pty=False):
     from cloudops.ssh import connect
 
-    host = vms.locate(name, _hypervisors(c, inventory))
+    host, _kind_ = vms.locate_guest(name, _hypervisors(c, inventory))  # a VM or a container alike
     vm = next(v for v in vms.list_on_host(host) if v.name == name)
     if not vm.ip:
         raise CloudopsError(f"VM {name} has no known address")
@@ -331,13 +377,38 @@ def _hypervisors(c, inventory):
     "auto_converge": "let QEMU throttle a guest that dirties memory faster than it is sent",
     "max_downtime": "highest max-downtime (ms) the ramp reaches (default 300)",
     "bandwidth": "MiB/s cap (default: unlimited)",
+    "cold": "a container: stop it, copy it and start it on --to with the same address (containers do not "
+            "migrate live)",
     "inventory": SELECT_HELP["inventory"], "json": SELECT_HELP["json"]})
 @user_errors
 def migrate(c, name, to=None, timeout=None, copy_storage=True, postcopy_after=None, auto_converge=True,
-            max_downtime=None, bandwidth=None, recover=False, restart=False, inventory=None, json=False):
-    """Live-migrate a VM to another host (offline when it is stopped); prints duration, downtime, bytes moved."""
+            max_downtime=None, bandwidth=None, recover=False, restart=False, inventory=None, json=False, cold=False):
+    """Live-migrate a VM to another host (offline when it is stopped); prints duration, downtime, bytes moved.
+    A container moves cold (--cold)."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     from cloudops.migration import migrate as migration
+
+    if cold or not recover:
+        inv = load_inventory(c, inventory)
+        kind = None
+        with contextlib.suppress(NotFound):  # an unknown name: the migration says so, as before
+            kind = _kind(name, inv.hypervisors())
+        if kind == "container":
+            from cloudops.compute import containers
+
+            if not to:
+                raise CloudopsError(f"vm.migrate of container {name} needs --to HOST")
+            if not cold:
+                raise CloudopsError(containers.LIVE_REFUSED.format(name=name, to=to))
+            moved = containers.migrate_container(name, to, inv, timeout=float(timeout or c.vm.timeout),
+                                                 progress=progress)
+            if json:
+                emit_json(moved.to_dict())
+            else:
+                print(moved.summary())
+            return
+        if cold:
+            raise CloudopsError("--cold is for containers: a VM migrates live (offline when it is stopped)")
 
     if recover:
         from cloudops.migration.recover import recover_vm
