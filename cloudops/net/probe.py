@@ -9,6 +9,8 @@ network's gateway, one line when something is wrong.
   (RFC 5227); an answer means another machine holds the address, and the start is refused naming its MAC.
 * ``probe_network`` — ``net.probe``: DHCP servers (a discover, the offers), the addresses that answer
   ARP, and which of them cloudops does not know.
+* ``addresses_of`` — ``vm.info``: the addresses a guest's MAC answers ARP for on its network (a guest
+  whose address cloudops does not know, as on a LAN with an outside DHCP server).
 """
 
 from __future__ import annotations
@@ -63,6 +65,17 @@ def ensure_free(hv, host_name: str, net: NetworkSpec, ip: str, requested: bool) 
                f"add it to network {net.name}'s reserved addresses so IPAM skips it, or give --ip")
         raise CloudopsError(f"address {ip} on network {net.name} is taken: {', '.join(macs)} answered ARP "
                             f"on {host_name}'s {net.bridge} ({how})")
+
+
+def addresses_of(hv, host_name: str, net: NetworkSpec, macs: list[str]) -> dict[str, list[str]]:
+    """{MAC: the addresses of ``net``'s subnet that answer ARP from that MAC}, one scan of the subnet from the
+    host (bounded: ``TRIES`` rounds of ``TIMEOUT`` seconds)."""
+    if not net.cidr:
+        raise CloudopsError(f"network {net.name} has no cidr (subnet) in the inventory: there is nothing to scan "
+                            "for a guest's address")
+    answers = run_packets(hv, host_name, "scan", net.bridge, str(ipaddress.ip_network(net.cidr)))["answers"]
+    return {mac.lower(): sorted((ip for ip, seen in answers.items() if mac.lower() in seen), key=ipaddress.IPv4Address)
+            for mac in macs}
 
 
 @dataclass

@@ -276,13 +276,16 @@ def list_(c, hosts=None, group=None, limit=None, inventory=None, workers=None, t
         raise Exit(code=1)
 
 
-@task(help={"name": "VM name", **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
+@task(help={"name": "VM name", "arp": "also scan each NIC's network from the VM's host for the addresses its MAC "
+                                     "answers ARP for (done anyway for a NIC whose address cloudops does not know)",
+            **{k: SELECT_HELP[k] for k in ("inventory", "json")}})
 @user_errors
-def info(c, name, inventory=None, json=False):
-    """Everything known about one VM."""
+def info(c, name, arp=False, inventory=None, json=False):
+    """Everything known about one VM or container; a NIC's address cloudops does not know is found by ARP."""
     vms.validate_name(name)  # one line, before the inventory is read or any host asked
     host, kind = vms.locate_guest(name, _hypervisors(c, inventory))
     from cloudops import virt
+    from cloudops.compute import addresses
 
     if kind == "container":
         from cloudops.compute import containers, rootfs
@@ -293,6 +296,12 @@ def info(c, name, inventory=None, json=False):
         with virt.open_host(host) as conn:
             dom = conn.lookupByName(name)
             data = {**vms.describe(dom, host.name).to_dict(), **vms.details(dom)}
+    if not data["nics"]:  # a domain cloudops did not make: its NICs from its XML, addresses unknown
+        data["nics"] = addresses.interfaces(dom)
+    if data["state"] == "running" and (arp or any(not n["ip"] for n in data["nics"])):
+        addresses.by_arp(host, data["nics"], progress)
+        if not data.get("ip") and data["nics"] and data["nics"][0]["ip"]:
+            data["ip"] = data["nics"][0]["ip"]
     if json:
         emit_json(data)
         return
@@ -301,7 +310,8 @@ def info(c, name, inventory=None, json=False):
     for key, value in data.items():
         print(f"{key:<10} {value}")
     for i, nic in enumerate(nics):
-        print(f"{'nic':<10} eth{i} {nic['network']} {nic['ip']} {nic['mac']}")
+        seen = f" (answers ARP for: {', '.join(nic['seen']) or 'nothing'})" if "seen" in nic else ""
+        print(f"{'nic':<10} eth{i} {nic['network']} {nic['ip']} {nic['mac']}{seen}")
     for disk in disks:
         print(f"{'disk':<10} {disk['target']} {disk['device']} {disk.get('size', '?')} "
               f"({disk.get('allocated', '?')} allocated) {disk['path']}")

@@ -112,3 +112,29 @@ def test_net_probe_bad_input_is_one_line(lab, lab_inventory, tmp_path):
     assert proc.returncode != 0
     assert "no bridge nobr0 on this host" in proc.stdout and "Traceback" not in proc.stderr + proc.stdout
     assert set(probe_ports(lab_inventory).values()) == {""}
+
+
+def test_vm_info_finds_a_guests_address_from_its_mac_by_arp(lab, lab_inventory, lan, lan_vm):
+    """Last in this module: it takes the foreign address off the guest."""
+    from cloudops import virt
+
+    vm, foreign, mac = lan_vm
+    info = ok_json(cli(lab, "vm.info", NAME, "--arp", "--json"))
+    assert info["nics"][0]["mac"] == mac
+    assert info["nics"][0]["seen"] == sorted([vm["ip"], foreign], key=ipaddress.IPv4Address)  # both its MAC's
+    # A guest whose address cloudops does not know (a LAN's own DHCP server gave it one): its domain's
+    # cloudops metadata without the address (virsh), the foreign address gone from the guest.
+    hv1 = lab_inventory.hosts["hv1"]
+    assert cli(lab, "vm.run", NAME, f"ip addr del {foreign}/{lan.prefix} dev eth0").returncode == 0
+    virsh = f"virsh -c qemu:///system metadata {shlex.quote(NAME)} {shlex.quote(virt.METADATA_NS)}"
+    original = on_host(hv1, virsh).strip()
+    unknown = original.replace(f">{vm['ip']}</", "></")
+    assert unknown != original
+    on_host(hv1, f"{virsh} --key cloudops --live --config --set {shlex.quote(unknown)}")
+    try:
+        info = ok_json(cli(lab, "vm.info", NAME, "--json"))  # no --arp: an unknown address is looked for anyway
+        assert info["ip"] == vm["ip"] and info["nics"][0]["ip_from"] == "arp" and info["nics"][0]["seen"] == [vm["ip"]]
+        assert f"answers ARP for: {vm['ip']}" in cli(lab, "vm.info", NAME).stdout
+    finally:
+        on_host(hv1, f"{virsh} --key cloudops --live --config --set {shlex.quote(original)}")
+    assert ok_json(cli(lab, "vm.info", NAME, "--json")).get("nics")[0].get("ip_from") is None  # known again

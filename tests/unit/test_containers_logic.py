@@ -105,3 +105,14 @@ def test_containers_are_sampled_one_by_one_in_the_bulk_calls_names():
     assert [v.name for v in sample.vms] == ["ct1"] and sample.problems == []  # one that stopped meanwhile: left out
     assert sample.vms[0].stats == {"state.state": libvirt.VIR_DOMAIN_RUNNING, "cpu.time": 5_000_000,
                                    "vcpu.current": 1, "balloon.current": 20480, "balloon.maximum": 65536}
+
+
+def test_a_foreign_domains_nics_come_from_its_xml_without_addresses():
+    from cloudops.compute import addresses
+
+    xml = """<domain><devices>
+      <interface type='network'><source network='lan'/><mac address='52:54:00:AA:00:01'/></interface>
+      <interface type='bridge'><source bridge='br0'/><mac address='52:54:00:aa:00:02'/></interface>
+    </devices></domain>"""
+    dom = SimpleNamespace(XMLDesc=lambda flags: xml)
+    assert addresses.interfaces(dom) == [{"network": "lan", "ip": None, "mac": "52:54:00:aa:00:01"}]

@@ -87,3 +87,17 @@ def test_the_host_script_refuses_a_scan_too_big_and_a_bad_address(capsys):
 def test_the_host_script_imports_nothing_of_cloudops():
     text = probe.SCRIPT.read_text()
     assert "cloudops" not in "".join(line for line in text.splitlines() if line.startswith(("import", "from")))
+
+
+def test_a_macs_addresses_are_those_that_answer_from_it_in_one_scan_of_the_subnet():
+    hv = FakeHost(json.dumps({"answers": {"10.9.1.120": ["52:54:00:aa:bb:cc"], "10.9.1.9": ["52:54:00:aa:bb:cc"],
+                                          "10.9.1.1": ["02:00:00:00:00:01"]}}))
+    found = probe.addresses_of(hv, "hv1", LAN, ["52:54:00:AA:BB:CC", "52:54:00:00:00:99"])
+    assert found == {"52:54:00:aa:bb:cc": ["10.9.1.9", "10.9.1.120"], "52:54:00:00:00:99": []}  # in address order
+    assert len(hv.commands) == 1 and " scan lan0 10.9.1.0/24 " in hv.commands[0][0]
+
+
+def test_a_network_without_a_subnet_cannot_be_scanned_for_an_address():
+    bare = NetworkSpec(name="wan", mode="bridge", bridge="br9")
+    with pytest.raises(CloudopsError, match="network wan has no cidr"):
+        probe.addresses_of(FakeHost(), "hv1", bare, ["52:54:00:aa:bb:cc"])
