@@ -35,6 +35,7 @@ import libvirt  # noqa: E402
 
 from cloudops import fleet, inventory, virt
 from cloudops.lab import hosts as lab
+from cloudops.lab import links
 from cloudops.metrics import cycle as metrics  # noqa: E402
 from cloudops.metrics.collect import HostSample, _optional  # noqa: E402
 from cloudops.ssh import connect  # noqa: E402
@@ -136,12 +137,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--prefix", default="cmb", help="lab prefix (brought up unless already up)")
     parser.add_argument("--keep", action="store_true", help="leave the lab up at the end")
+    parser.add_argument("--link-rate", help="shape the links of a lab it brings up (lab.up --link-rate)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     status = lab.status(args.prefix)
     brought_up = not status["up"]
-    the_lab = lab.up(args.hosts, prefix=args.prefix) if brought_up else lab.load(args.prefix)
+    the_lab = (lab.up(args.hosts, prefix=args.prefix, link_rate=args.link_rate) if brought_up
+               else lab.load(args.prefix))
     inv = inventory.load(the_lab.inventory_path)
     hosts = inv.hypervisors()[: args.hosts]
     try:
@@ -180,7 +183,7 @@ def main() -> None:
         "values_read": values,
         "libvirt_calls_per_host": {"bulk": 1 + 6, "collectd": calls_per_host_collectd},
         "ratio": round(ratio, 2), "target": TARGET, "meets_target": ratio >= TARGET,
-        "machine": f"{platform.node()} {platform.machine()}, shared",
+        "machine": f"{platform.node()} {platform.machine()}, shared", "link": links.describe(the_lab.link),
     }
     if args.json:
         print(json.dumps(report, indent=2))

@@ -38,6 +38,7 @@ from cloudops.imaging import build as imagebuild
 from cloudops.imaging import store as images
 from cloudops.lab import guestload
 from cloudops.lab import hosts as lab
+from cloudops.lab import links
 from cloudops.migration import migrate
 from cloudops.ssh import connect  # noqa: E402
 
@@ -100,10 +101,11 @@ def main() -> int:
     ap.add_argument("--give-up", type=float, default=180, help="seconds before a virsh run counts as not converging")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    ap.add_argument("--link-rate", help="shape the lab's links (lab.up --link-rate, e.g. 1gbit)")
     args = ap.parse_args()
 
     image, _ = images.add_image(imagebuild.build_image("tiny"), name="tiny", replace=True)
-    the_lab = lab.up(2, prefix=PREFIX)
+    the_lab = lab.up(2, prefix=PREFIX, link_rate=args.link_rate)
     inv = inventory.load(the_lab.inventory_path)
     hosts = [inv.hosts["hv1"], inv.hosts["hv2"]]
     runs = {"virsh": [], "cloudops": []}
@@ -132,7 +134,8 @@ def main() -> int:
                       "bytes_median": median(r, "bytes")} for kind, r in runs.items()}
     v, c = summary["virsh"], summary["cloudops"]
     ratio = (c["job_time_median_s"] / v["job_time_median_s"]) if v["job_time_median_s"] and c["job_time_median_s"] else None
-    out = {"machine": platform.node(), "writer_mib": args.writer_mib, "summary": summary,
+    out = {"machine": platform.node(), "link": links.describe(the_lab.link), "writer_mib": args.writer_mib,
+           "summary": summary,
            "job_time_ratio_cloudops_to_virsh": ratio, "runs": runs}
     if args.json:
         print(json.dumps(out, indent=2))

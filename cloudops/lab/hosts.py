@@ -46,6 +46,7 @@ from pathlib import Path
 from cloudops import atomicfile, cloudkeys, paths
 from cloudops.hosts import leases
 from cloudops.errors import CloudopsError
+from cloudops.lab import links
 from cloudops.templating import render
 
 MAX_HOSTS = 32
@@ -78,6 +79,7 @@ class Lab:
     bare: bool
     hosts: list[LabHost]
     lan: str | None = None  # the LAN's subnet: a bridge LAN_BRIDGE on every host, joined across hosts
+    link: dict | None = None  # the hosts' links shaped to a rate (and delay): cloudops.lab.links; None: unshaped
 
     @property
     def lan_switch(self) -> str:
@@ -254,15 +256,18 @@ def status(prefix: str = DEFAULT_PREFIX) -> dict:
             "ok": host.namespace in namespaces and all(daemons.values()),
         })
     return {"prefix": prefix, "up": all(h["ok"] for h in hosts), "hosts": hosts,
-            "inventory": str(lab.inventory_path), "ssh_config": str(lab.ssh_config_path)}
+            "inventory": str(lab.inventory_path), "ssh_config": str(lab.ssh_config_path),
+            "link": {**lab.link, **links.shown(lab)} if lab.link else {"shaping": links.describe(None)}}
 
 
 # ---------------------------------------------------------------- up
 
 def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet: str | None = None,
-       progress=lambda msg: None) -> Lab:
-    """Bring up a lab of ``hosts`` hypervisor hosts (sshd only with ``bare``)."""
+       progress=lambda msg: None, link_rate: str | None = None, link_delay: str | None = None) -> Lab:
+    """Bring up a lab of ``hosts`` hypervisor hosts (sshd only with ``bare``); ``link_rate``/``link_delay``
+    shape every host's link (``cloudops.lab.links``)."""
     _validate(prefix, hosts)
+    link = links.spec(link_rate, link_delay)  # refused before anything is made
     current = status(prefix)
     if current["up"]:
         raise CloudopsError(f"lab {prefix!r} is already up with {len(current['hosts'])} hosts; run `invoke lab.down` first")
@@ -281,7 +286,7 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
     base.mkdir(parents=True)
     addresses = list(net.hosts())
     lab = Lab(prefix=prefix, subnet=str(net), gateway=str(addresses[0]), bridge=f"{prefix}-br",
-              dir=str(base), bare=bare, hosts=[], lan=None if bare else lan_subnet(str(net)))
+              dir=str(base), bare=bare, hosts=[], lan=None if bare else lan_subnet(str(net)), link=link)
     for i in range(1, hosts + 1):
         name = f"hv{i}"
         lab.hosts.append(LabHost(name=name, address=str(addresses[9 + i]), namespace=f"{prefix}-{name}",
@@ -292,6 +297,9 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
         _write_client_files(lab)
         progress(f"creating bridge {lab.bridge} and {hosts} network namespaces")
         _create_network(lab)
+        if link:
+            progress(f"shaping every host's link: {links.describe(link)}")
+            links.apply(lab)
         progress("starting sshd" + ("" if bare else ", virtlogd, virtlockd and libvirtd") + " on every host")
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(lambda h: _start_host(lab, h), lab.hosts))
@@ -356,7 +364,8 @@ def _write_client_files(lab: Lab) -> None:
         "lab/inventory.yaml.j2", prefix=lab.prefix, hosts=lab.hosts, bare=lab.bare, key=str(key),
         known_hosts=str(base / "known_hosts"), pool_path=POOL_PATH, inside=INSIDE,
         shared_path=str(base / "shared") if lab.bare else SHARED_PATH,
-        group="bare" if lab.bare else "hypervisors", lan=_lan_network(lab), fence_command=fence_command(lab.prefix)))
+        group="bare" if lab.bare else "hypervisors", lan=_lan_network(lab), fence_command=fence_command(lab.prefix),
+        link=links.describe(lab.link)))
 
 
 def fence_command(prefix: str) -> list[str]:

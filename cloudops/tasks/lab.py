@@ -14,15 +14,21 @@ from cloudops.tasks._cli import emit_json, progress, user_errors
             "prefix": "lab name prefix (namespaces <prefix>-hvN)",
             "etcd": "also start an etcd cluster of N members (3 tolerates one failure) on loopback, with TLS, "
                     "and write its state: configuration; hosts already up are kept",
+            "link_rate": "shape every host's link to this rate, both ways (tc units: 100mbit, 1gbit; default: "
+                         "unshaped veth pairs)",
+            "link_delay": "with --link-rate: also delay each way of each link (0.25ms; needs the kernel's netem)",
             "json": "print JSON"})
 @user_errors
-def up(c, hosts=2, bare=False, prefix=None, etcd=0, json=False):
+def up(c, hosts=2, bare=False, prefix=None, etcd=0, json=False, link_rate=None, link_delay=None):
     """Bring up a lab of N hypervisor hosts in network namespaces (and, with --etcd N, an etcd cluster)."""
     prefix = prefix or c.lab.prefix
     if int(etcd):
+        if link_rate or link_delay:
+            raise CloudopsError("--link-rate and --link-delay shape a lab's hosts: bring them up without --etcd")
         _up_with_etcd(prefix, int(hosts), bare, int(etcd), json)
         return
-    the_lab = lab.up(int(hosts), bare=bare, prefix=prefix, progress=progress)
+    the_lab = lab.up(int(hosts), bare=bare, prefix=prefix, progress=progress, link_rate=link_rate,
+                     link_delay=link_delay)
     if json:
         emit_json(lab.status(the_lab.prefix))
         return
@@ -58,8 +64,11 @@ def _up_with_etcd(prefix: str, hosts: int, bare: bool, members: int, json: bool)
 
 
 def _print_hosts(the_lab) -> None:
+    from cloudops.lab import links
+
     for host in the_lab.hosts:
         print(f"{host.name}  {host.address}  {'bare (sshd)' if host.bare else 'sshd + libvirtd'}")
+    print(f"links: {links.describe(the_lab.link)}")
     print(f"inventory: {the_lab.inventory_path}\nssh_config: {the_lab.ssh_config_path} (also at the top of ~/.ssh/config)")
 
 
@@ -88,6 +97,10 @@ def status(c, prefix=None, json=False):
     else:
         columns = ["name", "address", "ok", "namespace", "sshd"] + ([] if state["hosts"][0]["bare"] else ["libvirtd"])
         print(output.table(state["hosts"], columns))
+        link = state["link"]
+        qdiscs = link.get("qdiscs") or {}
+        ends = "; ".join(f"{h}: {q['to_host']} in, {q['from_host']} out" for h, q in qdiscs.items())
+        print(f"links: {link['shaping']}" + (f" ({ends})" if ends else ""))
     if etcd["members"]:
         print(output.table(etcd["members"], ["name", "endpoint", "alive", "pid"]))
         print(f"state: {etcd['config']}")
