@@ -282,6 +282,11 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
     net = ipaddress.ip_network(subnet or default_subnet(prefix))
     if hosts + 10 > net.num_addresses:
         raise CloudopsError(f"subnet {net} is too small for {hosts} hosts")
+    for wanted in (net, *([] if bare else [ipaddress.ip_network(lan_subnet(str(net)))])):
+        routed = _sh("ip", "route", "show", "exact", str(wanted), check=False).stdout.strip()
+        if routed:  # another lab (another prefix with the same subnet), or the machine's own network
+            raise CloudopsError(f"subnet {wanted} is already routed on this machine ({routed.splitlines()[0]}): "
+                                f"lab {prefix!r} would collide with it; choose another --prefix")
     base = lab_dir(prefix)
     base.mkdir(parents=True)
     addresses = list(net.hosts())

@@ -81,3 +81,13 @@ def test_a_delay_is_netems_or_refused_in_one_line_by_a_kernel_without_it():
     finally:
         invoke("lab.down", "--prefix", PREFIX + "x")
 
+
+def test_a_lab_whose_subnet_is_already_routed_is_refused_before_anything_is_made(shaped):
+    from cloudops.errors import CloudopsError
+    from cloudops.lab import hosts as lab_lib
+
+    taken = lab_lib.load(PREFIX).subnet  # routed by the shaped lab's bridge
+    with pytest.raises(CloudopsError, match=f"subnet {taken} is already routed on this machine"):
+        lab_lib.up(1, bare=True, prefix=PREFIX + "y", subnet=taken)
+    assert lab_lib.status(PREFIX + "y") == {"prefix": PREFIX + "y", "up": False, "hosts": [], "stale_namespaces": []}
+    assert not lab_lib.lab_dir(PREFIX + "y").exists()
