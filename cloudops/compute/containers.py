@@ -253,7 +253,7 @@ def poweron_container(name: str, inventory, hosts: list | None = None, wait: boo
             return power.PowerResult(ct, False, "none", f"{name} on {host.name}: already running, nothing to do")
         nics = power._allocations(ct, host, extra_networks)
         with connect(host) as hv, virt.open_host(host) as qemu:
-            _ensure_nics(qemu, name, nics, progress)
+            power.ensure_nics(qemu, name, nics, progress)
             rootfs.mount(hv, host, name, ct.image)
             progress(f"starting container {name} on {host.name}")
             dom.create()
@@ -269,16 +269,6 @@ def poweron_container(name: str, inventory, hosts: list | None = None, wait: boo
                 raise CloudopsError(f"{name} was powered on on {host.name} but is not ready: {exc}") from None
         return power.PowerResult(vms.describe(dom, host.name, "container"), True, "powered on",
                                  f"{name} on {host.name}: powered on, SSH answers at {allocation.ip}")
-
-
-def _ensure_nics(qemu, name, nics, progress) -> None:
-    for net, allocation in nics:
-        changed, message = networks.ensure_network(qemu, net)
-        if changed:
-            progress(message)
-        added, message = networks.add_reservation(qemu, net.name, allocation.mac, allocation.ip, name)
-        if added:
-            progress(f"{message} (it was missing)")
 
 
 def delete_container(name: str, inventory, hosts: list | None = None, progress=lambda m: None, extra_networks=(),

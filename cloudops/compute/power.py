@@ -84,6 +84,17 @@ def _allocations(vm: vms.VM, host, extra_networks=()) -> list:
     return found
 
 
+def ensure_nics(conn, name: str, nics, progress=lambda m: None) -> None:
+    """Each NIC's network active and its DHCP reservation there (re-added from IPAM's allocation when missing)."""
+    for net, allocation in nics:
+        changed, message = networks.ensure_network(conn, net)
+        if changed:
+            progress(message)
+        added, message = networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, name)
+        if added:
+            progress(f"{message} (it was missing)")
+
+
 # ---------------------------------------------------------------- power on
 
 def poweron_vm(name: str, inventory, hosts: list | None = None, wait: bool = True, timeout: float = 180,
@@ -103,13 +114,7 @@ def poweron_vm(name: str, inventory, hosts: list | None = None, wait: bool = Tru
                 raise CloudopsError(f"VM {name} on {host.name} is {vm.state}, not stopped: not powering it on")
             return PowerResult(vm, False, "none", f"{name} on {host.name}: already running, nothing to do")
         nics = _allocations(vm, host, extra_networks)
-        for net, allocation in nics:
-            changed, message = networks.ensure_network(conn, net)
-            if changed:
-                progress(message)
-            added, message = networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, name)
-            if added:
-                progress(f"{message} (it was missing)")
+        ensure_nics(conn, name, nics, progress)
         net, allocation = nics[0]
         progress(f"starting {name} on {host.name}")
         dom.create()
