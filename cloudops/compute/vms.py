@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,10 +267,12 @@ def defined_on(conn, name: str) -> bool:
 def kind_on(host, name: str) -> str | None:
     """Whether ``host`` has a guest ``name``: "vm", "container" or None. One name is one guest in the whole
     cloud, whichever driver runs it."""
-    with virt.open_host(host) as conn:
-        if defined_on(conn, name):
-            return "vm"
-    containers = virt.container_connection(host)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(virt.container_connection, host)  # its own SSH: opened while QEMU's is asked
+        with virt.open_host(host) as conn:
+            if defined_on(conn, name):
+                return "vm"
+        containers = opening.result()
     if containers is not None and defined_on(containers, name):
         return "container"
     return None
@@ -431,14 +434,9 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
         timings[name] = round(time.monotonic() - t0, 3)
 
     shared = spec.storage == "shared"
-    with connect(host) as hv, virt.open_host(host) as conn:
+    with connect(host) as hv, virt.open_host(host) as conn, ThreadPoolExecutor(max_workers=1) as background:
         if shared:
             sharedstorage.check_present(host, hv)  # before anything is made
-        needs_image = spec.disk_file is None or image.direct_boot  # an imported disk stands alone; a kernel does not
-        if needs_image:
-            images.ensure_on_host(image, host, hv, progress)  # its bar's last line says what was copied
-        if needs_image and shared and sharedstorage.ensure_image(image, host, hv, progress):
-            progress(f"copied image {image.name} to the shared path")
         for net in nets:
             networks.ensure_network(conn, net)
         if shared:
@@ -449,7 +447,6 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
             pool, _ = storage.ensure_pool(conn, storage.disks_dir(images.pool_path(host)))
             backing, boot = image.remote_path(host), image.remote_boot(host)
         pool_dir = storage.target_path(pool)
-        checkpoint("host_ready")
 
         allocations = []
         for i, net in enumerate(nets):
@@ -458,12 +455,23 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
             if net.mode == "bridge":  # the guest sets this address itself: nothing else on the LAN may hold it
                 progress(f"probing {allocation.ip} on {net.name} (ARP, from {host.name})")
                 probe.ensure_free(hv, host.name, net, allocation.ip, requested=spec.ip is not None and i == 0)
-            networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, spec.name)
-            undo.push(networks.remove_reservation, conn, net.name, allocation.mac, allocation.ip, spec.name)
             allocations.append(allocation)
+        # The DHCP reservations are a live network update (libvirt rewrites dnsmasq's hosts and signals it,
+        # about 0.4 s), made in the background; libvirt serializes the calls of one connection, so what
+        # overlaps it is the work over SSH: the image's check (or copy) and the seed's upload. The domain is
+        # defined once the reservations are in place.
+        reserving = background.submit(_reserve, conn, nets, allocations, spec.name)
+        undo.push(_unreserve, reserving, conn, nets, allocations, spec.name)
         net, allocation = nets[0], allocations[0]  # the primary NIC: its address is the VM's
-
         checkpoint("address")
+
+        needs_image = spec.disk_file is None or image.direct_boot  # an imported disk stands alone; a kernel does not
+        if needs_image:
+            images.ensure_on_host(image, host, hv, progress)  # its bar's last line says what was copied
+        if needs_image and shared and sharedstorage.ensure_image(image, host, hv, progress):
+            progress(f"copied image {image.name} to the shared path")
+        checkpoint("host_ready")
+
         network_config = nics_network_config(list(zip(nets, allocations)))
         disk_name = f"{spec.name}.qcow2"
         capacity = sizing.check_disk_size(spec.disk_size, image.virtual_size, image.name)
@@ -482,17 +490,18 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
                 undo.push(storage.delete_volume, pool, disk_name)
                 storage.refresh_pool(pool)
                 disk_path = pool.storageVolLookupByName(disk_name).path()
-            else:
-                disk_path = storage.create_overlay(pool, disk_name, backing, image.format, capacity).path()
-                undo.push(storage.delete_volume, pool, disk_name)
             seed_path = f"{pool_dir}/{spec.name}-seed.iso"
             host_key = guest.make_host_key()
             _upload_seed(hv, seed_path, hostname, keys, password_hash, spec.name, network_config, spec.user_data,
-                         progress, host_key=host_key[0])
+                         progress, host_key=host_key[0])  # over SSH: before the overlay, a libvirt call
             undo.push(storage.delete_volume, pool, f"{spec.name}-seed.iso")
+            if spec.disk_file is None:
+                disk_path = storage.create_overlay(pool, disk_name, backing, image.format, capacity).path()
+                undo.push(storage.delete_volume, pool, disk_name)
             storage.refresh_pool(pool)
 
         checkpoint("disks")
+        reserving.result()  # the reservations are in place (or their error ends the start here)
         vm_vars = dict(
             name=spec.name, uuid=str(uuid.uuid4()), virt_type=kvm.domain_type(conn), memory=spec.memory,
             vcpus=spec.vcpus, image_id=image.id, network=net.name, ip=allocation.ip, mac=allocation.mac,
@@ -516,6 +525,20 @@ def _build(spec, image, host, nets, password_hash, keys, undo, progress, timings
             checkpoint("ssh")
         records.save_domain(dom, host.name)  # last: a failed start leaves no record; a dead host's VM is known
     return vm
+
+
+def _reserve(conn, nets, allocations, name) -> None:
+    """Each NIC's DHCP reservation on its network (none on a bridged one: the guest sets its address)."""
+    for net, allocation in zip(nets, allocations):
+        networks.add_reservation(conn, net.name, allocation.mac, allocation.ip, name)
+
+
+def _unreserve(reserving, conn, nets, allocations, name) -> None:
+    """Undo of ``_reserve``: once it has ended (it may still be running), each reservation it made removed."""
+    with contextlib.suppress(Exception):
+        reserving.result()
+    for net, allocation in zip(nets, allocations):
+        networks.remove_reservation(conn, net.name, allocation.mac, allocation.ip, name)
 
 
 def guest_network_config(net, allocation) -> dict:
