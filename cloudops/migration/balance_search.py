@@ -27,10 +27,15 @@ tie-break) without scoring every (VM, host) pair at every step:
   happen: VMs on the target of a move gain (their d rises by an exact amount), and
   a source that got lighter (and roomier) may become a better target than the one
   some candidates were keyed with (``opened``: those are scored or keyed again).
-* A step pops the heap with the highest bound; a stale candidate is first lowered by
-  what it must have lost since it was keyed (its host's load fell, its class's
-  least loaded host rose: both exact for the d formula) and only scored if it can
-  still win. The step ends when no bound beats the best fresh score. Moves off the
+* When S cannot move, a candidate keyed with its class's least loaded host as target
+  goes to a heap per (memory size, band of the load it adds, class) instead: when that
+  host fills up, every such key falls by at least what the band's lightest VM loses,
+  and ``sink`` takes that off the whole heap at once (a per-heap offset), so keys stay
+  close to what they can gain rather than being lowered one by one when popped.
+* A step pops the heap with the highest bound (heaps ordered in a heap of their
+  bounds); a stale candidate is first lowered by what it must have lost since it was
+  keyed (its host's load fell, its class's least loaded host rose: both exact for the
+  d formula) and only scored if it can still win. The step ends when no bound beats the best fresh score. Moves off the
   most loaded host also lower the max term, which keys leave out: those candidates
   are checked with that bonus added.
 
@@ -54,6 +59,7 @@ MAX_CLASSES = 8  # more host sizes than this: pooled targets, approximate
 POOL_TARGETS = 8
 TARGET_WALK = 256  # hosts of a class tried for one VM before giving up on the class
 BATCH = 4  # stale candidates scored per call once a best is known
+SINK_BANDS = 4  # bands of a VM's weighted load per memory bucket, for ``sink``
 MAX_BUCKETS = 64  # distinct VM memory sizes kept apart (else log2 bins)
 RESYNC_EVERY = 1024  # moves between full recomputations of S and Q
 BOUND_SLACK = 1e-9  # float error allowed for when pruning by bound
@@ -122,7 +128,16 @@ class State:
         self.load[:] = [km[h] * mem[h] + kc[h] * cpu[h] for h in range(self.n)]
         self.s = math.fsum(wh * x for wh, x in zip(w, self.load))
         self.q = math.fsum(wh * x * x for wh, x in zip(w, self.load))
-        self.f = cv(self.s, self.q, self.wsum) + self.alpha * max(self.load, default=0.0)
+        self.peaks = [(-x, h) for h, x in enumerate(self.load)]  # max-heap of loads, stale entries left in
+        heapq.heapify(self.peaks)
+        self.f = cv(self.s, self.q, self.wsum) + self.alpha * self.peak()
+
+    def peak(self) -> float:
+        """The highest load, from ``peaks`` (entries whose host's load has changed since are dropped)."""
+        peaks, load = self.peaks, self.load
+        while peaks and -peaks[0][0] != load[peaks[0][1]]:
+            heapq.heappop(peaks)
+        return -peaks[0][0] if peaks else 0.0
 
     def cv(self) -> float:
         return cv(self.s, self.q, self.wsum)
@@ -198,7 +213,9 @@ class State:
             w = self.w
             self.s = self.s + w[s] * (ls - old_s) + w[t] * (lt - old_t)
             self.q = self.q + w[s] * (ls * ls - old_s * old_s) + w[t] * (lt * lt - old_t * old_t)
-            self.f = cv(self.s, self.q, self.wsum) + self.alpha * max(self.load)
+            heapq.heappush(self.peaks, (-ls, s))
+            heapq.heappush(self.peaks, (-lt, t))
+            self.f = cv(self.s, self.q, self.wsum) + self.alpha * self.peak()
         return s, old_s, old_t
 
 
@@ -274,8 +291,10 @@ class LazyGreedy:
         self.target_wload = [wkm[g] * m + wkc[g] * c for m, c in zip(st.vm_mem, st.vm_cpu) for g in range(ng)]
         self.source_wload = [st.w[h] * (st.km[h] * m + st.kc[h] * c)
                              for h, m, c in zip(st.vm_host, st.vm_mem, st.vm_cpu)]
+        self._sink_kinds(size)
         self.heaps: list[list[tuple[float, int, int]]] = [[] for _ in self.kind_cost]
         self.drift = [0.0] * len(self.kind_cost)
+        self.sunk = [0.0] * len(self.kind_cost)  # what ``sink`` took off each heap so far
         # per class, candidates whose target is not one of the class's two least loaded
         # hosts (those were full, or had the VM's group or lacked its tags)
         self.far: list[set[int]] = [set() for _ in range(ng)]
@@ -297,6 +316,72 @@ class LazyGreedy:
                 low[b] = min(m, low.get(b, m))
             cheapest = [low.get(b, 0) for b in range(max(self.bucket_of) + 1)]
         self.kind_cost = [st.beta * m / st.total_mb for m in cheapest for _ in (0, 1)]
+
+    def _sink_kinds(self, size: int) -> None:
+        """Heaps that follow their class's least loaded host as it fills up.
+
+        A candidate keyed for a move to the least loaded host of its class loses
+        d = 2W * b * (rise) / S^2 when that host's load rises (b: the weighted load the VM
+        adds there, ``target_wload``), and the class's best target can only be that host
+        or a fuller one. Such candidates go to heaps per (memory bucket, band of b,
+        class), and a rise of the class's least load takes what the smallest b of the
+        heap loses off the whole heap at once (``sink``), so stale keys no longer stay
+        far above what they can gain until each is popped and lowered. Only when S
+        cannot move (same memory per thread everywhere) and hosts are not pooled.
+        """
+        st, ng = self.st, self.ngroups
+        self.base_kinds = nbase = len(self.kind_cost)
+        self.kind_at = [0] * size  # the heap holding a candidate's live entry
+        self.sunk_at = [0.0] * size  # ``sunk`` of that heap when the candidate was keyed
+        self.sinking = not self.pooled and not self.heterogeneous and size > 0
+        self.sink_kind: list[int] = []
+        self.sink_cost_of: list[int] = []  # per sinking heap, a base heap of the same cost
+        self.sink_of: list[list[tuple[int, float]]] = [[] for _ in range(ng)]
+        if not self.sinking:
+            return
+        nb = nbase // 2
+        tw, vm_tw = self.target_wload, self.target_wload[::ng]  # the same in every class but for rounding
+        lo, hi = [math.inf] * nb, [0.0] * nb
+        for b, x in zip(self.bucket_of, vm_tw):
+            if x < lo[b]:
+                lo[b] = x
+            if x > hi[b]:
+                hi[b] = x
+        nk = nb * SINK_BANDS * ng
+        low = [math.inf] * nk
+        sink_kind = self.sink_kind
+        for v, (b, x) in enumerate(zip(self.bucket_of, vm_tw)):
+            if hi[b] <= lo[b]:
+                band = 0
+            elif lo[b] > 0:
+                band = int(SINK_BANDS * math.log(x / lo[b]) / math.log(hi[b] / lo[b]))
+            else:
+                band = int(SINK_BANDS * (x - lo[b]) / (hi[b] - lo[b]))
+            k0 = (b * SINK_BANDS + min(band, SINK_BANDS - 1)) * ng
+            for g in range(ng):
+                k = k0 + g
+                sink_kind.append(nbase + k)
+                if tw[v * ng + g] < low[k]:
+                    low[k] = tw[v * ng + g]
+        for k in range(nk):
+            b = k // (SINK_BANDS * ng)
+            self.kind_cost.append(self.kind_cost[2 * b])
+            self.sink_cost_of.append(2 * b)
+            if low[k] < math.inf:
+                self.sink_of[k % ng].append((nbase + k, low[k]))
+
+    def sink(self, g: int, rise: float) -> None:
+        """The least load of class ``g`` went up by ``rise``: lower its sinking heaps."""
+        st = self.st
+        s_hi = st.s + self.ds_all
+        if s_hi <= 0 or rise <= 0:
+            return
+        f = 2.0 * st.wsum * rise / (s_hi * s_hi)
+        drift, sunk = self.drift, self.sunk
+        for k, b in self.sink_of[g]:
+            x = f * b
+            drift[k] -= x
+            sunk[k] += x
 
     def _drift_box(self) -> None:
         """Per bucket, the most one move of its VMs can change Q and S (for ``drift_bound``)."""
@@ -324,6 +409,7 @@ class LazyGreedy:
         """Key every candidate afresh (at the start, and before concluding that nothing is left)."""
         self.heaps = [[] for _ in self.kind_cost]
         self.drift = [0.0] * len(self.kind_cost)
+        self.sunk = [0.0] * len(self.kind_cost)
         ng = self.ngroups
         if self.pooled:  # hosts of many sizes share one list: its head bounds nothing
             self.rescore([v * ng + g for vms in self.st.on for v in vms for g in range(ng)], self.top())
@@ -345,6 +431,8 @@ class LazyGreedy:
             self.far[g].clear()
         version, scored_at, keys = self.version, self.scored_at, self.key
         src_load, dst_load, bucket_of, group_of = self.src_load, self.dst_load, self.bucket_of, self.group_of
+        drift, sunk, kind_at, sunk_at, sink_kind = self.drift, self.sunk, self.kind_at, self.sunk_at, self.sink_kind
+        sinking = self.sinking
         for h, vms in enumerate(st.on):
             old_s, w_s, km_s, kc_s = load[h], w[h], km[h], kc[h]
             for v in vms:
@@ -357,7 +445,8 @@ class LazyGreedy:
                     version[e] += 1
                     scored_at[e] = -1
                     two = heads[g]
-                    head = two[0] if two[0][1] != h else (two[1] if len(two) > 1 else None)
+                    first = two[0][1] != h
+                    head = two[0] if first else (two[1] if len(two) > 1 else None)
                     if head is None:
                         keys[e] = -math.inf
                         continue
@@ -366,8 +455,10 @@ class LazyGreedy:
                     new_s = s_part + w[t] * (lt - old_t)
                     new_q = q_part + w[t] * (lt * lt - old_t * old_t)
                     d = ratio0 - (wsum * new_q / (new_s * new_s) if new_s > 0 else 0.0)
-                    k = 2 * bucket_of[v] + (group_of[h] == g)
-                    keys[e] = d - self.drift[k]
+                    k = sink_kind[e] if sinking and first else 2 * bucket_of[v] + (group_of[h] == g)
+                    kind_at[e] = k
+                    sunk_at[e] = sunk[k]
+                    keys[e] = d - drift[k]
                     src_load[e], dst_load[e] = old_s, old_t
                     heaps[k].append((-keys[e], e, version[e]))
 
@@ -378,22 +469,30 @@ class LazyGreedy:
         cv0 = st.cv()
         cv0_sq = cv0 * cv0
         best = NONE
-        bounds = [self.bound(k, cv0, cv0_sq) for k in range(len(heaps))]
         version, key, drift, costs = self.version, self.key, self.drift, self.kind_cost
+        bounds = []  # (-self.bound, heap) of each non-empty heap, inlined; a heap itself
+        for k, heap in enumerate(heaps):
+            while heap and heap[0][2] != version[heap[0][1]]:
+                heappop(heap)
+            if heap:
+                d = drift[k] - heap[0][0]
+                bounds.append((costs[k] - (cv0 - sqrt(cv0_sq - d) if d < cv0_sq else cv0), k))
+        heapify(bounds)
         load, vm_host, src_load, dst_load = st.load, st.vm_host, self.src_load, self.dst_load
         vm_of, group_at, target_wload, source_wload = self.vm_of, self.group_at, self.target_wload, self.source_wload
+        sunk, sunk_at = self.sunk, self.sunk_at
         heads = [entries[0][0] for entries in self.lists]
         rekey = not self.pooled
         s_hi = st.s + self.ds_all
         factor = 2.0 * st.wsum / (s_hi * s_hi) if s_hi > 0 else 0.0
         aside: list[tuple[int, tuple[float, int, int]]] = []
-        while True:
-            pick_bound, pick = max(zip(bounds, range(len(bounds))))
+        while bounds:
+            pick_bound, pick = bounds[0]
             bar = best[0] - BOUND_SLACK
-            if pick_bound == -math.inf or pick_bound < bar:
+            if -pick_bound < bar:
                 break
             heap, batch = heaps[pick], []
-            base, cost = drift[pick], costs[pick]
+            base, cost, sunk_now = drift[pick], costs[pick], sunk[pick]
             # bound >= bar  <=>  cv0 - sqrt(cv0^2 - d) >= bar + cost  <=>  d >= d_bar
             reach = cv0 - (bar + cost)
             d_bar = cv0_sq - reach * reach if reach >= 0 else math.inf
@@ -413,7 +512,8 @@ class LazyGreedy:
                     # Lower the key by what it must have lost since: its host's load can
                     # only have fallen (rises are applied in ``moved``) and no host of its
                     # class is below the least loaded one, so d fell by at least
-                    # 2W * (w_s * a * host drop + w_c * b * target rise) / S'^2.
+                    # 2W * (w_s * a * host drop + w_c * b * target rise) / S'^2, of
+                    # which ``sink`` may have taken some already.
                     v = vm_of[e]
                     h = vm_host[v]
                     drop = src_load[e] - load[h]
@@ -422,11 +522,13 @@ class LazyGreedy:
                     loss = source_wload[v] * drop if drop > 0 else 0.0
                     if rise > 0:
                         loss += target_wload[e] * rise
+                    loss = factor * loss - (sunk_now - sunk_at[e])
                     if loss > 0:
-                        d -= factor * loss
+                        d -= loss
                         if d < d_bar:
                             version[e] = ver = ver + 1
                             key[e] = d - base
+                            sunk_at[e] = sunk_now
                             if drop > 0:
                                 src_load[e] = load[h]
                             if rise > 0:
@@ -437,7 +539,11 @@ class LazyGreedy:
                 batch.append(e)
             if batch:
                 best = self.rescore(batch, top, best)
-            bounds[pick] = self.bound(pick, cv0, cv0_sq)
+            pick_bound = self.bound(pick, cv0, cv0_sq)
+            if pick_bound == -math.inf:
+                heappop(bounds)
+            else:
+                heapreplace(bounds, (-pick_bound, pick))
         for k, entry in aside:
             heappush(heaps[k], entry)
         return self.peak_candidates(top, cv0, best)
@@ -448,19 +554,19 @@ class LazyGreedy:
         st, step, ng, key, drift, costs = self.st, self.step, self.ngroups, self.key, self.drift, self.kind_cost
         cv0_sq = cv0 * cv0
         gap, h = top[0][0] - top[1][0], top[0][1]
-        km_h, kc_h, alpha, bucket_of = st.km[h], st.kc[h], st.alpha, self.bucket_of
-        same = -1 if self.pooled else self.group_of[h]
+        km_h, kc_h, alpha = st.km[h], st.kc[h], st.alpha
         bar = best[0] - BOUND_SLACK
         needs = []  # per heap, the d a candidate needs even with the largest bonus
-        for cost in costs:
+        for cost in costs[:self.base_kinds]:
             reach = cv0 - (bar + cost - alpha * gap)
             needs.append(cv0_sq - reach * reach if reach >= 0 else math.inf)
+        needs += [needs[k] for k in self.sink_cost_of]
         batch = []
+        kind_at = self.kind_at
         for v in st.on[h]:
-            kind0 = 2 * bucket_of[v]
             bonus = -1.0
-            for g, e in enumerate(range(v * ng, v * ng + ng)):
-                k = kind0 + (g == same)
+            for e in range(v * ng, v * ng + ng):
+                k = kind_at[e]
                 d = key[e] + drift[k]
                 if d < needs[k] or self.scored_at[e] == step:
                     continue
@@ -484,8 +590,12 @@ class LazyGreedy:
     def moved(self, v: int, s: int, old_s: float, t: int, old_t: float) -> None:
         """Bring the search up to date after VM ``v`` went from ``s`` to ``t``."""
         st, ng = self.st, self.ngroups
+        g_t = self.group_of[t]
+        least = self.lists[g_t][0][0]
         self.refile(s, old_s)
         self.refile(t, old_t)
+        if self.sinking:
+            self.sink(g_t, self.lists[g_t][0][0] - least)
         top = self.top()
         if self.heterogeneous:  # S moves, and d with it: widen every heap's allowance
             w = st.w
@@ -507,18 +617,17 @@ class LazyGreedy:
             return
         rise = 2.0 * st.wsum * st.w[t] * (st.load[t] - old_t) / (s_lo * s_lo)
         heaps, version, key, src_load, load_t = self.heaps, self.version, self.key, self.src_load, st.load[t]
-        bucket_of, same = self.bucket_of, -1 if self.pooled else self.group_of[t]
+        kind_at = self.kind_at
         for u in st.on[t]:
             if u == v:
                 continue
             up = rise * (km_t * vm_mem[u] + kc_t * vm_cpu[u])
-            kind0 = 2 * bucket_of[u]
-            for g, e in enumerate(range(u * ng, u * ng + ng)):
+            for e in range(u * ng, u * ng + ng):
                 if key[e] > -math.inf:
                     version[e] += 1
                     key[e] += up
                     src_load[e] = load_t
-                    heappush(heaps[kind0 + (g == same)], (-key[e], e, version[e]))
+                    heappush(heaps[kind_at[e]], (-key[e], e, version[e]))
         self.source_wload[v] = st.w[t] * (km_t * vm_mem[v] + kc_t * vm_cpu[v])
         self.rescore(range(v * ng, v * ng + ng), top)
 
@@ -567,6 +676,7 @@ class LazyGreedy:
         vm_of, group_at, pooled = self.vm_of, self.group_at, self.pooled
         version, scored_at, keys, step, drift = self.version, self.scored_at, self.key, self.step, self.drift
         src_load, dst_load, far = self.src_load, self.dst_load, self.far
+        kind_at, sunk_at, sunk, sink_kind, sinking = self.kind_at, self.sunk_at, self.sunk, self.sink_kind, self.sinking
         cv0 = cv(s0, q0, wsum)
         cv0_sq = cv0 * cv0
         ninf = -math.inf
@@ -636,7 +746,10 @@ class LazyGreedy:
                 keys[e] = ninf
                 dst_load[e] = math.inf
                 continue
-            k = 2 * bucket_of[v] + (not pooled and group_of[s] == g)
+            # keyed with the class's least loaded host: the key can follow it (``sink``)
+            k = sink_kind[e] if sinking and cv_at == 1 else 2 * bucket_of[v] + (not pooled and group_of[s] == g)
+            kind_at[e] = k
+            sunk_at[e] = sunk[k]
             keys[e] = (cv0_sq - vm_cv * vm_cv) - drift[k]
             src_load[e], dst_load[e] = old_s, cv_load
             heappush(heaps[k], (-keys[e], e, version[e]))
