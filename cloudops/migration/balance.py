@@ -220,14 +220,17 @@ def plan(
     search = LazyGreedy(st)
     threshold = max(margin, _EPS)
     search.refresh()
+    # Unpooled, every key stays a bound on what its candidate can gain, so a step that
+    # finds nothing has looked at every candidate; pooled keys are approximate: key
+    # them all again and look once more before giving up.
     refreshed = True
     while not (stopped := _stop(st, moves, max_moves, target_cv)):
         net, v, t = search.best_move()
         if net < threshold:
-            if refreshed:
+            if refreshed or not search.pooled:
                 stopped = "no move clears the margin"
                 break
-            search.refresh()  # look at every candidate once more before giving up
+            search.refresh()
             refreshed = True
             continue
         moves.append(_move(st, v, t, search.top(), len(moves)))

@@ -41,8 +41,8 @@ tie-break) without scoring every (VM, host) pair at every step:
 
 Known limits: with more than ``MAX_CLASSES`` host sizes, hosts are pooled and the
 ``POOL_TARGETS`` least loaded feasible ones are scored (approximate), and a target
-beyond the ``TARGET_WALK`` least loaded hosts of its class is not found. Before
-stopping, ``balance.plan`` keys every candidate again and looks once more.
+beyond the ``TARGET_WALK`` least loaded hosts of its class is not found. Pooled,
+``balance.plan`` keys every candidate again and looks once more before stopping.
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ class LazyGreedy:
         return self.order[:-4:-1]
 
     def refresh(self) -> None:
-        """Key every candidate afresh (at the start, and before concluding that nothing is left)."""
+        """Key every candidate afresh (at the start, and, pooled, before concluding that nothing is left)."""
         self.heaps = [[] for _ in self.kind_cost]
         self.drift = [0.0] * len(self.kind_cost)
         self.sunk = [0.0] * len(self.kind_cost)
