@@ -35,9 +35,9 @@ tie-break) without scoring every (VM, host) pair at every step:
 * A step pops the heap with the highest bound (heaps ordered in a heap of their
   bounds); a stale candidate is first lowered by what it must have lost since it was
   keyed (its host's load fell, its class's least loaded host rose: both exact for the
-  d formula) and only scored if it can still win. The step ends when no bound beats the best fresh score. Moves off the
-  most loaded host also lower the max term, which keys leave out: those candidates
-  are checked with that bonus added.
+  d formula) and only scored if it can still win. The step ends when no bound beats
+  the best fresh score. Moves off the most loaded host also lower the max term, which
+  keys leave out: those candidates are checked with that bonus added.
 
 Known limits: with more than ``MAX_CLASSES`` host sizes, hosts are pooled and the
 ``POOL_TARGETS`` least loaded feasible ones are scored (approximate), and a target
@@ -525,8 +525,7 @@ class LazyGreedy:
                     loss = factor * loss - (sunk_now - sunk_at[e])
                     if loss > 0:
                         d -= loss
-                        if d < d_bar:
-                            version[e] = ver = ver + 1
+                        if d < d_bar:  # re-filed in place: the entry stays the live one
                             key[e] = d - base
                             sunk_at[e] = sunk_now
                             if drop > 0:
