@@ -335,7 +335,7 @@ class LazyGreedy:
         self.sunk_at = [0.0] * size  # ``sunk`` of that heap when the candidate was keyed
         self.sinking = not self.pooled and not self.heterogeneous and size > 0
         self.sink_kind: list[int] = []
-        self.sink_cost_of: list[int] = []  # per sinking heap, a base heap of the same cost
+        self.bucket_at = [k // 2 for k in range(nbase)]  # per heap, its VMs' memory bucket
         self.sink_of: list[list[tuple[int, float]]] = [[] for _ in range(ng)]
         if not self.sinking:
             return
@@ -366,7 +366,7 @@ class LazyGreedy:
         for k in range(nk):
             b = k // (SINK_BANDS * ng)
             self.kind_cost.append(self.kind_cost[2 * b])
-            self.sink_cost_of.append(2 * b)
+            self.bucket_at.append(b)
             if low[k] < math.inf:
                 self.sink_of[k % ng].append((nbase + k, low[k]))
 
@@ -426,34 +426,38 @@ class LazyGreedy:
         wsum, w, s0, q0, load, km, kc, mem, cpu = st.wsum, st.w, st.s, st.q, st.load, st.km, st.kc, st.mem, st.cpu
         ratio0 = wsum * q0 / (s0 * s0) if s0 > 0 else 0.0  # CV^2 + 1
         classes = list(classes)
-        heads = {g: self.lists[g][:2] for g in classes}
+        # per class: its least loaded host, then (load, host, km, kc, memory, cpu, w) of that
+        # host and of the next one (the target of the VMs on the first)
+        heads = []
         for g in classes:
             self.far[g].clear()
+            two = [(x, t, km[t], kc[t], mem[t], cpu[t], w[t]) for x, t in self.lists[g][:2]]
+            heads.append((g, two[0][1], two[0], two[1] if len(two) > 1 else None))
         version, scored_at, keys = self.version, self.scored_at, self.key
         src_load, dst_load, bucket_of, group_of = self.src_load, self.dst_load, self.bucket_of, self.group_of
         drift, sunk, kind_at, sunk_at, sink_kind = self.drift, self.sunk, self.kind_at, self.sunk_at, self.sink_kind
         sinking = self.sinking
+        vm_mem, vm_cpu = st.vm_mem, st.vm_cpu
         for h, vms in enumerate(st.on):
             old_s, w_s, km_s, kc_s = load[h], w[h], km[h], kc[h]
             for v in vms:
-                m, c = st.vm_mem[v], st.vm_cpu[v]
+                m, c = vm_mem[v], vm_cpu[v]
                 ls = km_s * (mem[h] - m) + kc_s * (cpu[h] - c)
                 s_part = s0 + w_s * (ls - old_s)
                 q_part = q0 + w_s * (ls * ls - old_s * old_s)
-                for g in classes:
+                for g, h0, first_head, second in heads:
                     e = v * ng + g
                     version[e] += 1
                     scored_at[e] = -1
-                    two = heads[g]
-                    first = two[0][1] != h
-                    head = two[0] if first else (two[1] if len(two) > 1 else None)
+                    first = h0 != h
+                    head = first_head if first else second
                     if head is None:
                         keys[e] = -math.inf
                         continue
-                    old_t, t = head
-                    lt = km[t] * (mem[t] + m) + kc[t] * (cpu[t] + c)
-                    new_s = s_part + w[t] * (lt - old_t)
-                    new_q = q_part + w[t] * (lt * lt - old_t * old_t)
+                    old_t, t, km_t, kc_t, mem_t, cpu_t, w_t = head
+                    lt = km_t * (mem_t + m) + kc_t * (cpu_t + c)
+                    new_s = s_part + w_t * (lt - old_t)
+                    new_q = q_part + w_t * (lt * lt - old_t * old_t)
                     d = ratio0 - (wsum * new_q / (new_s * new_s) if new_s > 0 else 0.0)
                     k = sink_kind[e] if sinking and first else 2 * bucket_of[v] + (group_of[h] == g)
                     kind_at[e] = k
@@ -555,11 +559,11 @@ class LazyGreedy:
         gap, h = top[0][0] - top[1][0], top[0][1]
         km_h, kc_h, alpha = st.km[h], st.kc[h], st.alpha
         bar = best[0] - BOUND_SLACK
-        needs = []  # per heap, the d a candidate needs even with the largest bonus
-        for cost in costs[:self.base_kinds]:
+        needs = []  # per memory bucket (cost), the d a candidate needs even with the largest bonus
+        for cost in costs[:self.base_kinds:2]:
             reach = cv0 - (bar + cost - alpha * gap)
             needs.append(cv0_sq - reach * reach if reach >= 0 else math.inf)
-        needs += [needs[k] for k in self.sink_cost_of]
+        bucket_at = self.bucket_at
         batch = []
         kind_at = self.kind_at
         for v in st.on[h]:
@@ -567,7 +571,7 @@ class LazyGreedy:
             for e in range(v * ng, v * ng + ng):
                 k = kind_at[e]
                 d = key[e] + drift[k]
-                if d < needs[k] or self.scored_at[e] == step:
+                if d < needs[bucket_at[k]] or self.scored_at[e] == step:
                     continue
                 if bonus < 0:
                     bonus = alpha * min(km_h * st.vm_mem[v] + kc_h * st.vm_cpu[v], gap)
