@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/planner.py            # table
     .venv/bin/python bench/planner.py --json     # machine-readable
+    .venv/bin/python bench/planner.py --baseline ../main   # and another checkout's planner, side by side
 
 On synthetic clusters built from a fixed seed:
 
-* speed: ``balance.plan`` alone at 1000 hosts / 20,000 VMs, median of --runs runs,
-  wall clock and CPU time (the machine is shared: CPU time is the steadier number).
-  Target: <= 2 s. Timed with the default target CV (0.05) and with 0 (balance until
-  no move pays);
+* speed: ``balance.plan`` alone, median of --runs runs, wall clock and CPU time (the
+  machine is shared: CPU time is the steadier number), for each --case: 1000 hosts /
+  20,000 VMs with the default target CV (0.05) and with 0 (balance until no move pays),
+  target <= 2 s, and 5000 hosts / 100,000 VMs with the default, target <= 10 s. With
+  --baseline, the planner of that checkout is timed on the same clusters, its runs
+  interleaved with this one's (so both share the machine's noise), and its moves
+  compared; the load average is recorded before and after;
 * quality: ``plan`` and ``greedy_baseline`` (O(VMs x hosts) per move) side by side on
   clusters small enough for the baseline: objective after, moves, time, and whether
   the two made the very same moves.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import sys
@@ -83,21 +88,37 @@ def synthetic_cluster(n_hosts: int, n_vms: int, seed: int = 42) -> balance.Clust
     return balance.Cluster(tuple(hosts), tuple(vms))
 
 
+def load_baseline(root: str):
+    """``balance`` of another checkout (e.g. main), importable beside this one: its
+    balance_search stands in for ours while its balance module is executed."""
+    import importlib.util
+
+    root_path = Path(root).resolve() / "cloudops" / "migration"
+    saved = sys.modules.get("cloudops.migration.balance_search")
+    try:
+        spec = importlib.util.spec_from_file_location("baseline_balance_search", root_path / "balance_search.py")
+        search = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(search)
+        sys.modules["cloudops.migration.balance_search"] = search
+        spec = importlib.util.spec_from_file_location("baseline_balance", root_path / "balance.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["baseline_balance"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules["cloudops.migration.balance_search"] = saved
+    return module
+
+
 def timed(fn, *args, **kwargs):
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def speed(cluster: balance.Cluster, runs: int, target_cv: float) -> dict:
-    walls, cpus, result = [], [], None
-    for _ in range(runs):
-        result, wall, cpu = timed(balance.plan, cluster, target_cv=target_cv)
-        walls.append(wall)
-        cpus.append(cpu)
+def speed_summary(result: balance.Plan, walls: list[float], cpus: list[float], target_cv: float) -> dict:
     return {
         "target_cv": target_cv,
-        "runs": runs,
+        "runs": len(walls),
         "wall_s": [round(t, 3) for t in walls],
         "cpu_s": [round(t, 3) for t in cpus],
         "median_wall_s": round(statistics.median(walls), 3),
@@ -109,6 +130,49 @@ def speed(cluster: balance.Cluster, runs: int, target_cv: float) -> dict:
         "after": vars(result.after),
         "stopped": result.stopped,
     }
+
+
+def parse_case(spec: str) -> tuple[int, int, float, float]:
+    """HOSTSxVMS@TARGET_CV:LIMIT_S, e.g. 1000x20000@0:2"""
+    size, _, rest = spec.partition("@")
+    target, _, limit = rest.partition(":")
+    h, v = map(int, size.lower().split("x"))
+    return h, v, float(target or balance.DEFAULT_TARGET_CV), float(limit or "inf")
+
+
+def speed(cases: list[tuple[int, int, float, float]], runs: int, seed: int,
+          baseline=None) -> tuple[dict, list[dict]]:
+    """Time every case --runs times, round by round (and this planner, then the
+    baseline's, within a round), so that slow spells of the machine hit all alike."""
+    clusters = {}
+    for h, v, _, _ in cases:
+        if (h, v) not in clusters:
+            clusters[h, v] = synthetic_cluster(h, v, seed)
+    planners = [("plan", balance.plan)] + ([("baseline", baseline.plan)] if baseline else [])
+    times = {(i, name): ([], [], None) for i in range(len(cases)) for name, _ in planners}
+    load_before = os.getloadavg()
+    for _ in range(runs):
+        for i, (h, v, target, _) in enumerate(cases):
+            for name, fn in planners:
+                result, wall, cpu = timed(fn, clusters[h, v], target_cv=target)
+                walls, cpus, _ = times[i, name]
+                walls.append(wall)
+                cpus.append(cpu)
+                times[i, name] = (walls, cpus, result)
+    load_after = os.getloadavg()
+    rows = []
+    for i, (h, v, target, limit) in enumerate(cases):
+        walls, cpus, result = times[i, "plan"]
+        row = {"hosts": h, "vms": len(clusters[h, v].vms), "limit_s": limit,
+               **speed_summary(result, walls, cpus, target)}
+        row["met"] = row["median_wall_s"] <= limit
+        if baseline:
+            b_walls, b_cpus, b_result = times[i, "baseline"]
+            row["baseline"] = speed_summary(b_result, b_walls, b_cpus, target)
+            row["same_moves_as_baseline"] = (
+                [(m.vm, m.target) for m in result.moves] == [(m.vm, m.target) for m in b_result.moves])
+        rows.append(row)
+    return {"load_before": load_before, "load_after": load_after}, rows
 
 
 def compare(n_hosts: int, n_vms: int, seed: int, target_cv: float) -> dict:
@@ -134,14 +198,23 @@ def compare(n_hosts: int, n_vms: int, seed: int, target_cv: float) -> dict:
 
 
 def print_report(report: dict) -> None:
+    load = report["load"]
+    print("load average (1, 5, 15 min) before the timed runs "
+          f"{' '.join(f'{x:.2f}' for x in load['load_before'])}, after "
+          f"{' '.join(f'{x:.2f}' for x in load['load_after'])}")
     for sp in report["speed"]:
-        print(f"plan at {report['hosts']} hosts / {report['vms']} VMs, target CV {sp['target_cv']:g}: "
+        print(f"plan at {sp['hosts']} hosts / {sp['vms']} VMs, target CV {sp['target_cv']:g}: "
               f"median {sp['median_wall_s']:.3f} s wall, {sp['median_cpu_s']:.3f} s CPU "
-              f"(wall {sp['wall_s']}) -- target <= 2 s")
+              f"(wall {sp['wall_s']}) -- target <= {sp['limit_s']:g} s: {'met' if sp['met'] else 'NOT met'}")
         print(f"    {sp['moves']} moves ({sp['memory_moved_gib']} GiB), {sp['evaluations']} candidates scored; "
               f"objective {sp['before']['objective']:.4f} -> {sp['after']['objective']:.4f}, "
               f"CV {sp['before']['cv']:.4f} -> {sp['after']['cv']:.4f}, max load "
               f"{sp['before']['max_load']:.3f} -> {sp['after']['max_load']:.3f}; {sp['stopped']}")
+        if "baseline" in sp:
+            b = sp["baseline"]
+            print(f"    baseline: median {b['median_wall_s']:.3f} s wall, {b['median_cpu_s']:.3f} s CPU "
+                  f"(wall {b['wall_s']}), {b['moves']} moves; same moves: "
+                  f"{'yes' if sp['same_moves_as_baseline'] else 'NO'}")
     print(f"next_move: {report['next_move_s']:.3f} s wall")
     rows = report["compare"]
     if not rows:
@@ -162,8 +235,10 @@ def print_report(report: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hosts", type=int, default=1000)
-    ap.add_argument("--vms", type=int, default=20000)
+    ap.add_argument("--case", action="append", metavar="HOSTSxVMS@TARGET_CV:LIMIT_S",
+                    help="a timed case (repeatable); default 1000x20000@0.05:2, 1000x20000@0:2, "
+                         "5000x100000@0.05:10")
+    ap.add_argument("--baseline", metavar="DIR", help="a checkout whose planner is timed beside this one")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--compare", default="20x400,50x1000",
@@ -172,10 +247,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    cluster = synthetic_cluster(args.hosts, args.vms, args.seed)
-    report = {"hosts": args.hosts, "vms": len(cluster.vms), "seed": args.seed,
-              "speed": [speed(cluster, args.runs, target) for target in (balance.DEFAULT_TARGET_CV, 0.0)]}
-    report["next_move_s"] = round(timed(balance.next_move, cluster)[1], 3)
+    cases = [parse_case(c) for c in (args.case or ["1000x20000@0.05:2", "1000x20000@0:2", "5000x100000@0.05:10"])]
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    load, rows = speed(cases, args.runs, args.seed, baseline)
+    report = {"seed": args.seed, "baseline": args.baseline, "load": load, "speed": rows}
+    first = synthetic_cluster(cases[0][0], cases[0][1], args.seed)
+    report["next_move_s"] = round(timed(balance.next_move, first)[1], 3)
     report["compare"] = [
         compare(h, v, seed, target)
         for spec in filter(None, args.compare.split(","))
