@@ -28,6 +28,7 @@ the lab's namespaces), deletes namespaces, veths and the bridge, and removes the
 files. ``up`` over a lab that was never taken down cleans the leftovers first.
 """
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -156,8 +157,53 @@ def _port_open(address: str, port: int = 22) -> bool:
 
 
 def default_subnet(prefix: str) -> str:
-    """A /24 per lab prefix, so labs of different prefixes can run side by side."""
+    """The /24 a lab of ``prefix`` asks for first, so labs of different prefixes can run side by side."""
     return DEFAULT_SUBNETS.get(prefix) or f"10.{200 + zlib.crc32(prefix.encode()) % 50}.0.0/24"
+
+
+def candidate_subnets(prefix: str) -> list[str]:
+    """``default_subnet(prefix)`` first, then the other /24s of 10.200-249 after it (two prefixes can hash
+    to the same one: the second lab takes the next free one instead of failing)."""
+    first = default_subnet(prefix)
+    start = int(first.split(".")[1])
+    others = [f"10.{200 + (start - 200 + i) % 50}.0.0/24" for i in range(1, 50)] if 200 <= start < 250 else []
+    return [first, *others]
+
+
+def _routed(net) -> str:
+    """The machine's route for exactly ``net``, or "" when it has none."""
+    return _sh("ip", "route", "show", "exact", str(net), check=False).stdout.strip()
+
+
+def _pick_subnet(prefix: str, subnet: str | None, bare: bool):
+    """The lab's subnet: ``subnet`` when given (refused if routed here), else the first free candidate."""
+    def wanted(net):
+        return [net, *([] if bare else [ipaddress.ip_network(lan_subnet(str(net)))])]
+
+    if subnet:
+        net = ipaddress.ip_network(subnet)
+        for each in wanted(net):
+            if routed := _routed(each):  # another lab, or the machine's own network
+                raise CloudopsError(f"subnet {each} is already routed on this machine ({routed.splitlines()[0]}): "
+                                    f"lab {prefix!r} would collide with it; choose another subnet")
+        return net
+    for candidate in candidate_subnets(prefix):
+        net = ipaddress.ip_network(candidate)
+        if not any(_routed(each) for each in wanted(net)):
+            return net
+    raise CloudopsError(f"every lab subnet of 10.200.0.0-10.249.0.0 is routed on this machine; give lab {prefix!r} "
+                        "a subnet of its own")
+
+
+SUBNET_LOCK = Path("/run/cloudops-lab-subnets.lock")
+
+
+def _subnet_lock():
+    """An exclusive lock of this machine's lab subnets, held from picking a free one until the lab's bridge
+    routes it, so two labs coming up at once never pick the same (closing the file releases it)."""
+    lock = open(SUBNET_LOCK, "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
 
 
 LAN_BRIDGE = "lan0"  # on every full lab host: the host's side of the LAN (as br0 would be on a real hypervisor)
@@ -279,14 +325,17 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
         progress("cleaning up a lab that was not taken down")
         down(prefix)
 
-    net = ipaddress.ip_network(subnet or default_subnet(prefix))
-    if hosts + 10 > net.num_addresses:
-        raise CloudopsError(f"subnet {net} is too small for {hosts} hosts")
-    for wanted in (net, *([] if bare else [ipaddress.ip_network(lan_subnet(str(net)))])):
-        routed = _sh("ip", "route", "show", "exact", str(wanted), check=False).stdout.strip()
-        if routed:  # another lab (another prefix with the same subnet), or the machine's own network
-            raise CloudopsError(f"subnet {wanted} is already routed on this machine ({routed.splitlines()[0]}): "
-                                f"lab {prefix!r} would collide with it; choose another --prefix")
+    if subnet and hosts + 10 > ipaddress.ip_network(subnet).num_addresses:
+        raise CloudopsError(f"subnet {subnet} is too small for {hosts} hosts")
+    subnet_lock = _subnet_lock()
+    try:
+        return _up(prefix, hosts, bare, _pick_subnet(prefix, subnet, bare), link, subnet_lock, progress)
+    finally:
+        subnet_lock.close()
+
+
+def _up(prefix: str, hosts: int, bare: bool, net, link, subnet_lock, progress) -> Lab:
+    """``up`` once the subnet is picked; ``subnet_lock`` is let go as soon as the lab's bridge routes it."""
     base = lab_dir(prefix)
     base.mkdir(parents=True)
     addresses = list(net.hosts())
@@ -302,6 +351,7 @@ def up(hosts: int = 2, bare: bool = False, prefix: str = DEFAULT_PREFIX, subnet:
         _write_client_files(lab)
         progress(f"creating bridge {lab.bridge} and {hosts} network namespaces")
         _create_network(lab)
+        subnet_lock.close()
         if link:
             progress(f"shaping every host's link: {links.describe(link)}")
             links.apply(lab)

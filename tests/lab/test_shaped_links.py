@@ -91,3 +91,19 @@ def test_a_lab_whose_subnet_is_already_routed_is_refused_before_anything_is_made
         lab_lib.up(1, bare=True, prefix=PREFIX + "y", subnet=taken)
     assert lab_lib.status(PREFIX + "y") == {"prefix": PREFIX + "y", "up": False, "hosts": [], "stale_namespaces": []}
     assert not lab_lib.lab_dir(PREFIX + "y").exists()
+
+
+def test_a_lab_whose_default_subnet_is_taken_comes_up_on_the_next_free_one(shaped):
+    from cloudops.lab import hosts as lab_lib
+
+    taken = lab_lib.load(PREFIX).subnet
+    # a prefix that hashes to the subnet the shaped lab routes (two prefixes can: 50 subnets)
+    twin = next(p for p in (f"{TEST_PREFIX[:2]}z{i}" for i in range(1000)) if lab_lib.default_subnet(p) == taken)
+    try:
+        other = lab_lib.up(1, bare=True, prefix=twin)
+        assert other.subnet != taken and other.subnet in lab_lib.candidate_subnets(twin)[1:]
+        routes = subprocess.run(["ip", "route", "show", "exact", other.subnet], capture_output=True, text=True)
+        assert f"{twin}-br" in routes.stdout  # the machine routes the new subnet to the new lab's bridge
+        assert lab_lib.status(twin)["up"]
+    finally:
+        lab_lib.down(twin)

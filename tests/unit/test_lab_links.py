@@ -48,3 +48,13 @@ def test_a_delay_is_netems_with_the_rate():
     link = {"rate": "1gbit", "rate_bps": 10**9, "delay": "0.25ms", "delay_ms": 0.25}
     assert links.qdisc(link)[:5] == ["netem", "delay", "0.25ms", "rate", "1000000000"]
     assert links.describe(link) == "1gbit each way, 0.25ms added each way per link"
+
+
+def test_a_prefix_asks_for_its_own_subnet_first_then_every_other_lab_subnet_once():
+    from cloudops.lab import hosts as lab_lib
+
+    first, *rest = lab_lib.candidate_subnets("abc")
+    assert first == lab_lib.default_subnet("abc")
+    assert len({first, *rest}) == 50 and all(s.startswith("10.2") and s.endswith(".0.0/24") for s in rest)
+    assert {int(s.split(".")[1]) for s in [first, *rest]} == set(range(200, 250))
+    assert lab_lib.candidate_subnets("cot") == ["10.252.0.0/24"]  # a fixed subnet stays the only one
