@@ -48,8 +48,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(INV) demo
 
+# Two workers (pytest-xdist), whole modules each: half the suite's time is a guest booting under TCG on one
+# core or a test waiting on a daemon, so two sessions side by side, each with its own lab, share the 2 cores.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -ra --durations=30
+	$(PY) -m pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile
 
 # Unit tests need no lab, no QEMU and no libguestfs (tests/unit/conftest.py enforces it).
 test-unit: setup

@@ -10,13 +10,41 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Parallel test runs (several developers on one machine) each set their own prefix.
-TEST_PREFIX = os.environ.get("CLOUDOPS_TEST_LAB", "cot")
+# Under `pytest -n N` (pytest-xdist, as `make test` runs) every worker is a session of its own: its lab
+# prefix is the run's prefix plus the worker's number (cot0, cot1) and it has a state directory of its own
+# (name locks, maintenance flags, the image store: nothing two workers could take from each other), all
+# sharing one image build cache (builds lock it).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEST_PREFIX = os.environ.get("CLOUDOPS_TEST_LAB", "cot") + WORKER.removeprefix("gw")
+if WORKER and not os.environ.get("CLOUDOPS_VAR", "").endswith(f"/test-{WORKER}"):  # once per process
+    _shared = Path(os.environ.get("CLOUDOPS_STATE_DIR") or os.environ.get("CLOUDOPS_VAR") or ROOT / "var")
+    _own = _shared / f"test-{WORKER}"
+    (_own / "images").mkdir(parents=True, exist_ok=True)
+    (_shared / "images" / "build").mkdir(parents=True, exist_ok=True)
+    if not (_own / "images" / "build").is_symlink():
+        (_own / "images" / "build").symlink_to(_shared / "images" / "build")
+    # the older name, which a test's own monkeypatch.setenv (of either name) still overrides
+    os.environ.pop("CLOUDOPS_STATE_DIR", None)
+    os.environ["CLOUDOPS_VAR"] = str(_own)
+
+# Under xdist whole modules go to one worker each (--dist loadfile), in collection order: the longest
+# lab modules first, so the run does not end waiting for one of them (a rough order, from CI's durations).
+LONGEST_FIRST = ["lab/test_debian_guest.py", "lab/test_migration_faults.py", "lab/test_vms.py",
+                 "lab/test_export_import.py", "lab/test_failover.py", "integration/test_image.py",
+                 "lab/test_migration.py", "lab/test_team.py", "lab/test_snapshots.py", "lab/test_containers.py",
+                 "lab/test_evacuate_rebalance.py", "lab/test_hygiene.py", "lab/test_deploy.py",
+                 "lab/test_disks_resize.py", "lab/test_metrics_lab.py", "lab/test_bridged_lan.py"]
 
 # The `invoke` CLI the tests start puts only tasks/ on sys.path, so `import cloudops` would find whatever
 # checkout the virtualenv was installed from (editable): make every child process use this checkout's library.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
 os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+
+
+def _rank(item) -> int:
+    path = str(item.fspath).replace(os.sep, "/")
+    return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith("tests/" + name)), len(LONGEST_FIRST))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,6 +54,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.lab)
         elif "tests/integration/" in path:
             item.add_marker(pytest.mark.integration)
+    if WORKER or getattr(config.option, "numprocesses", None):
+        items.sort(key=_rank)  # stable: each module's own order is kept
 
 
 def in_ci() -> bool:
