@@ -56,7 +56,9 @@ class Policy:
     downtime_step_ms: int = 50  # ...raised by this much per memory iteration...
     downtime_max_ms: int = 300  # ...up to this
     auto_converge: bool = True  # let QEMU throttle the vCPUs when memory is dirtied faster than it is sent
-    postcopy_after: int | None = 4  # switch to post-copy once this memory iteration starts (None: never)
+    postcopy_after: int | None = 4  # switch to post-copy once this memory iteration starts (None: never)...
+    postcopy_stall: float | None = 0.1  # ...or earlier, once an iteration starts with less than this share
+    # less memory to send than the one before (pre-copy is not getting anywhere; nova's rule); None: off
     bandwidth_mib: int | None = None  # MiB/s cap (None: unlimited)
     postcopy_bandwidth_mib: int | None = None  # MiB/s cap once in post-copy (None: unlimited)
     timeout: float | None = None  # seconds before the job is aborted (pre-copy only)
@@ -64,6 +66,44 @@ class Policy:
 
     def downtime_for(self, iteration: int) -> int:
         return min(self.downtime_max_ms, self.downtime_ms + self.downtime_step_ms * max(iteration - 1, 0))
+
+    def wants_postcopy(self, iteration: int, starts: dict[int, float]) -> bool:
+        """Post-copy now? At iteration ``postcopy_after``, or from the 2nd on when the memory left at the
+        start of this iteration (``starts``: iteration -> bytes) is not ``postcopy_stall`` below the
+        last one's: the guest dirties its memory about as fast as the link sends it, and more
+        iterations would only throttle it longer before the same switch."""
+        if self.postcopy_after is None:
+            return False
+        if iteration >= self.postcopy_after:
+            return True
+        if self.postcopy_stall is None or iteration < 2 or iteration not in starts:
+            return False
+        before = max((i for i in starts if i < iteration), default=None)
+        if before is None or starts[before] <= 0:
+            return False
+        return (starts[before] - starts[iteration]) / starts[before] < self.postcopy_stall
+
+
+@dataclass
+class IterationStarts:
+    """The memory left to send at the start of each memory iteration, estimated from polled samples: the
+    first sample of an iteration comes after part of it was sent already, and that part is added back
+    (what was sent since the last sample beyond what the iteration before still had left)."""
+
+    starts: dict = field(default_factory=dict)
+    _last: tuple | None = None  # (iteration, processed, remaining) of the last sample
+
+    def feed(self, iteration: int, processed: int, remaining: int, total: int) -> None:
+        if iteration <= 0:
+            return
+        last = self._last
+        if iteration == 1 and 1 not in self.starts:
+            self.starts[1] = total  # the first pass sends all of it
+        elif last is not None and iteration > last[0] and iteration not in self.starts:
+            self.starts[iteration] = remaining + max(0, processed - last[1] - last[2])
+        elif last is None and iteration not in self.starts:
+            self.starts[iteration] = remaining  # the watch began mid-iteration: as good as it gets
+        self._last = (iteration, processed, remaining)
 
 
 @dataclass
@@ -593,7 +633,7 @@ def _live(dom, disks, shared, source, dest, dst_conn, policy, progress, message,
         new = dst_conn.lookupByName(name)
         if not new.isActive():
             raise CloudopsError(f"libvirt reported the migration done, but {name} does not run on {dest.name}")
-        return _result(new, name, source, dest, shared, watch)
+        return _result(new, name, source, dest, shared, watch, source_dom=watch.dom)
     finally:
         with contextlib.suppress(libvirt.libvirtError):
             control.close()
@@ -683,6 +723,7 @@ class _Watch:
         self.iteration = 0
         self.downtime_set = None
         self.max_iteration = 0
+        self.starts = IterationStarts()
 
     @property
     def postcopy(self) -> bool:
@@ -703,7 +744,9 @@ class _Watch:
             with contextlib.suppress(libvirt.libvirtError):
                 self.dom.migrateSetMaxDowntime(wanted, 0)
                 self.downtime_set = wanted
-        if (policy.postcopy_after is not None and not self.postcopy and iteration >= policy.postcopy_after
+        self.starts.feed(iteration, int(stats.get("memory_processed", 0)), int(stats.get("memory_remaining", 0)),
+                         int(stats.get("memory_total", 0)))
+        if (not self.postcopy and policy.wants_postcopy(iteration, self.starts.starts)
                 and stats.get("memory_remaining", 0)):
             self.job.postcopy = True  # from the request on: if the call's answer is lost, it may have started
             try:
@@ -739,10 +782,20 @@ def _sample(stats, elapsed, phase) -> Progress:
                     eta=eta, phase=phase)
 
 
-def _result(dom, name, source, dest, shared, watch) -> Result:
-    stats = {}
-    with contextlib.suppress(libvirt.libvirtError):
-        stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+def completed_stats(*doms) -> dict:
+    """The completed job's statistics from the first of ``doms`` that has them. The destination has them
+    after a pre-copy migration; after a post-copy one (libvirt 9.0) only the source does, until it is
+    undefined."""
+    for dom in doms:
+        with contextlib.suppress(libvirt.libvirtError):
+            stats = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+            if stats.get("time_elapsed") is not None:
+                return stats
+    return {}
+
+
+def _result(dom, name, source, dest, shared, watch, source_dom=None) -> Result:
+    stats = completed_stats(*[d for d in (dom, source_dom) if d is not None])
     elapsed = stats.get("time_elapsed")
     return Result(
         name=name, source=source.name, target=dest.name, mode="live", shared_storage=shared, duration=0.0,
@@ -819,6 +872,15 @@ def policy_from(config: dict, **given) -> Policy:
     fields = Policy.__dataclass_fields__
     values = {k: v for k, v in config.items() if v is not None and k in fields}
     values.update({k: v for k, v in given.items() if v is not None and k in fields})  # a flag not given keeps config
+    if values.get("postcopy_stall") is not None:
+        try:
+            values["postcopy_stall"] = float(values["postcopy_stall"])
+        except (TypeError, ValueError):
+            raise CloudopsError(f"postcopy_stall must be a share from 0 to 1, got {values['postcopy_stall']!r}") from None
+        if not 0 <= values["postcopy_stall"] <= 1:
+            raise CloudopsError(f"postcopy_stall must be a share from 0 to 1, got {values['postcopy_stall']:g}")
+        if values["postcopy_stall"] == 0:
+            values["postcopy_stall"] = None
     for key in ("downtime_ms", "downtime_step_ms", "downtime_max_ms", "postcopy_after", "bandwidth_mib",
                 "postcopy_bandwidth_mib"):
         if key in values:

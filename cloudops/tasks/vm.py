@@ -383,7 +383,8 @@ def _hypervisors(c, inventory):
     "recover": "after a broken migration: resume it, or clean the host where the VM does not run",
     "restart": "with --recover: start a VM stranded by a broken post-copy again from its disk",
     "copy_storage": "copy disks not on shared storage (--no-copy-storage refuses)",
-    "postcopy_after": "switch to post-copy at this memory iteration (0: never; default 4)",
+    "postcopy_after": "switch to post-copy at this memory iteration at the latest, earlier when pre-copy stalls "
+                      "(0: never; default 4)",
     "auto_converge": "let QEMU throttle a guest that dirties memory faster than it is sent",
     "max_downtime": "highest max-downtime (ms) the ramp reaches (default 300)",
     "bandwidth": "MiB/s cap (default: unlimited)",

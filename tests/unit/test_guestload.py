@@ -70,3 +70,34 @@ def test_stop_fails_when_a_writer_survives_kill(bb, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def pages_writers(run_dir) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", f"python3? {run_dir}/dirty.py "], capture_output=True, text=True).stdout
+    return out.split()
+
+
+@pytest.mark.skipif(shutil.which("python3") is None, reason="the python writer runs python3")
+def test_pages_writer_starts_once_reports_its_rate_and_stops(tmp_path):
+    """The Debian guest's writer (python3, dash): a second start replaces the first, the rate file fills
+    within its first seconds, stop ends it and is fine with nothing to stop."""
+    run_dir = str(tmp_path)
+
+    def run(command):
+        return subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, timeout=30)
+
+    try:
+        assert run(guestload.start_pages(2, run_dir=run_dir)).returncode == 0
+        second = run(guestload.start_pages(2, run_dir=run_dir))
+        assert second.returncode == 0, second.stderr
+        deadline = time.monotonic() + 10
+        while not run(guestload.rate_pages(run_dir)).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert int(run(guestload.rate_pages(run_dir)).stdout) > 0
+        assert pages_writers(run_dir) == [second.stdout.strip()]
+        stopped = run(guestload.stop_pages(run_dir))
+        assert stopped.returncode == 0, stopped.stderr
+        assert pages_writers(run_dir) == []
+        assert run(guestload.stop_pages(run_dir)).returncode == 0
+    finally:
+        run(guestload.stop_pages(run_dir))
