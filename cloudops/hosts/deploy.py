@@ -2,7 +2,8 @@
 
 ``plan`` checks every selected host's inventory variables and renders every template
 before anything changes anywhere (one clear line per problem). ``prepare`` makes the
-cloud-wide pieces once: the migration keypair and every hypervisor's verified host keys.
+cloud-wide pieces once: the migration keypair, the image keypair (host-to-host image copies:
+cloudops.imaging.distribution) and every hypervisor's verified host keys.
 ``deploy_host`` then reads the host's facts (packages, init system, managed files) and
 runs the steps in order; each compares what is wanted with what is there, acts only on a
 difference and reports changed or unchanged; ``check`` reports what would change and
@@ -44,7 +45,7 @@ DEFAULTS = {
     "role": "hypervisor",
     "packages": ["libvirt-daemon-system", "libvirt-clients", "qemu-system-x86", "qemu-utils", "dnsmasq-base",
                  "openssh-client", "ovmf", "python3-scapy",
-                 "libvirt-daemon-driver-lxc"],
+                 "libvirt-daemon-driver-lxc", "openssl"],  # openssl: the image receiver's sha256 (SHA instructions)
     "pool_path": "/var/lib/cloudops",
     "libvirtd_keepalive_interval": 5,
     "libvirtd_keepalive_count": 5,

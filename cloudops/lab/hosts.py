@@ -21,9 +21,10 @@ the machine's mount namespace and are not hidden.
 
 ``up`` writes, under ``var/lab/<prefix>/``: a state file (pids of everything it
 started), a client key, known_hosts with every host key, an ssh_config, and the
-lab's inventory; and in every full host's own ~/.ssh the migration trust that
+lab's inventory; and in every full host's own ~/.ssh the migration and image trust that
 ``deploy`` installs on real hosts (a lab migration key authorized for migration
-only, and known_hosts), so hosts never use the operator's key or trust. ``down`` ends the processes it started (by pid: everything in
+only, a lab image key authorized for the image receiver only, and known_hosts), so hosts
+never use the operator's key or trust. ``down`` ends the processes it started (by pid: everything in
 the lab's namespaces), deletes namespaces, veths and the bridge, and removes the
 files. ``up`` over a lab that was never taken down cleans the leftovers first.
 """
