@@ -91,3 +91,23 @@ def test_a_source_host_streams_each_file_into_the_destinations_receiver_with_the
         assert option in argv
     assert argv[argv.index("-p") + 1] == "2222" and f"root@10.0.0.12" in argv
     assert argv[-4:-2] == [image.filename, image.id]
+
+
+def test_tree_is_the_default_way_and_an_unknown_way_is_one_line():
+    from cloudops.imaging import store
+
+    assert store.DEFAULT_WAY == "tree" and set(store.WAYS) == {"tree", "parallel", "sequential"}
+    image = Image(id="ab" * 32, name="x", format="qcow2", virtual_size=1, size=1, added=0)
+    with pytest.raises(CloudopsError, match="unknown way 'p2p' to distribute an image: tree, parallel, sequential"):
+        store.distribute(image, [], way="p2p")
+
+
+def test_a_copy_from_this_machine_checks_the_hosts_key_against_the_inventorys_known_hosts_only():
+    from cloudops.imaging import store
+
+    host = Host("hv1", "10.0.0.11", key="/k/id", vars={"known_hosts": "/k/known_hosts"})
+    argv = store._ssh_from_here(host)
+    for option in ("BatchMode=yes", "StrictHostKeyChecking=yes", "UserKnownHostsFile=/k/known_hosts",
+                   "GlobalKnownHostsFile=/dev/null", "IdentitiesOnly=yes"):
+        assert option in argv
+    assert argv[1:3] == ["-F", "/dev/null"] and argv[argv.index("-i") + 1] == "/k/id" and argv[-1] == "root@10.0.0.11"
