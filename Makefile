@@ -76,6 +76,7 @@ bench: setup
 	$(PY) bench/migrate.py
 	$(PY) bench/day2.py
 	$(PY) bench/failover.py
+	$(PY) bench/distribute.py
 
 lab-down: venv
 	$(INV) lab.down
