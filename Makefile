@@ -77,6 +77,7 @@ bench: setup
 	$(PY) bench/day2.py
 	$(PY) bench/failover.py
 	$(PY) bench/peers.py
+	$(PY) bench/distribute.py
 
 lab-down: venv
 	$(INV) lab.down

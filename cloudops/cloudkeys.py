@@ -1,4 +1,4 @@
-"""The cloud's SSH trust between hypervisors: one migration keypair, and every host's verified host keys.
+"""The cloud's SSH trust between hypervisors: a migration keypair, an image keypair, and every host's verified host keys.
 
 The migration key is generated once on this machine (``var/cloud/migration_key``)
 and installed on every host, so each host's libvirtd can reach every other over
@@ -11,6 +11,12 @@ from this machine and kept only when they match the trusted known_hosts of the
 inventory (the keys cloudops itself verifies every connection against): a key
 that differs is an error, a key that cannot be verified is left out, never
 accepted blindly.
+
+The image key (``var/cloud/image_key``, on every host ``~/.ssh/cloudops_images``) lets a host that holds an
+image copy it to the next (``cloudops.imaging.distribution``). Each host authorizes it for that only
+(``authorized_image_key``): ``restrict``, ``from=`` the cloud's hosts, and a forced command that is the image
+receiver (``receiver_script``, installed at ``RECEIVER``): it takes one file of the image store's names with
+its sha256 on stdin, and drops it into the pool's images directory only once it is verified.
 """
 
 import re
@@ -31,6 +37,9 @@ KEY_PRESENT = "migration key present"
 HOST_MIGRATION_KEY = ".ssh/cloudops_migration"  # under the home of the user libvirtd runs as, on every host
 HOST_HOME = "/root"  # libvirtd runs as root: its ssh transport reads root's files (inventory var migration_home)
 REMOTE_HELPER = "virt-ssh-helper qemu:///system"  # what libvirt's ssh transports run on the far side
+HOST_IMAGE_KEY = ".ssh/cloudops_images"  # under the same home: what a host copies images to its peers with
+RECEIVER = "/opt/cloudops/bin/cloudops-receive-image"  # the image key's forced command on every host
+IMAGE_FILE_RE = re.compile(r"^[0-9a-f]{64}\.(qcow2|raw|kernel|initrd)$")  # store.Image.files(): the receiver's names
 SOURCE_RE = re.compile(r"^[A-Za-z0-9.:_*?/\[\]-]+$")  # an sshd from= pattern: no quotes, commas or spaces
 
 
@@ -57,18 +66,41 @@ def migration_sources(peers: list) -> list[str]:
 
 def authorized_migration_key(public: str, sources: list[str]) -> str:
     """The authorized_keys line of the migration key: from the cloud's hosts only, libvirt's helper only."""
+    return _authorized("migration", public, sources, REMOTE_HELPER)
+
+
+def authorized_image_key(public: str, sources: list[str], receiver: str = RECEIVER) -> str:
+    """The authorized_keys line of the image key: from the cloud's hosts only, the image receiver only."""
+    if not re.match(r"^/[A-Za-z0-9._/-]+$", receiver):
+        raise CloudopsError(f"image receiver {receiver!r} must be an absolute path of plain characters")
+    return _authorized("image", public, sources, receiver)
+
+
+def _authorized(what: str, public: str, sources: list[str], command: str) -> str:
     bad = [s for s in sources if not SOURCE_RE.match(s)]
     if bad or not sources:
-        raise CloudopsError(f"cannot authorize the migration key from {bad or 'no host'}: "
+        raise CloudopsError(f"cannot authorize the {what} key from {bad or 'no host'}: "
                             "addresses must be plain host names, IPs or patterns")
     key = public.strip()
     if not re.match(r"^[a-z0-9@.-]+ [A-Za-z0-9+/=]+( [^\n\"]*)?$", key):
-        raise CloudopsError("the migration public key is not one 'type base64 [comment]' line")
-    return f'restrict,from="{",".join(sources)}",command="{REMOTE_HELPER}" {key}'
+        raise CloudopsError(f"the {what} public key is not one 'type base64 [comment]' line")
+    return f'restrict,from="{",".join(sources)}",command="{command}" {key}'
+
+
+def receiver_script(pool_path: str) -> str:
+    """The image receiver for a host whose pool is at ``pool_path`` (templates/ssh/receive-image.sh.j2)."""
+    from cloudops import templating
+
+    return templating.render("ssh/receive-image.sh.j2", images_dir=f"{pool_path.rstrip('/')}/images",
+                             name_re=IMAGE_FILE_RE.pattern)
 
 
 def migration_key_path() -> Path:
     return paths.var_dir() / "cloud" / "migration_key"
+
+
+def image_key_path() -> Path:
+    return paths.var_dir() / "cloud" / "image_key"
 
 
 @dataclass(frozen=True)
@@ -77,17 +109,27 @@ class KeyPair:
     public: str  # one line "ssh-ed25519 AAAA... comment"
 
 
-def read_migration_key(path: Path | None = None) -> KeyPair | None:
+def read_migration_key(path: Path | None = None, what: str = "migration") -> KeyPair | None:
     path = path or migration_key_path()
     if not path.exists():
         return None
     pub = path.with_name(path.name + ".pub")
     if not pub.exists():
-        raise CloudopsError(f"migration key {path} has no public half {pub}: remove it or restore the .pub file")
+        raise CloudopsError(f"{what} key {path} has no public half {pub}: remove it or restore the .pub file")
     return KeyPair(path.read_text(), pub.read_text().strip())
 
 
-def ensure_migration_key(cloud: str, rotate: bool = False, path: Path | None = None) -> tuple[KeyPair, str]:
+def read_image_key(path: Path | None = None) -> KeyPair | None:
+    return read_migration_key(path or image_key_path(), "image")
+
+
+def ensure_image_key(cloud: str, path: Path | None = None) -> tuple[KeyPair, str]:
+    """The cloud's image keypair, generated when missing; returns (keypair, message: KEY_PRESENT when it was there)."""
+    return ensure_migration_key(cloud, path=path or image_key_path(), what="image")
+
+
+def ensure_migration_key(cloud: str, rotate: bool = False, path: Path | None = None,
+                         what: str = "migration") -> tuple[KeyPair, str]:
     """The cloud's keypair, generated when missing (or replaced with ``rotate``); returns (keypair, message)."""
     path = path or migration_key_path()
     message = KEY_PRESENT
@@ -97,16 +139,16 @@ def ensure_migration_key(cloud: str, rotate: bool = False, path: Path | None = N
             old = path.with_name(path.name + suffix)
             if old.exists():
                 shutil.move(old, old.with_name(f"{old.name}.{stamp}"))
-        message = f"migration key rotated (old key kept as {path.name}.{stamp})"
+        message = f"{what} key rotated (old key kept as {path.name}.{stamp})"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cloudops-migration@{cloud}",
+        proc = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cloudops-{what}@{cloud}",
                                "-f", str(path)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise CloudopsError(f"ssh-keygen failed: {proc.stderr.strip() or proc.returncode}")
         if not rotate:
-            message = f"migration key generated at {path}"
-    return read_migration_key(path), message
+            message = f"{what} key generated at {path}"
+    return read_migration_key(path, what), message
 
 
 # ---------------------------------------------------------------- host keys

@@ -2,7 +2,8 @@
 
 ``plan`` checks every selected host's inventory variables and renders every template
 before anything changes anywhere (one clear line per problem). ``prepare`` makes the
-cloud-wide pieces once: the migration keypair and every hypervisor's verified host keys.
+cloud-wide pieces once: the migration keypair, the image keypair (host-to-host image copies:
+cloudops.imaging.distribution) and every hypervisor's verified host keys.
 ``deploy_host`` then reads the host's facts (packages, init system, managed files) and
 runs the steps in order; each compares what is wanted with what is there, acts only on a
 difference and reports changed or unchanged; ``check`` reports what would change and
@@ -44,7 +45,7 @@ DEFAULTS = {
     "role": "hypervisor",
     "packages": ["libvirt-daemon-system", "libvirt-clients", "qemu-system-x86", "qemu-utils", "dnsmasq-base",
                  "openssh-client", "ovmf", "python3-scapy",
-                 "libvirt-daemon-driver-lxc"],
+                 "libvirt-daemon-driver-lxc", "openssl"],  # openssl: the image receiver's sha256 (SHA instructions)
     "pool_path": "/var/lib/cloudops",
     "libvirtd_keepalive_interval": 5,
     "libvirtd_keepalive_count": 5,
@@ -56,12 +57,14 @@ DEFAULTS = {
     "metrics": None,
     "deploy_templates": None,
 }
-STEPS = ("packages", "libvirtd", "leases", "pool", "networks", "migration-key", "known-hosts", "cloudops-venv", "metrics-cron",
-         "banner")
+STEPS = ("packages", "libvirtd", "leases", "pool", "networks", "migration-key", "image-key", "known-hosts", "cloudops-venv",
+         "metrics-cron", "banner")
 LIBVIRTD_CONF = "/etc/libvirt/libvirtd.conf"
 MOTD = "/etc/motd"
 METRICS_CRON = "/etc/cron.d/cloudops-metrics"  # metrics_cron.CRON_PATH
 MIGRATION_KEY = cloudkeys.HOST_MIGRATION_KEY  # under the login user's home on every host
+IMAGE_KEY = cloudkeys.HOST_IMAGE_KEY  # beside it: host-to-host image copies (cloudops.imaging.distribution)
+RECEIVER = cloudkeys.RECEIVER  # the image key's forced command
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 TEXT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.,:/()-]{0,62}$")
 UUID_RE = re.compile(r'^\s*host_uuid\s*=\s*"([0-9a-fA-F-]{36})"', re.MULTILINE)
@@ -231,28 +234,36 @@ def plan(hosts: list, peers: list, base_dir: Path | None = None) -> dict[str, Se
 
 @dataclass
 class Cloud:
-    """What every host's deploy shares: the migration keypair and the hypervisors' verified host keys."""
+    """What every host's deploy shares: the migration and image keypairs and the hypervisors' verified host keys."""
 
     peers: list
     keypair: cloudkeys.KeyPair | None
     host_keys: dict[str, cloudkeys.HostKeys]
     notes: list[str] = field(default_factory=list)
+    image_keypair: cloudkeys.KeyPair | None = None
 
 
 def prepare(peers: list, cloud_name: str, check: bool = False, rotate: bool = False) -> Cloud:
-    """The migration key (generated once; replaced with ``rotate``) and the verified host keys of ``peers``."""
+    """The migration key (generated once; replaced with ``rotate``), the image key (generated once) and the
+    verified host keys of ``peers``."""
     notes = []
     if check:
         keypair = None if rotate else cloudkeys.read_migration_key()
         if keypair is None:
             notes.append("would " + ("rotate" if rotate else "generate") + " the cloud's migration key")
+        image_keypair = cloudkeys.read_image_key()
+        if image_keypair is None:
+            notes.append("would generate the cloud's image key")
     else:
         keypair, message = cloudkeys.ensure_migration_key(cloud_name, rotate=rotate)
         if message != cloudkeys.KEY_PRESENT:
             notes.append(message)
+        image_keypair, message = cloudkeys.ensure_image_key(cloud_name)
+        if message != cloudkeys.KEY_PRESENT:
+            notes.append(message)
     host_keys = cloudkeys.collect_host_keys(peers)
     notes += [f"{name}: host key {keys.note}" for name, keys in host_keys.items() if keys.note != "verified"]
-    return Cloud(peers, keypair, host_keys, notes)
+    return Cloud(peers, keypair, host_keys, notes, image_keypair)
 
 
 # ---------------------------------------------------------------- one host
@@ -299,7 +310,7 @@ def parse_facts(text: str, packages) -> tuple[str, str, dict[str, bool]]:
 def managed_paths(home: str) -> list[str]:
     ssh_dir = f"{home}/.ssh"
     return [LIBVIRTD_CONF, leases.QEMU_CONF, leases.LOCKD_CONF, MOTD, METRICS_CRON, f"{home}/{MIGRATION_KEY}", f"{home}/{MIGRATION_KEY}.pub",
-            f"{ssh_dir}/authorized_keys", f"{ssh_dir}/known_hosts", f"{ssh_dir}/config"]
+            f"{home}/{IMAGE_KEY}", f"{home}/{IMAGE_KEY}.pub", RECEIVER, f"{ssh_dir}/authorized_keys", f"{ssh_dir}/known_hosts", f"{ssh_dir}/config"]
 
 
 def gather_facts(conn, settings: Settings) -> Facts:
@@ -426,6 +437,21 @@ class _Run:
         ]
         return _combine(results, "migration key installed and authorized")
 
+    def image_key(self):
+        """The image key and its receiver: a peer holding the key can drop a verified image file, nothing else."""
+        home = self.facts.home
+        if self.cloud.image_keypair is None:  # check mode before the key exists
+            return True, f"would install the cloud's new image key, {RECEIVER} and authorize the key for it"
+        key = self.cloud.image_keypair
+        results = [
+            self.file(f"{home}/{IMAGE_KEY}", key.private, "600", "700"),
+            self.file(f"{home}/{IMAGE_KEY}.pub", key.public + "\n", "644", "700"),
+            self.file(RECEIVER, cloudkeys.receiver_script(self.settings.pool_path), "755"),
+            self._block(f"{home}/.ssh/authorized_keys", "image key", [cloudkeys.authorized_image_key(
+                key.public, cloudkeys.migration_sources(self.cloud.peers))], "600"),
+        ]
+        return _combine(results, f"image key installed and authorized for {RECEIVER} only")
+
     def known_hosts(self):
         lines = [line for name in sorted(self.cloud.host_keys) for line in self.cloud.host_keys[name].lines]
         return self._block(f"{self.facts.home}/.ssh/known_hosts", "hypervisors", lines, "644",
@@ -450,6 +476,8 @@ class _Run:
         current = self.facts.files[path]
         wanted = hostfiles.with_block(current.content, name, body, top=top)
         changed, message = hostfiles.ensure_file(self.conn, current, wanted, mode, self.check, "700")
+        # the next block of the same file (authorized_keys holds two) starts from this one's result
+        self.facts.files[path] = hostfiles.RemoteFile(path, wanted, mode)
         return changed, message if changed or quiet is None else quiet
 
     def run(self, progress=None) -> list[Step]:

@@ -33,6 +33,7 @@ from cloudops.ssh import connect
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 FORMATS = ("qcow2", "raw")
 DEFAULT_POOL = "/var/lib/cloudops"
+STREAM_CIPHERS = "aes128-gcm@openssh.com,chacha20-poly1305@openssh.com"  # AES-GCM first: cheap with AES-NI
 
 
 @dataclass
@@ -350,10 +351,23 @@ def ensure_on_host(image: Image, host, conn=None, progress=no_progress) -> bool:
     if conn is None:
         with connect(host) as c:
             return ensure_on_host(image, host, c, progress)
-    directory = f"{pool_path(host)}/images"
     missing = missing_on_host(image, host, conn)
     if not missing:
         return False
+    put_files(image, host, conn, missing, progress, f"image {image.name} to {host.name}")
+    _record_host(image, host.name)
+    return True
+
+
+def put_files(image: Image, host, conn, missing: dict, progress=no_progress, label: str | None = None) -> None:
+    """Copy ``missing`` ({local name: (remote name, sha256)}, from ``missing_on_host``) from this machine's store
+    to ``host``, each verified there before it is renamed into place; one bar named ``label``.
+
+    Streamed with OpenSSH into the host's image receiver where it has one (deploy and the lab install it:
+    the host hashes as it writes, one pass), else over ``conn`` by SFTP then ``sha256sum`` (``_put_verified``).
+    OpenSSH, not paramiko, because paramiko's SFTP stayed at about 23 MiB/s on this machine where a 300mbit
+    link carries 36 (BENCHMARKS.md, "Image distribution")."""
+    directory = f"{pool_path(host)}/images"
     for local in missing:
         if not (store_dir() / local).exists():
             where = ", ".join(recorded_hosts(image)) or "none recorded"
@@ -362,15 +376,15 @@ def ensure_on_host(image: Image, host, conn=None, progress=no_progress) -> bool:
                                 "`invoke image.add`, or start the VM on one of those hosts")
     conn.run(f"mkdir -p {shlex.quote(directory)}", hide=True, in_stream=False)
     total = sum((store_dir() / local).stat().st_size for local in missing)
-    with bar_for(progress, f"image {image.name} to {host.name}", total) as bar:
+    with bar_for(progress, label or f"image {image.name} to {host.name}", total) as bar:
         copied = 0
         for local, (remote, digest) in missing.items():
             source = store_dir() / local
-            _put_verified(conn, host, source, f"{directory}/{remote}", digest,
-                          lambda done, _size, before=copied: bar.update(before + done))
+            if not _put_streamed(host, source, remote, digest):
+                _put_verified(conn, host, source, f"{directory}/{remote}", digest,
+                              lambda done, _size, before=copied: bar.update(before + done))
             copied += source.stat().st_size
-    _record_host(image, host.name)
-    return True
+            bar.update(copied)
 
 
 def _put_verified(conn, host, source: Path, final: str, digest: str, callback) -> None:
@@ -390,6 +404,42 @@ def _put_verified(conn, host, source: Path, final: str, digest: str, callback) -
         conn.run(f"rm -f {shlex.quote(tmp)}", warn=True, hide=True, in_stream=False)
 
 
+def _ssh_from_here(host) -> list[str]:
+    """OpenSSH from this machine to ``host``: the inventory's key, its host key checked against the same
+    known_hosts files Fabric connections trust (``ssh.known_hosts_files``), never asked about."""
+    from cloudops import ssh as ssh_
+
+    files = ssh_.known_hosts_files(host)
+    argv = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={files[0]}", "-o", f"GlobalKnownHostsFile={files[1] if len(files) > 1 else '/dev/null'}",
+            "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+            "-c", STREAM_CIPHERS, "-p", str(host.port)]
+    if host.key:
+        argv += ["-i", str(host.key), "-o", "IdentitiesOnly=yes"]
+    return [*argv, f"{host.user}@{host.address}"]
+
+
+def _put_streamed(host, source: Path, remote: str, digest: str, timeout: float = 1800) -> bool:
+    """Stream ``source`` into the host's image receiver (``cloudkeys.RECEIVER``, run with the file's name and
+    sha256 as arguments: it hashes as it writes, then renames) with OpenSSH. False when the host has no
+    receiver (an older deploy): the caller falls back to SFTP; raises with one line when the copy failed."""
+    from cloudops import cloudkeys
+
+    command = " ".join(shlex.quote(a) for a in (cloudkeys.RECEIVER, remote, digest))
+    with open(source, "rb") as data:
+        try:
+            proc = subprocess.run([*_ssh_from_here(host), command], stdin=data, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise CloudopsError(f"{host.name}: copy of {remote} timed out after {timeout:g}s") from None
+    if proc.returncode == 127:
+        return False
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise CloudopsError(f"{host.name}: copy of {remote} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
+    return True
+
+
 def missing_on_host(image: Image, host, conn) -> dict:
     """The image's files ``host`` lacks ({local name: (remote name, sha256)}); only reads (one ``ls``)."""
     directory = f"{pool_path(host)}/images"
@@ -406,10 +456,27 @@ def _record_host(image: Image, host_name: str) -> None:
     _change_catalog(add)
 
 
-def distribute(image: Image, hosts: list, workers: int = 16, progress=no_progress) -> fleet.FleetResult:
-    """Copy the image to every host that lacks it, in parallel (one bar per host through ``progress``)."""
+WAYS = ("tree", "parallel", "sequential")
+DEFAULT_WAY = "tree"  # the fastest on shaped links (bench/distribute.py, BENCHMARKS.md "Image distribution")
+
+
+def distribute(image: Image, hosts: list, workers: int = 16, progress=no_progress, way: str | None = None,
+               timeout: float = 1800) -> fleet.FleetResult:
+    """Copy the image to every host that lacks it; one result per host (copied, present, or why it failed).
+
+    ``way``: ``tree`` (the default: every host that holds it, this machine among them, serves the next
+    one, so the copies double each round; ``cloudops.imaging.distribution``), ``parallel`` (from this
+    machine to every host at once, at most ``workers``) or ``sequential`` (from this machine, one host
+    after the other). Each copy's bar goes through ``progress``."""
+    way = way or DEFAULT_WAY
+    if way not in WAYS:
+        raise CloudopsError(f"unknown way {way!r} to distribute an image: {', '.join(WAYS)}")
+    if way == "tree":
+        from cloudops.imaging import distribution
+
+        return distribution.tree(image, hosts, progress=progress, timeout=timeout)
     return fleet.run(hosts, lambda h: fleet.Changed("copied") if ensure_on_host(image, h, progress=progress)
-                     else "present", workers=workers, timeout=1800)
+                     else "present", workers=workers if way == "parallel" else 1, timeout=timeout)
 
 
 def holders(hosts: list) -> dict[str, list[str]]:

@@ -21,9 +21,10 @@ the machine's mount namespace and are not hidden.
 
 ``up`` writes, under ``var/lab/<prefix>/``: a state file (pids of everything it
 started), a client key, known_hosts with every host key, an ssh_config, and the
-lab's inventory; and in every full host's own ~/.ssh the migration trust that
+lab's inventory; and in every full host's own ~/.ssh the migration and image trust that
 ``deploy`` installs on real hosts (a lab migration key authorized for migration
-only, and known_hosts), so hosts never use the operator's key or trust. ``down`` ends the processes it started (by pid: everything in
+only, a lab image key authorized for the image receiver only, and known_hosts), so hosts
+never use the operator's key or trust. ``down`` ends the processes it started (by pid: everything in
 the lab's namespaces), deletes namespaces, veths and the bridge, and removes the
 files. ``up`` over a lab that was never taken down cleans the leftovers first.
 """
@@ -437,17 +438,25 @@ def _lan_network(lab: Lab) -> dict | None:
 
 
 def _write_migration_trust(lab: Lab, known: list[str]) -> None:
-    """What `deploy` gives real hypervisors, so live migration works on a fresh lab: the lab's migration
-    key in each full host's own ~/.ssh, authorized for migration only (cloudkeys.authorized_migration_key),
-    and every lab host's key in its known_hosts. The host's ~/.ssh is opaque over the machine's: a lab
-    host never sees the operator's keys, ssh_config or known_hosts (migration must not depend on them)."""
+    """What `deploy` gives real hypervisors, so live migration and host-to-host image copies work on a fresh
+    lab: the lab's migration key in each full host's own ~/.ssh, authorized for migration only
+    (cloudkeys.authorized_migration_key), the lab's image key beside it, authorized for the image receiver
+    only (installed in the host's own /opt), and every lab host's key in its known_hosts. The host's ~/.ssh
+    is opaque over the machine's: a lab host never sees the operator's keys, ssh_config or known_hosts
+    (migration and image copies must not depend on them)."""
     full = [host for host in lab.hosts if not host.bare]
     if not full:
         return
     key = Path(lab.dir) / "migration_key"
     _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cloudops-lab-{lab.prefix}-migration", "-f", str(key))
     public = key.with_name("migration_key.pub").read_text().strip()
-    authorized = cloudkeys.authorized_migration_key(public, [host.address for host in full])
+    image_key = Path(lab.dir) / "image_key"
+    _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cloudops-lab-{lab.prefix}-image", "-f", str(image_key))
+    image_public = image_key.with_name("image_key.pub").read_text().strip()
+    sources = [host.address for host in full]
+    authorized = "\n".join([cloudkeys.authorized_migration_key(public, sources),
+                            cloudkeys.authorized_image_key(image_public, sources)])
+    receiver = cloudkeys.receiver_script(POOL_PATH)
     for host in full:
         ssh_dir = Path(host.dir) / "root.upper" / ".ssh"
         ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -456,9 +465,13 @@ def _write_migration_trust(lab: Lab, known: list[str]) -> None:
         except OSError:
             pass  # a file system without trusted xattrs: the machine's ~/.ssh shows through, the files below win
         files = {"cloudops_migration": (key.read_text(), 0o600), "cloudops_migration.pub": (public + "\n", 0o644),
+                 "cloudops_images": (image_key.read_text(), 0o600), "cloudops_images.pub": (image_public + "\n", 0o644),
                  "authorized_keys": (authorized + "\n", 0o600), "known_hosts": ("\n".join(known) + "\n", 0o644)}
-        for name, (content, mode) in files.items():
-            fd = os.open(ssh_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        bin_dir = Path(host.dir) / "opt.upper" / Path(cloudkeys.RECEIVER).parent.relative_to("/opt")
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for path, (content, mode) in {**{ssh_dir / n: f for n, f in files.items()},
+                                      bin_dir / Path(cloudkeys.RECEIVER).name: (receiver, 0o755)}.items():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
             with os.fdopen(fd, "w") as out:
                 out.write(content)
 

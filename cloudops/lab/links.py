@@ -4,7 +4,11 @@ Without shaping a lab link is a veth pair on one machine: gigabytes per second a
 microseconds, which says nothing of a datacenter. ``lab.up --link-rate 1gbit [--link-delay 0.25ms]``
 puts a qdisc on both ends of every host's link (the machine's side, ``<prefix>-hvN``, shapes what
 reaches the host; the host's ``eth0`` what leaves it), so traffic in either direction, control to
-host or host to host, crosses at most the rate. A delay is netem's, per link and direction: a round
+host or host to host, crosses at most the rate. The control machine (this machine's own namespace, on the lab's bridge) gets an
+uplink of that rate too: the same qdisc on the bridge device itself, whose egress every packet this
+machine sends into the lab passes, while traffic between two hosts is bridged from port to port and
+never does. So copies from the control machine to eight hosts at once share one link's rate, as they
+would from a real control machine, and host-to-host copies do not share it. A delay is netem's, per link and direction: a round
 trip between this machine and a host crosses one link twice (2 x delay), one between two hosts two
 links twice (4 x delay). Without a delay the qdisc is tbf; with one, netem (delay and rate together).
 
@@ -63,11 +67,12 @@ def spec(rate: str | None, delay: str | None) -> dict | None:
 
 
 def describe(link: dict | None) -> str:
-    """One line for reports: "1gbit each way, no added delay", or "unshaped (veth pairs on one machine)"."""
+    """One line for reports: "1gbit each way, no added delay, control uplink 1gbit", or "unshaped (veth pairs
+    on one machine)"."""
     if not link:
         return "unshaped (veth pairs on one machine)"
     delay = f"{link['delay']} added each way per link" if link.get("delay") else "no added delay"
-    return f"{link['rate']} each way, {delay}"
+    return f"{link['rate']} each way, {delay}, control uplink {link['rate']}"
 
 
 def qdisc(link: dict) -> list[str]:
@@ -79,23 +84,27 @@ def qdisc(link: dict) -> list[str]:
 
 
 def apply(lab) -> None:
-    """Shape both ends of every host's link (``lab.link``); nothing to do for an unshaped lab."""
+    """Shape both ends of every host's link and the control machine's uplink (the bridge's egress, ``lab.link``);
+    nothing to do for an unshaped lab."""
     if not lab.link:
         return
     args = qdisc(lab.link)
+    _tc(["tc", "qdisc", "replace", "dev", lab.bridge, "root", *args])
     for host in lab.hosts:
         _tc(["tc", "qdisc", "replace", "dev", host.veth, "root", *args])
         _tc(["ip", "netns", "exec", host.namespace, "tc", "qdisc", "replace", "dev", "eth0", "root", *args])
 
 
 def shown(lab) -> dict:
-    """What ``lab.status`` says of the links: the shaping asked for and the qdisc found on each host's ends."""
+    """What ``lab.status`` says of the links: the shaping asked for, the qdisc found on each host's ends and on
+    the control machine's uplink (the lab's bridge)."""
     found = {}
     for host in lab.hosts:
         outside = _run(["tc", "qdisc", "show", "dev", host.veth, "root"])
         inside = _run(["ip", "netns", "exec", host.namespace, "tc", "qdisc", "show", "dev", "eth0", "root"])
         found[host.name] = {"to_host": _kind(outside), "from_host": _kind(inside)}
-    return {"shaping": describe(lab.link), "qdiscs": found}
+    control = _kind(_run(["tc", "qdisc", "show", "dev", lab.bridge, "root"]))
+    return {"shaping": describe(lab.link), "qdiscs": found, "control_uplink": control}
 
 
 def _kind(text: str) -> str:

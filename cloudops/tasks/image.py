@@ -111,10 +111,12 @@ def customize(c, disk, root_password_file=None, password_stdin=False, password=N
             "replace": "move the name to this image if another image has it",
             "distribute": "also copy it now to the selected hosts (default: on first use)",
             "hosts": "hosts to copy to (with --distribute)", "group": "group(s) to copy to (with --distribute)",
-            "inventory": "inventory file", "json": "print JSON"})
+            "inventory": "inventory file", "json": "print JSON",
+            "way": "with --distribute: tree (hosts that hold it serve the next ones; the default, config "
+                   "image.distribute_way), parallel or sequential (from this machine)"})
 @user_errors
 def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=None, group=None, inventory=None,
-        json=False, sha512=None, checksums=None, timeout=None):  # new options last: the older short flags stay
+        json=False, sha512=None, checksums=None, timeout=None, way=None):  # new options last: the older short flags stay
     """Add a disk image (a file or an http(s) URL) to the content-addressed store; prints its id."""
     from cloudops.imaging import store as images
     from cloudops.tasks._cli import finish, progress, select_hosts
@@ -128,7 +130,8 @@ def add(c, path, name=None, sha256=None, replace=False, distribute=False, hosts=
                                      replace=replace, progress=progress, timeout=wait)
     if distribute:
         targets = hypervisors(select_hosts(c, hosts, group, None, inventory))
-        finish(images.distribute(image, targets, progress=progress), json)
+        way = way or (c.config.get("image") or {}).get("distribute_way")
+        finish(images.distribute(image, targets, progress=progress, way=way), json)
     if json:
         emit_json({**image.__dict__, "changed": changed})
     else:

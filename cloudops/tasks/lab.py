@@ -100,7 +100,8 @@ def status(c, prefix=None, json=False):
         link = state["link"]
         qdiscs = link.get("qdiscs") or {}
         ends = "; ".join(f"{h}: {q['to_host']} in, {q['from_host']} out" for h, q in qdiscs.items())
-        print(f"links: {link['shaping']}" + (f" ({ends})" if ends else ""))
+        uplink = f"; control uplink: {link['control_uplink']}" if link.get("control_uplink") else ""
+        print(f"links: {link['shaping']}" + (f" ({ends}{uplink})" if ends else ""))
     if etcd["members"]:
         print(output.table(etcd["members"], ["name", "endpoint", "alive", "pid"]))
         print(f"state: {etcd['config']}")

@@ -112,6 +112,13 @@ def test_hv1_reaches_hv2_libvirtd_with_the_migration_key_and_verified_host_keys(
     assert "uid=" not in out and "virt-ssh-helper" in out, out
     authorized = sh(hv2, "cat ~/.ssh/authorized_keys")
     assert 'restrict,from="' in authorized and 'command="virt-ssh-helper qemu:///system"' in authorized
+    # the deployed image key reaches the image receiver only: a command that is not an image file is refused
+    out = sh(lab_inventory.hosts["hv1"],
+             f"ssh -F /dev/null -i ~/.ssh/cloudops_images -o IdentitiesOnly=yes -o BatchMode=yes "
+             f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile=~/.ssh/known_hosts root@{hv2.address} id "
+             f"</dev/null 2>&1; true")
+    assert "uid=" not in out and "cloudops-receive-image: refused" in out, out
+    assert 'command="/opt/cloudops/bin/cloudops-receive-image"' in authorized
 
 
 def test_drift_is_repaired_only_where_it_is(lab_inventory, cli):

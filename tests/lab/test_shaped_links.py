@@ -1,4 +1,5 @@
-"""Shaped lab links (issue 15): `lab.up --link-rate` puts a rate limit on both ends of every host's link.
+"""Shaped lab links (issue 15): `lab.up --link-rate` puts a rate limit on both ends of every host's link,
+and on the control machine's uplink (the lab bridge's egress).
 
 Oracles outside cloudops: `tc -s qdisc` on both ends (the qdisc, its rate, and the bytes it passed with
 "overlimits": packets it had to hold back) after a transfer each way over SSH; the lab's inventory
@@ -34,27 +35,31 @@ def shaped():
 
 
 def test_both_ends_of_a_hosts_link_are_held_to_the_rate(shaped):
-    assert shaped["link"]["shaping"] == "100mbit each way, no added delay"
+    assert shaped["link"]["shaping"] == "100mbit each way, no added delay, control uplink 100mbit"
     assert shaped["link"]["qdiscs"] == {"hv1": {"to_host": "tbf", "from_host": "tbf"}}
+    assert shaped["link"]["control_uplink"] == "tbf"
     host = shaped["hosts"][0]
     inventory = yaml.safe_load(open(shaped["inventory"]))
-    assert inventory["vars"]["lab_link"] == "100mbit each way, no added delay"
+    assert inventory["vars"]["lab_link"] == "100mbit each way, no added delay, control uplink 100mbit"
     ssh = ["ssh", "-F", shaped["ssh_config"], host["address"]]
     subprocess.run([*ssh, "cat > /dev/null"], input=b"\0" * SIZE, check=True, timeout=120)
     subprocess.run([*ssh, f"head -c {SIZE} /dev/zero"], capture_output=True, check=True, timeout=120)
     for argv in (["tc", "-s", "qdisc", "show", "dev", f"{PREFIX}-hv1"],
-                 ["ip", "netns", "exec", f"{PREFIX}-hv1", "tc", "-s", "qdisc", "show", "dev", "eth0"]):
+                 ["ip", "netns", "exec", f"{PREFIX}-hv1", "tc", "-s", "qdisc", "show", "dev", "eth0"],
+                 ["tc", "-s", "qdisc", "show", "dev", f"{PREFIX}-br"]):  # the control machine's uplink
         out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
         assert "qdisc tbf" in out and "rate 100Mbit" in out, out
         sent = int(out.split("Sent ")[1].split()[0])
         overlimits = int(out.split("overlimits ")[1].split()[0])
         assert sent >= SIZE and overlimits > 0, out  # each direction's transfer crossed its shaper, held back
+        # (the bridge's egress: what this machine sent, the upload; the download reached it through hv1's veth)
 
 
 def test_status_shows_the_shaping(shaped):
     proc = invoke("lab.status", "--prefix", PREFIX)
     assert proc.returncode == 0, proc.stderr
-    assert "links: 100mbit each way, no added delay (hv1: tbf in, tbf out)" in proc.stdout
+    assert ("links: 100mbit each way, no added delay, control uplink 100mbit (hv1: tbf in, tbf out; "
+            "control uplink: tbf)") in proc.stdout
 
 
 @pytest.mark.parametrize("args, text", [

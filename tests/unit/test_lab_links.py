@@ -39,7 +39,7 @@ def test_no_options_is_an_unshaped_lab_and_a_delay_needs_a_rate():
 
 def test_a_rate_alone_is_tbf_with_a_burst_for_a_kernel_tick_and_a_gso_packet():
     link = links.spec("1gbit", None)
-    assert links.describe(link) == "1gbit each way, no added delay"
+    assert links.describe(link) == "1gbit each way, no added delay, control uplink 1gbit"
     assert links.qdisc(link) == ["tbf", "rate", "1000000000", "burst", "500000", "latency", "50ms"]
     assert links.qdisc(links.spec("10mbit", None))[4] == str(128 * 1024)
 
@@ -47,7 +47,7 @@ def test_a_rate_alone_is_tbf_with_a_burst_for_a_kernel_tick_and_a_gso_packet():
 def test_a_delay_is_netems_with_the_rate():
     link = {"rate": "1gbit", "rate_bps": 10**9, "delay": "0.25ms", "delay_ms": 0.25}
     assert links.qdisc(link)[:5] == ["netem", "delay", "0.25ms", "rate", "1000000000"]
-    assert links.describe(link) == "1gbit each way, 0.25ms added each way per link"
+    assert links.describe(link) == "1gbit each way, 0.25ms added each way per link, control uplink 1gbit"
 
 
 def test_a_prefix_asks_for_its_own_subnet_first_then_every_other_lab_subnet_once():
