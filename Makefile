@@ -52,7 +52,7 @@ demo: setup
 # core or a test waiting on a daemon, so two sessions side by side, each with its own lab, share the 2 cores.
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Unit tests need no lab, no QEMU and no libguestfs (tests/unit/conftest.py enforces it).
 test-unit: setup

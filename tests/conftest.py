@@ -27,7 +27,8 @@ if WORKER and not os.environ.get("CLOUDOPS_VAR", "").endswith(f"/test-{WORKER}")
     os.environ.pop("CLOUDOPS_STATE_DIR", None)
     os.environ["CLOUDOPS_VAR"] = str(_own)
 
-# Under xdist whole modules go to one worker each (--dist loadfile), in collection order: the longest
+# Under xdist whole modules go to one worker each (--dist loadfile), in collection order (--no-loadscope-reorder:
+# xdist would otherwise put the modules of most tests first): the longest
 # lab modules first, so the run does not end waiting for one of them (a rough order, from CI's durations).
 LONGEST_FIRST = ["lab/test_debian_guest.py", "lab/test_migration_faults.py", "lab/test_vms.py",
                  "lab/test_export_import.py", "lab/test_failover.py", "integration/test_image.py",
