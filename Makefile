@@ -48,9 +48,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(INV) demo
 
-# Two workers (pytest-xdist), whole modules each: half the suite's time is a guest booting under TCG on one
-# core or a test waiting on a daemon, so two sessions side by side, each with its own lab, share the 2 cores.
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2: two pytest-xdist workers, whole modules each, each with its own lab and state directory
+# (about half the suite's time is one TCG guest on one core or a wait on a daemon). One by default until the
+# migration-fault tests hold under the load two workers make (a trial run on 2026-12-04 failed 5 of them).
+TEST_WORKERS ?= 1
 test: setup
 	$(PY) -m pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 

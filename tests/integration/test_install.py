@@ -26,7 +26,9 @@ def installed(tmp_path_factory):
 
 
 def run(venv, *args, cwd):
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}  # no checkout on the path
+    # no checkout on the path, and no state directory of the test session's (an xdist worker sets its own)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "CLOUDOPS_VAR", "CLOUDOPS_STATE_DIR")}
     env["PATH"] = f"{venv / 'bin'}:{env.get('PATH', '')}"
     return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
 
