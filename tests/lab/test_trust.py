@@ -114,10 +114,11 @@ def test_the_migration_key_runs_only_libvirts_helper_from_the_clouds_hosts(lab, 
 
 
 def test_live_migration_goes_over_the_hosts_own_trust(lab, lab_inventory, two_vms):
-    # a lab host sees none of the operator's ~/.ssh (opaque overlay): only its own migration key and known_hosts
+    # a lab host sees none of the operator's ~/.ssh (opaque overlay): only its own keys (migration, image
+    # distribution between hosts) and known_hosts
     listing = on_host(lab, "hv1", "ls", "-A", "/root/.ssh")
-    assert sorted(listing.stdout.split()) == ["authorized_keys", "cloudops_migration", "cloudops_migration.pub",
-                                               "known_hosts"]
+    assert sorted(listing.stdout.split()) == ["authorized_keys", "cloudops_images", "cloudops_images.pub",
+                                               "cloudops_migration", "cloudops_migration.pub", "known_hosts"]
     result = migrate.migrate_vm("t-kto", "hv2", lab_inventory)
     assert (result.source, result.target, result.mode) == ("hv1", "hv2", "live")
     assert where(lab, "t-kto") == {"hv2": "running"}
