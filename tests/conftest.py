@@ -124,6 +124,19 @@ def own_inventory():
     return fixture
 
 
+def deploy_var(lab, var: Path) -> Path:
+    """A CLOUDOPS_VAR for a `deploy` on a lab that other tests go on using: the lab's own migration and image
+    keys stand as the cloud's, so the deployed host keeps the keys its peers authorize (a fresh state directory
+    would make new ones and leave that host unable to migrate to the others, or copy images to them)."""
+    import shutil
+
+    cloud = var / "cloud"
+    cloud.mkdir(parents=True, exist_ok=True)
+    for name in ("migration_key", "migration_key.pub", "image_key", "image_key.pub"):
+        shutil.copy2(Path(lab.dir) / name, cloud / name)
+    return var
+
+
 @pytest.fixture(scope="session")
 def lab_inventory(lab):
     from cloudops import inventory

@@ -21,7 +21,7 @@ from cloudops.hosts import toolkit
 from cloudops.lab import hosts as lab_lib
 from cloudops.metrics import cron as metrics_cron
 from cloudops.metrics import graphite
-from tests.conftest import ROOT, TEST_PREFIX, invoke
+from tests.conftest import ROOT, TEST_PREFIX, deploy_var, invoke
 
 PREFIX = f"test.{TEST_PREFIX}.iso"
 HOST = "hv3"  # the session lab's host that test_hygiene also deploys metrics on
@@ -95,7 +95,7 @@ def test_deployed_metrics_cron_entry_runs_and_delivers_on_a_host_that_cannot_see
     data["vars"]["metrics"] = {"carbon": address, "prefix": PREFIX}
     inventory = tmp_path / "inventory.yaml"
     inventory.write_text(yaml.safe_dump(data))
-    env = {"CLOUDOPS_VAR": str(tmp_path / "var")}
+    env = {"CLOUDOPS_VAR": str(deploy_var(lab, tmp_path / "var"))}
     try:
         proc = invoke("deploy", "--json", "--hosts", HOST, "--inventory", str(inventory), env=env)
         assert proc.returncode == 0, proc.stderr

@@ -17,7 +17,7 @@ import pytest
 from cloudops.compute import vms
 from cloudops.imaging import store as images
 from cloudops.ssh import connect
-from tests.conftest import invoke
+from tests.conftest import deploy_var, invoke
 
 FOREIGN = "hy-foreign"
 FOREIGN_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>
@@ -211,7 +211,7 @@ def test_deploy_and_install_cron_agree_on_the_metrics_cron_file(lab, lab_invento
     data.setdefault("vars", {})["metrics"] = {"carbon": "127.0.0.1:2004", "prefix": "hylab"}
     inv = tmp_path / "inventory.yaml"
     inv.write_text(yaml.safe_dump(data))
-    env = {"CLOUDOPS_VAR": str(tmp_path / "var")}
+    env = {"CLOUDOPS_VAR": str(deploy_var(lab, tmp_path / "var"))}
     host = lab_inventory.hosts["hv3"]
     sh(host, f"rm -f {metrics_cron.CRON_PATH}", warn=True)
     try:
