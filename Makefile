@@ -48,11 +48,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(INV) demo
 
-# TEST_WORKERS=2: two pytest-xdist workers, whole modules each, each with its own lab and state directory
-# (about half the suite's time is one TCG guest on one core or a wait on a daemon). 0 (in this process, no
-# worker) by default until the migration-fault tests hold under the load two workers make (a trial run on
-# 2026-12-04 failed 5 of them).
-TEST_WORKERS ?= 0
+# TEST_WORKERS=2 (the default): two pytest-xdist workers, whole modules each, each with its own lab and state
+# directory (about half the suite's time is one TCG guest on one core or a wait on a daemon): 20 min on a quiet
+# 2-core machine against 51 min in one process. TEST_WORKERS=0 runs the suite in this process, as before; a
+# loaded machine (load average 8-17 in a trial) made 5 migration-fault tests fail with two workers.
+TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -ra --durations=30 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
