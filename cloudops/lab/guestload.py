@@ -17,8 +17,11 @@ def _script(run_dir: str) -> str:
 
 def _writers(run_dir: str) -> str:
     """The writers' pids: the processes whose arguments are exactly ``sh <run_dir>/dirty.sh`` (never the
-    awk itself, nor the shell running the command, whose arguments are longer)."""
-    return f"ps -o pid,args | awk 'NF == 3 && $2 == \"sh\" && $3 == \"{_script(run_dir)}\" {{print $1}}'"
+    awk itself, nor the shell running the command, whose arguments are longer), less those whose parent
+    is a writer: the writer forks for each ``dd``, and until that child has exec'd it carries the
+    writer's arguments (a count of 2 for one writer, seen under load)."""
+    return (f"ps -o pid,ppid,args | awk 'NF == 4 && $3 == \"sh\" && $4 == \"{_script(run_dir)}\" "
+            "{ppid[$1] = $2} END {for (p in ppid) if (!(ppid[p] in ppid)) print p}'")
 
 
 def stop(run_dir: str = "/run") -> str:
@@ -30,11 +33,17 @@ def stop(run_dir: str = "/run") -> str:
 
 def start(mib: int = 4, run_dir: str = "/run") -> str:
     """The guest command that starts the writer, rewriting ``mib`` MiB of ``<run_dir>/dirty`` in a loop,
-    in the background and in its own session, after stopping any other; it prints the writer's pid."""
+    in the background and in its own session, after stopping any other; it prints the writer's pid once
+    the writer shows in ``ps`` (non-zero if it never does within 5 s)."""
     loop = (f"while :; do dd if=/dev/zero of={run_dir}/dirty bs=1M count={int(mib)} conv=notrunc "
             "2>/dev/null; done")
+    # Until the child has exec'd, its arguments are still those of the shell that forked it: a stop (or
+    # the next start) in that moment would not see it, and two writers would run (seen once in CI under
+    # load). So start returns only once ps shows the writer by its own arguments.
     return (f"{stop(run_dir)}; echo {shlex.quote(loop)} > {_script(run_dir)}; "
-            f"setsid sh {_script(run_dir)} >/dev/null 2>&1 </dev/null & echo $!")
+            f"setsid sh {_script(run_dir)} >/dev/null 2>&1 </dev/null & pid=$!; i=0; "
+            f"until {_writers(run_dir)} | grep -qx \"$pid\"; do i=$((i + 1)); if [ $i -gt 25 ]; then "
+            "echo \"the writer did not start: $pid\" >&2; exit 1; fi; usleep 200000; done; echo $pid")
 
 
 def count(run_dir: str = "/run") -> str:

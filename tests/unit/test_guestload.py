@@ -34,9 +34,15 @@ def bb(tmp_path):
 
 
 def writers_seen(run_dir) -> list[str]:
-    """Writer pids by procps' pgrep on this machine."""
-    out = subprocess.run(["pgrep", "-f", f"^sh {run_dir}/dirty.sh$"], capture_output=True, text=True).stdout
-    return out.split()
+    """Writer pids by procps' ps on this machine: the processes running ``sh <run_dir>/dirty.sh`` whose
+    parent is not one (a writer's child between fork and exec of its dd carries the same arguments)."""
+    out = subprocess.run(["ps", "-e", "-ww", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    procs = {}
+    for line in out.splitlines():
+        pid, ppid, args = line.split(None, 2)
+        if args == f"sh {run_dir}/dirty.sh":
+            procs[pid] = ppid
+    return sorted(pid for pid, ppid in procs.items() if ppid not in procs)
 
 
 def test_start_twice_leaves_one_writer_and_stop_ends_it(bb):
