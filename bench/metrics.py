@@ -195,8 +195,11 @@ def main() -> None:
         hosts, relays = through_relays(hosts, args.relay_delay_ms / 1000, Path(scratch.name))
     try:
         made = time.monotonic()
-        list(fleet.run(hosts, lambda h: make_domains(h, args.vms), workers=len(hosts), timeout=900))
+        making = fleet.run(hosts, lambda h: make_domains(h, args.vms), workers=len(hosts), timeout=900)
         made = time.monotonic() - made
+        if making.failed:
+            sys.exit("bench/metrics.py: the domains could not be made: "
+                     + "; ".join(f"{r.host}: {r.error}" for r in making.failed))
         device_cache = {}
         for host in hosts:
             with virt.open_host(host) as conn:
