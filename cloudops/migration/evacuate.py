@@ -6,6 +6,8 @@ Moves run wave by wave, at most ``parallel`` at a time; a failed move does not s
 the others, and the report has a result for every VM.
 """
 
+import contextlib
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -94,19 +96,34 @@ def evacuate(host: str, inventory, *, parallel: int = 1, dry_run: bool = False, 
                               error=str(exc))
         return MoveResult(m.vm, m.source, m.target, "moved", result=result.to_dict())
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
+    with _sigint_cancels(cancel, message), ThreadPoolExecutor(max_workers=parallel) as pool:
         for wave in sorted(waves):
             futures = [pool.submit(run, m) for m in waves[wave]]
-            while True:
-                try:
-                    done, pending = wait(futures, timeout=0.5)
-                    if not pending:
-                        break
-                except KeyboardInterrupt:
-                    if not cancel.is_set():
-                        message("interrupted: aborting every running migration; each VM stays on its source")
-                    cancel.set()
+            while wait(futures, timeout=0.5).not_done:
+                pass
             report.moves += [f.result() for f in futures]
     report.interrupted = cancel.is_set()
     return report
+
+
+@contextlib.contextmanager
+def _sigint_cancels(cancel: threading.Event, message):
+    """In the main thread, Ctrl-C (and SIGTERM, which the CLI turns into one) sets ``cancel`` instead of
+    raising KeyboardInterrupt: an exception raised at a random point of the main thread can land inside the
+    executor's own locking (``wait`` takes every future's lock) and leave a lock held, and the evacuation
+    would then never end. Each migration sees ``cancel`` at its next poll and aborts its job."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def press(_signum, _frame):
+        if not cancel.is_set():
+            message("interrupted: aborting every running migration; each VM stays on its source")
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, press)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
