@@ -1,11 +1,17 @@
 """The root task namespace: one collection per noun (`invoke lab.up`, `invoke host.facts`, ...)."""
 
+import faulthandler
+import signal
+
 from invoke import Collection, task
 
 from cloudops import passwords as _passwords
 from cloudops.tasks import cloud, fleet, graphite, host, image, lab, metrics, net, state, vm
 from cloudops.tasks import deploy as deploy_module  # the module; `deploy` is its root-level task
 from cloudops.tasks._cli import user_errors
+
+# `kill -USR1 <pid>` prints where every thread of a cloudops command is, for one that seems stuck.
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 # A root password in the environment is taken out of it at once: no child process of cloudops inherits it.
 _passwords.take_from_environment()

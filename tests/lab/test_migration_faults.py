@@ -306,7 +306,14 @@ def _interrupt(proc, lab_inventory, host, names, timeout=240):
         assert time.monotonic() - started < timeout, "no migration job ever started"
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    return proc.communicate(timeout=300)
+    try:
+        return proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # stuck: where each of its threads is (faulthandler), then end it
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"the CLI did not end within 300 s of Ctrl-C; its stderr ends:\n{err[-6000:]}") from None
 
 
 def _job_running_for(host, name) -> bool:
